@@ -1,0 +1,164 @@
+"""Start torch.distributed and Megatron's parallel_state from the launcher's environment.
+
+The same entry point runs under torchrun (RANK, WORLD_SIZE, LOCAL_RANK), under srun
+with one task per GPU (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) and in the tests'
+process harness. MASTER_ADDR and MASTER_PORT name the rendezvous in every case.
+NCCL is used when CUDA is present, gloo (with the CPU emulation layer) otherwise.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+from hpd_megatron.config import ConfigError
+from hpd_megatron.models.description import ModelDescription
+from hpd_megatron.parallel import cpu_emulation
+from hpd_megatron.parallel.layout import ParallelLayout, validate_layout
+
+
+@dataclass(frozen=True)
+class LaunchEnvironment:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """Where this process sits in the grid once everything is initialised."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    layout: ParallelLayout
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.layout.pipeline_model_parallel_size - 1
+
+
+def _int_from(env: Mapping[str, str], *names: str) -> Optional[int]:
+    for name in names:
+        if name in env:
+            try:
+                return int(env[name])
+            except ValueError:
+                raise ConfigError(f"environment variable {name}={env[name]!r} is not an integer") from None
+    return None
+
+
+def read_launch_environment(env: Optional[Mapping[str, str]] = None) -> LaunchEnvironment:
+    """Rank, world size and rendezvous from torchrun's or Slurm's variables.
+
+    torchrun's names win when both are set (torchrun under srun sets its own).
+    A single process with none of them set is rank 0 of 1.
+    """
+    env = os.environ if env is None else env
+    rank = _int_from(env, "RANK", "SLURM_PROCID")
+    world_size = _int_from(env, "WORLD_SIZE", "SLURM_NTASKS")
+    local_rank = _int_from(env, "LOCAL_RANK", "SLURM_LOCALID")
+    if rank is None and world_size is None:
+        rank, world_size = 0, 1
+    if rank is None or world_size is None:
+        raise ConfigError(
+            "launch environment: set both RANK and WORLD_SIZE (torchrun) or SLURM_PROCID and "
+            "SLURM_NTASKS (srun)"
+        )
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"launch environment: rank {rank} is outside world size {world_size}")
+    master_addr = env.get("MASTER_ADDR")
+    master_port = _int_from(env, "MASTER_PORT")
+    if world_size > 1 and (master_addr is None or master_port is None):
+        raise ConfigError(
+            f"launch environment: world size {world_size} needs MASTER_ADDR and MASTER_PORT "
+            "(the Slurm templates take them from the first host of the allocation)"
+        )
+    return LaunchEnvironment(
+        rank=rank,
+        world_size=world_size,
+        local_rank=rank if local_rank is None else local_rank,
+        master_addr=master_addr or "127.0.0.1",
+        master_port=master_port or 29500,
+    )
+
+
+def initialize_parallel(
+    layout: ParallelLayout,
+    seed: int = 1234,
+    models: Iterable[tuple[str, ModelDescription]] = (),
+    timeout_minutes: float = 10.0,
+    env: Optional[Mapping[str, str]] = None,
+) -> ParallelContext:
+    """Initialise torch.distributed, parallel_state and the model-parallel RNG.
+
+    The layout is validated against the world size and ``models`` before any process
+    group exists, so configuration errors surface identically on every rank.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    launch = read_launch_environment(env)
+    layout = validate_layout(layout, launch.world_size, models)
+
+    if torch.cuda.is_available():
+        backend = "nccl"
+        torch.cuda.set_device(launch.local_rank)
+        device = torch.device("cuda", launch.local_rank)
+    else:
+        backend = "gloo"
+        cpu_emulation.enable()
+        device = torch.device("cpu")
+
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tensor_model_parallel_size,
+        pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+        context_parallel_size=layout.context_parallel_size,
+    )
+    # CPU initialisation (use_cpu_initialization) draws from the CPU generator, the
+    # same on every rank, which is what makes random weights layout-independent.
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return ParallelContext(
+        rank=launch.rank,
+        world_size=launch.world_size,
+        local_rank=launch.local_rank,
+        device=device,
+        backend=backend,
+        layout=layout,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+    )
+
+
+def destroy_parallel() -> None:
+    """Tear down parallel_state and the default process group (tests reuse processes)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,96 @@
+"""The TP x PP x DP (x CP) grid of a run, and every divisibility rule it must obey.
+
+Validation runs before any process group or model exists, and reports all problems at
+once with the values involved, so a bad sbatch line fails in seconds, not after the
+teacher has been loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+from hpd_megatron.config import ConfigError
+from hpd_megatron.models.description import ModelDescription
+
+
+class LayoutError(ConfigError):
+    """The parallel layout does not fit the world size or a model."""
+
+
+@dataclass
+class ParallelLayout:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    data_parallel_size: Optional[int] = None
+    """None: whatever the world size leaves after TP x PP x CP."""
+
+    @property
+    def model_parallel_size(self) -> int:
+        return (
+            self.tensor_model_parallel_size
+            * self.pipeline_model_parallel_size
+            * self.context_parallel_size
+        )
+
+    def describe(self) -> str:
+        dp = "?" if self.data_parallel_size is None else self.data_parallel_size
+        return (
+            f"TP={self.tensor_model_parallel_size} PP={self.pipeline_model_parallel_size} "
+            f"CP={self.context_parallel_size} DP={dp}"
+        )
+
+
+def validate_layout(
+    layout: ParallelLayout,
+    world_size: int,
+    models: Iterable[tuple[str, ModelDescription]] = (),
+) -> ParallelLayout:
+    """Check ``layout`` against the world size and each (name, model); return it with DP set.
+
+    Raises one LayoutError listing every violated rule.
+    """
+    tp = layout.tensor_model_parallel_size
+    pp = layout.pipeline_model_parallel_size
+    cp = layout.context_parallel_size
+    problems = []
+    for name, size in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
+                       ("context_parallel_size", cp)):
+        if size < 1:
+            problems.append(f"{name} must be >= 1, got {size}")
+    if problems:
+        raise LayoutError("invalid parallel layout: " + "; ".join(problems))
+
+    model_parallel = tp * pp * cp
+    dp = layout.data_parallel_size
+    if dp is None:
+        if world_size % model_parallel:
+            problems.append(
+                f"world size {world_size} is not a multiple of TP x PP x CP = "
+                f"{tp} x {pp} x {cp} = {model_parallel}"
+            )
+        dp = max(world_size // model_parallel, 1)
+    elif tp * pp * cp * dp != world_size:
+        problems.append(
+            f"world size {world_size} != TP x PP x CP x DP = {tp} x {pp} x {cp} x {dp} = "
+            f"{model_parallel * dp}"
+        )
+
+    for name, model in models:
+        if model.num_attention_heads % tp:
+            problems.append(
+                f"{name}: TP={tp} does not divide num_attention_heads={model.num_attention_heads}"
+            )
+        if model.num_query_groups % tp:
+            problems.append(
+                f"{name}: TP={tp} does not divide num_query_groups (KV heads)="
+                f"{model.num_query_groups}"
+            )
+        if model.ffn_hidden_size % tp:
+            problems.append(f"{name}: TP={tp} does not divide ffn_hidden_size={model.ffn_hidden_size}")
+        if model.num_layers % pp:
+            problems.append(f"{name}: PP={pp} does not divide num_layers={model.num_layers}")
+    if problems:
+        raise LayoutError("invalid parallel layout: " + "; ".join(problems))
+    return ParallelLayout(tp, pp, cp, dp)
