@@ -1,0 +1,38 @@
+# `make demo` and `make test` create or update the project's virtual environment first.
+# A GPU machine (nvidia-smi sees a GPU) reuses the container's torch, Transformer Engine
+# and apex through --system-site-packages; a CPU machine installs the pinned CPU torch.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+DEMO_RANKS ?= 4
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-gpu venv clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-cpu.txt requirements-dev.txt pyproject.toml
+ifeq ($(HAS_GPU),yes)
+	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
+else
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements-cpu.txt
+endif
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/torchrun --standalone --nproc-per-node $(DEMO_RANKS) -m hpd_megatron.smoke
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest tests/gpu $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache
