@@ -8,6 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 DEMO_RANKS ?= 4
+DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-gpu venv clean
@@ -26,7 +27,7 @@ endif
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/torchrun --standalone --nproc-per-node $(DEMO_RANKS) -m hpd_megatron.smoke
+	$(BIN)/torchrun --standalone --nproc-per-node $(DEMO_RANKS) -m hpd_megatron.smoke $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
