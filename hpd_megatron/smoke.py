@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
@@ -23,14 +24,12 @@ from hpd_megatron.parallel.initialize import destroy_parallel, initialize_parall
 from hpd_megatron.parallel.layout import ParallelLayout
 from hpd_megatron.training.schedule import causal_lm_forward, run_schedule
 
-TINY_LLAMA = ModelDescription(
-    family="llama", num_layers=4, hidden_size=128, num_attention_heads=4, num_query_groups=2,
-    ffn_hidden_size=256, vocab_size=500, max_position_embeddings=256,
-)
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "recipes" / "models" / "tiny_llama.yaml"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model description YAML")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--pp", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
@@ -41,17 +40,18 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(1)
+    description = ModelDescription.from_yaml(args.model)
     context = initialize_parallel(ParallelLayout(args.tp, args.pp), seed=1234,
-                                  models=[("model", TINY_LLAMA)])
-    model = build_gpt_model(TINY_LLAMA, transformer_config(TINY_LLAMA))
+                                  models=[(str(args.model), description)])
+    model = build_gpt_model(description, transformer_config(description))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
 
     # One fixed batch of a learnable pattern (each token is the previous plus one), so
     # the loss must fall if forward, backward and the update are right.
     generator = torch.Generator().manual_seed(0)
-    starts = torch.randint(0, TINY_LLAMA.vocab_size, (args.micro_batches, args.micro_batch_size, 1),
+    starts = torch.randint(0, description.vocab_size, (args.micro_batches, args.micro_batch_size, 1),
                            generator=generator)
-    sequences = (starts + torch.arange(args.seq_length + 1)) % TINY_LLAMA.vocab_size
+    sequences = (starts + torch.arange(args.seq_length + 1)) % description.vocab_size
     positions = torch.arange(args.seq_length).expand(args.micro_batch_size, -1)
     micro_batches = [
         {"tokens": seq[:, :-1], "labels": seq[:, 1:], "position_ids": positions}
@@ -88,11 +88,11 @@ def main() -> None:
             losses.append(loss)
             print(f"step {step}: loss {loss:.4f}  ({elapsed:.2f} s)", flush=True)
     if losses:
-        padded = padded_vocab_size(TINY_LLAMA.vocab_size, args.tp)
+        padded = padded_vocab_size(description.vocab_size, args.tp)
         print(f"done: {args.steps} steps of {args.micro_batches} micro-batches x "
               f"{args.micro_batch_size} x {args.seq_length} tokens through the "
               f"{'1F1B pipeline' if args.pp > 1 else 'no-pipeline'} schedule at "
-              f"{context.layout.describe()}; vocab {TINY_LLAMA.vocab_size} padded to {padded}; "
+              f"{context.layout.describe()}; vocab {description.vocab_size} padded to {padded}; "
               f"loss {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
     destroy_parallel()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch.distributed as dist
 
@@ -140,3 +142,34 @@ def test_model_description_yaml_round_trip(tmp_path):
 )
 def test_vocab_padding_the_megatron_way(vocab, tp, expected):
     assert padded_vocab_size(vocab, tp) == expected
+
+
+RECIPE_MODELS = Path(__file__).resolve().parent.parent / "recipes" / "models"
+
+
+@pytest.mark.parametrize(
+    "model,tp,pp,world,error",
+    [
+        ("llama3.1_70b", 8, 2, 32, None),  # DP 2
+        ("llama3.1_70b", 16, 1, 32, "TP=16 does not divide num_query_groups (KV heads)=8"),
+        ("llama3.1_8b", 8, 4, 32, None),
+        ("qwen2.5_1.5b", 2, 2, 8, None),
+        ("qwen2.5_1.5b", 4, 1, 8, "TP=4 does not divide num_query_groups (KV heads)=2"),
+        ("qwen2.5_7b", 4, 8, 32, "PP=8 does not divide num_layers=28"),
+    ],
+)
+def test_real_model_layouts(model, tp, pp, world, error):
+    description = ModelDescription.from_yaml(RECIPE_MODELS / f"{model}.yaml")
+    if error is None:
+        layout = validate_layout(ParallelLayout(tp, pp), world, [(model, description)])
+        assert layout.data_parallel_size == world // (tp * pp)
+    else:
+        with pytest.raises(LayoutError, match=error.replace("(", r"\(").replace(")", r"\)")):
+            validate_layout(ParallelLayout(tp, pp), world, [(model, description)])
+
+
+def test_real_model_vocabularies_pad_past_their_hf_output_rows():
+    qwen = ModelDescription.from_yaml(RECIPE_MODELS / "qwen2.5_7b.yaml")
+    llama = ModelDescription.from_yaml(RECIPE_MODELS / "llama3.1_70b.yaml")
+    assert qwen.vocab_size == 151665 and padded_vocab_size(qwen.vocab_size, 4) == 152064
+    assert llama.rope_scaling.factor == 8.0 and padded_vocab_size(llama.vocab_size, 8) == 129024

@@ -56,6 +56,8 @@ def transformer_config(
     ``overrides`` pass straight to TransformerConfig (e.g. calculate_per_token_loss).
     """
     on_gpu = torch.cuda.is_available()
+    # Fused kernels come from Transformer Engine (or apex) and exist only on the GPU.
+    fused = transformer_engine_available()
     fields: dict[str, Any] = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -83,9 +85,8 @@ def transformer_config(
         # On the CPU the master weight is built whole and then split, so the same seed
         # gives the same weights at every TP size (and no CUDA RNG is needed).
         use_cpu_initialization=not on_gpu,
-        # Fused kernels exist only on the GPU.
-        bias_activation_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
+        bias_activation_fusion=fused,
+        masked_softmax_fusion=fused,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
