@@ -25,6 +25,8 @@ def _routing_facts() -> dict:
         "tensor_cuda_device": str(torch.tensor([1, 2], device=torch.device("cuda", 0)).device),
         "cuda_method_is_identity": tensor.cuda() is tensor,
         "synchronize": torch.cuda.synchronize(),
+        "type_name": tensor.type(),
+        "type_conversion": str(tensor.type(torch.float64).dtype),
         # Routed factories draw exactly what the originals draw.
         "randn_same": torch.equal(torch.randn(6, generator=torch.Generator().manual_seed(3)), reference),
         "randn_cuda_same": torch.equal(
@@ -42,6 +44,8 @@ def test_cuda_calls_are_routed_to_cpu():
         "tensor_cuda_device": "cpu",
         "cuda_method_is_identity": True,
         "synchronize": None,
+        "type_name": "torch.cuda.FloatTensor",
+        "type_conversion": "torch.float64",
         "randn_same": True,
         "randn_cuda_same": True,
     }

@@ -12,6 +12,9 @@ generator. On a CPU-only build of torch every one of those raises.
   Megatron uses map a CUDA ``device=`` argument to the CPU;
 * ``Tensor.cuda()`` returns the tensor itself (what ``.to()`` does for a tensor
   already on the target device);
+* ``Tensor.type()`` without arguments names CPU tensors as CUDA ones
+  (``torch.cuda.FloatTensor``), because the optimizer checks parameter and gradient
+  types by that name; with an argument it converts as usual;
 * ``torch.cuda.synchronize()`` is a no-op (CPU kernels are synchronous);
 * the "CUDA" RNG the tracker forks is the CPU default generator, since that is the
   generator CPU dropout and initialisation draw from. Megatron warns whenever the
@@ -86,6 +89,19 @@ def _set_cpu_rng_state(new_state: torch.Tensor, *_args: Any, **_kwargs: Any) -> 
     torch.set_rng_state(new_state)
 
 
+_original_tensor_type = torch.Tensor.type
+
+
+def _type_as_if_on_cuda(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False,
+                        **kwargs: Any) -> Any:
+    if dtype is None and not kwargs:
+        name = _original_tensor_type(self)
+        if name.startswith("torch.") and not name.startswith("torch.cuda."):
+            return "torch.cuda." + name[len("torch."):]
+        return name
+    return _original_tensor_type(self, dtype, non_blocking, **kwargs)
+
+
 def _seed_cpu_generator(seed: int) -> None:
     torch.default_generator.manual_seed(int(seed))
 
@@ -105,6 +121,7 @@ def enable() -> bool:
     for name in _FACTORIES:
         setattr(torch, name, _route_device_to_cpu(getattr(torch, name)))
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
+    torch.Tensor.type = _type_as_if_on_cuda  # type: ignore[method-assign]
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
     torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
     torch.cuda.get_rng_state = _cpu_rng_state  # type: ignore[assignment]

@@ -8,7 +8,7 @@ stages).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -40,13 +40,20 @@ def run_schedule(
     seq_length: int,
     micro_batch_size: int,
     forward_only: bool = False,
+    adjust_tensor_shapes_fn: Optional[Callable[[list, list], tuple[list, list]]] = None,
 ) -> list[Any]:
     """Forward (and backward unless ``forward_only``) of every micro-batch.
 
     Returns the loss functions' reports, in micro-batch order, on the last pipeline
     stage; an empty list elsewhere. Gradients accumulate into the parameters (or the
-    DDP buffers when the model is wrapped).
+    DDP buffers when the model is wrapped). ``adjust_tensor_shapes_fn`` widens the
+    tensors passed between pipeline stages (the teacher's hidden state rides along);
+    it is only used, and only accepted by Megatron, when there is a pipeline.
     """
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        adjust_tensor_shapes_fn = None
     iterator: Iterable[Batch] = iter(micro_batches)
 
     def forward_step_func(data_iterator, stage):
@@ -60,4 +67,5 @@ def run_schedule(
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
+        adjust_tensor_shapes_fn=adjust_tensor_shapes_fn,
     )

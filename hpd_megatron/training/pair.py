@@ -1,0 +1,101 @@
+"""A frozen teacher and a trainable student in one pipeline.
+
+Both models live on the same TP x PP grid: pipeline stage k holds stage k of each.
+Between stages the two hidden states travel as one tensor, the student's first and
+the teacher's after it along the hidden dimension, so Megatron-Core's schedule needs
+only to be told the wider shape (``adjust_tensor_shapes_fn``). The teacher runs under
+``no_grad``: its half of the activation carries no graph, and the gradient the
+schedule sends back for it is ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+
+from hpd_megatron.training.schedule import Batch, causal_lm_forward
+
+
+class DistillationPair(MegatronModule):
+    """What the schedule sees as "the model": student stage + teacher stage.
+
+    ``student`` may be wrapped in Megatron's DistributedDataParallel; ``teacher`` is a
+    bare GPTModel stage, frozen here. On the last stage ``forward`` returns the
+    student's logits and keeps the teacher's in ``teacher_logits`` for the loss.
+    """
+
+    def __init__(self, student: torch.nn.Module, teacher: Optional[torch.nn.Module],
+                 student_hidden: int, teacher_hidden: int) -> None:
+        super().__init__(config=_unwrap(student).config)
+        self.student = student
+        self.teacher = teacher
+        self.student_hidden = student_hidden
+        self.teacher_hidden = teacher_hidden if teacher is not None else 0
+        self.teacher_logits: Optional[torch.Tensor] = None
+        self.model_type = _unwrap(student).model_type
+        if teacher is not None:
+            teacher.eval()
+            for parameter in teacher.parameters():
+                parameter.requires_grad_(False)
+
+    def set_input_tensor(self, input_tensor: Any) -> None:
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        if input_tensor is None or self.teacher is None:
+            _unwrap(self.student).set_input_tensor(input_tensor)
+            if self.teacher is not None:
+                self.teacher.set_input_tensor(None)
+            return
+        student_part, teacher_part = torch.split(
+            input_tensor, [self.student_hidden, self.teacher_hidden], dim=-1
+        )
+        _unwrap(self.student).set_input_tensor(student_part)
+        self.teacher.set_input_tensor(teacher_part.detach())
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        student_out = causal_lm_forward(self.student, batch)
+        if self.teacher is None:
+            return student_out
+        with torch.no_grad():
+            teacher_out = causal_lm_forward(self.teacher, batch)
+        if _unwrap(self.student).post_process:
+            self.teacher_logits = teacher_out
+            return student_out
+        return torch.cat([student_out, teacher_out], dim=-1)
+
+    def adjust_tensor_shapes(self, recv_shapes: list, send_shapes: list) -> tuple[list, list]:
+        """Widen the p2p shapes by the teacher's hidden size (for the 1F1B schedule)."""
+        widen = lambda shapes: [(s, b, h + self.teacher_hidden) for s, b, h in shapes]  # noqa: E731
+        return widen(recv_shapes), widen(send_shapes)
+
+    # What Megatron's helpers look up on "the model" refers to the student.
+    def shared_embedding_or_output_weight(self) -> torch.Tensor:
+        return _unwrap(self.student).shared_embedding_or_output_weight()
+
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return _unwrap(self.student).share_embeddings_and_output_weights
+
+    @property
+    def pre_process(self) -> bool:
+        return _unwrap(self.student).pre_process
+
+    @property
+    def post_process(self) -> bool:
+        return _unwrap(self.student).post_process
+
+    def train(self, mode: bool = True) -> "DistillationPair":
+        self.training = mode
+        self.student.train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher never leaves eval mode
+        return self
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside a DDP (or other ``.module``) wrapper."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
