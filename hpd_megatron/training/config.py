@@ -101,6 +101,10 @@ class RunConfig:
     """fp32 or bf16 (the student's parameters; the teacher follows)."""
 
     def __post_init__(self) -> None:
+        # Parse the model descriptions now, so their errors come with the recipe's.
+        self.student.description("student")
+        if self.teacher is not None:
+            self.teacher.description("teacher")
         if self.loss.method not in LOSS_METHODS:
             raise ConfigError(
                 f"loss.method: unknown method {self.loss.method!r} (known: {', '.join(LOSS_METHODS)})"
