@@ -1,0 +1,21 @@
+"""Vocab-parallel distillation losses: HPD and the divergences it unifies.
+
+``distillation_loss`` is the entry point; ``sample_student_tokens`` exposes HPD's
+sampler; ``methods`` holds every method's weight (a new divergence is one function there).
+"""
+
+from hpd_megatron.losses.distillation import IGNORE_INDEX, distillation_loss, sample_student_tokens
+from hpd_megatron.losses.methods import FULL_VOCAB_METHODS, METHODS, TOKEN_METHODS
+from hpd_megatron.losses.sampling import SAMPLERS
+from hpd_megatron.losses.vocab_parallel import FROM_PARALLEL_STATE
+
+__all__ = [
+    "FROM_PARALLEL_STATE",
+    "FULL_VOCAB_METHODS",
+    "IGNORE_INDEX",
+    "METHODS",
+    "SAMPLERS",
+    "TOKEN_METHODS",
+    "distillation_loss",
+    "sample_student_tokens",
+]
