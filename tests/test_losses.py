@@ -390,3 +390,25 @@ def test_hpd_draws_the_sampler_tokens(sampler):
     torch.testing.assert_close(loss, explicit, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grads(loss, student), grads(explicit, student), rtol=1e-5, atol=1e-8)
     assert 0.0 < float(diag["hpd/sample_differs"]) <= 1.0
+
+
+def test_given_uniforms_make_each_sequence_draw_on_its_own():
+    """uniforms= replaces the seeded draw exactly, and rows sampled together or alone agree."""
+    student, teacher, labels, _ = make_inputs(shape=(6, 3), dtype=torch.float64)
+    seeded, _ = run("hpd", student, teacher, labels, seed=5, chunk_size=4)
+    u = torch.rand(labels.numel(), dtype=torch.float64,
+                   generator=torch.Generator().manual_seed(5)).view(labels.shape)
+    given, _ = run("hpd", student, teacher, labels, chunk_size=4, uniforms=u)
+    assert torch.equal(seeded, given)
+    # Columns are sequences here ([seq, batch] layout): the sum over all of them equals the
+    # sum of each sequence's loss computed alone with its own uniforms.
+    alone = sum(
+        distillation_loss(student[:, b], teacher[:, b], labels[:, b], "hpd", vocab_size=VOCAB,
+                          reduction="sum", tp_group=None, uniforms=u[:, b])[0]
+        for b in range(labels.shape[1])
+    )
+    together = distillation_loss(student, teacher, labels, "hpd", vocab_size=VOCAB,
+                                 reduction="sum", tp_group=None, uniforms=u)[0]
+    torch.testing.assert_close(together, alone, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"uniforms: shape \(3,\) != labels \(6, 3\)"):
+        run("hpd", student, teacher, labels, uniforms=u[0])

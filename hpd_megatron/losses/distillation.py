@@ -107,6 +107,7 @@ def _plan(
     seed: Optional[int],
     sampler: str,
     chunk_size: Optional[int],
+    given_uniforms: Optional[Tensor] = None,
 ) -> LossPlan:
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
@@ -130,6 +131,12 @@ def _plan(
                     f"sampled_tokens: shape {tuple(sampled_tokens.shape)} != labels {tuple(labels.shape)}"
                 )
             _check_ids("sampled_tokens", sampled_tokens, supervised, vocab_size)
+        elif sampler == "inverse_cdf" and given_uniforms is not None:
+            if given_uniforms.shape != labels.shape:
+                raise ValueError(
+                    f"uniforms: shape {tuple(given_uniforms.shape)} != labels {tuple(labels.shape)}"
+                )
+            uniforms = given_uniforms.reshape(-1).to(student_logits.device, torch.float64)
         elif sampler == "inverse_cdf":
             uniforms = draw_uniforms(labels.numel(), student_logits.device, tp, generator, seed)
         else:
@@ -162,6 +169,7 @@ def distillation_loss(
     seed: Optional[int] = None,
     sampler: str = "inverse_cdf",
     chunk_size: Optional[int] = None,
+    uniforms: Optional[Tensor] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Distillation loss over supervised tokens, exact under tensor parallelism.
 
@@ -211,7 +219,7 @@ def distillation_loss(
         raise ValueError(f"{spec.param} must be in [0, 1], got {param}")
 
     plan = _plan(student_logits, teacher_logits, labels, spec, vocab_size, param, tp_group,
-                 sampled_tokens, generator, seed, sampler, chunk_size)
+                 sampled_tokens, generator, seed, sampler, chunk_size, uniforms)
     record = ForwardRecord()
     teacher = teacher_logits.detach() if teacher_logits is not None else None
     loss_sum = VocabParallelDistillation.apply(student_logits, teacher, labels, sampled_tokens, plan, record)
