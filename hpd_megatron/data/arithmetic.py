@@ -1,0 +1,143 @@
+"""The demo's synthetic reasoning task: arithmetic written out column by column.
+
+    prompt:   Compute 347 + 589.
+    response: 7 + 9 = 16, write 6 carry 1.
+              4 + 8 + 1 = 13, write 3 carry 1.
+              3 + 5 + 1 = 9, write 9.
+              The answer is 936.
+
+Addition and subtraction of numbers with 1..max_digits digits (the shorter one padded with
+zeros, the smaller one subtracted from the larger), and multiplication by one digit 2..9.
+Every step is a true equation, and the digits written (with a final "Write the carry c.")
+read from the last to the first give the answer. With max_digits=3 a record is under 160
+characters.
+
+Problems are drawn with ``random.Random(seed)`` and never repeat; the first ``num_test``
+distinct ones are the test split and the next ``num_train`` the training split, so the test
+set does not change with the training set's size.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+from hpd_megatron.config import ConfigError
+from hpd_megatron.data.chat import builtin_text
+from hpd_megatron.data.files import staged_files
+from hpd_megatron.data.records import conversation
+from hpd_megatron.data.tokenizer import train_sentencepiece
+
+OPS = ("+", "-", "*")
+_ANSWER = re.compile(r"The answer is (-?\d+)\.")
+Problem = tuple[int, str, int]
+
+
+def solve(a: int, op: str, b: int) -> str:
+    """The written-out steps and the answer of ``a op b``."""
+    if op == "*":
+        top, bottom = [int(d) for d in reversed(str(a))], None
+    else:
+        width = max(len(str(a)), len(str(b)))
+        top = [int(d) for d in reversed(str(a).zfill(width))]
+        bottom = [int(d) for d in reversed(str(b).zfill(width))]
+    lines = []
+    carry = 0  # the carry of + and *, the borrow of -
+    for column, x in enumerate(top):
+        if op == "+":
+            y = bottom[column]
+            total = x + y + carry
+            lines.append(f"{x} + {y}{f' + {carry}' if carry else ''} = {total}, " + _write(total))
+            carry = total // 10
+        elif op == "*":
+            total = x * b + carry
+            lines.append(f"{x} * {b}{f' + {carry}' if carry else ''} = {total}, " + _write(total))
+            carry = total // 10
+        else:
+            y = bottom[column]
+            left = f"{x} - {y}{f' - {carry}' if carry else ''}"
+            difference = x - y - carry
+            if difference >= 0:
+                lines.append(f"{left} = {difference}, write {difference}.")
+                carry = 0
+            else:
+                lines.append(f"{left} < 0, borrow: {x + 10} - {y}{f' - {carry}' if carry else ''} "
+                             f"= {difference + 10}, write {difference + 10}.")
+                carry = 1
+    if carry and op != "-":
+        lines.append(f"Write the carry {carry}.")
+    answer = {"+": a + b, "-": a - b, "*": a * b}[op]
+    lines.append(f"The answer is {answer}.")
+    return "\n".join(lines)
+
+
+def _write(total: int) -> str:
+    return f"write {total % 10} carry {total // 10}." if total >= 10 else f"write {total}."
+
+
+def extract_answer(text: str) -> Optional[int]:
+    """The number after the last "The answer is", or None when the text gives no answer."""
+    found = _ANSWER.findall(text)
+    return int(found[-1]) if found else None
+
+
+def draw_problem(rng: random.Random, max_digits: int) -> Problem:
+    def number() -> int:
+        digits = rng.randint(1, max_digits)
+        return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
+
+    op = rng.choice(OPS)
+    if op == "*":
+        return number(), op, rng.randint(2, 9)
+    a, b = number(), number()
+    return (max(a, b), op, min(a, b)) if op == "-" else (a, op, b)
+
+
+def record(problem: Problem) -> dict[str, Any]:
+    a, op, b = problem
+    response = solve(a, op, b)
+    return {"prompt": f"Compute {a} {op} {b}.", "response": response, "answer": extract_answer(response)}
+
+
+def generate(num_train: int, num_test: int, seed: int, max_digits: int = 3) -> tuple[list[dict], list[dict]]:
+    """(train, test) records: distinct problems, deterministic in the arguments."""
+    if num_train < 0 or num_test < 0 or max_digits < 1:
+        raise ConfigError(f"need num_train, num_test >= 0 and max_digits >= 1, got {num_train}, {num_test}, {max_digits}")
+    rng = random.Random(seed)
+    wanted = num_train + num_test
+    problems: dict[Problem, None] = {}  # insertion-ordered set
+    for _ in range(20 * wanted + 1000):
+        if len(problems) == wanted:
+            break
+        problems[draw_problem(rng, max_digits)] = None
+    else:
+        raise ConfigError(
+            f"found only {len(problems)} distinct problems with max_digits={max_digits}, "
+            f"{wanted} wanted; ask for fewer or allow more digits"
+        )
+    ordered = [record(p) for p in problems]
+    return ordered[num_test:], ordered[:num_test]
+
+
+def write_task(
+    out_dir: str | Path, num_train: int, num_test: int, seed: int, max_digits: int = 3,
+    tokenizer_vocab_size: int = 0,
+) -> list[Path]:
+    """Write ``train.jsonl`` and ``test.jsonl`` (and, if ``tokenizer_vocab_size``, a
+    SentencePiece ``tokenizer.model`` trained on the training split in the builtin chat
+    format) into ``out_dir``, all or nothing; return the paths written."""
+    train, test = generate(num_train, num_test, seed, max_digits)
+    out_dir = Path(out_dir)
+    outputs = [out_dir / "train.jsonl", out_dir / "test.jsonl"]
+    if tokenizer_vocab_size:
+        outputs.append(out_dir / "tokenizer.model")
+    with staged_files(outputs) as staged:
+        for path, records in zip(staged, (train, test)):
+            path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        if tokenizer_vocab_size:
+            texts = [builtin_text(conversation(r)) for r in train]
+            train_sentencepiece(texts, staged[2].with_suffix(""), tokenizer_vocab_size)
+    return outputs

@@ -1,0 +1,41 @@
+"""The data error type, and writing several output files so that a failure leaves none.
+
+Every problem with an input file is one ``DataError`` whose message starts with the file
+(and line or record), e.g. ``train.jsonl:17: not valid JSON (Expecting ',' delimiter)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+
+class DataError(ValueError):
+    """An input file is missing or malformed; the message names the file and line or record."""
+
+
+@contextlib.contextmanager
+def staged_files(paths: Sequence[str | Path]) -> Iterator[list[Path]]:
+    """Yield temporary stand-ins for ``paths``; move them into place only if the body succeeds.
+
+    The stand-ins live in a hidden directory next to the first output (same file system, so
+    the final moves are renames), and are moved in the order given: put the file whose
+    presence means "complete" (a sidecar) last. On any error the directory is removed and
+    nothing under the final names is created or touched.
+    """
+    paths = [Path(p) for p in paths]
+    parent = paths[0].parent
+    parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{paths[0].name}.", dir=parent))
+    try:
+        staged = [stage / f"{i}-{p.name}" for i, p in enumerate(paths)]
+        yield staged
+        for temporary, final in zip(staged, paths):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temporary, final)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

@@ -1,0 +1,75 @@
+"""Off-policy training records from JSONL, checked line by line.
+
+One JSON object per line, either schema (other keys, e.g. an "answer", are ignored):
+
+    {"prompt": "Compute 3 + 4.", "response": "4 + 3 = 7, write 7.\\nThe answer is 7."}
+    {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+
+A prompt/response record becomes the conversation [user: prompt, assistant: response].
+Blank lines are skipped. The first bad line stops everything with a ``DataError`` that
+names the file and the line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from hpd_megatron.data.chat import ROLES, Message
+from hpd_megatron.data.files import DataError
+
+
+def read_records(path: str | Path) -> Iterator[tuple[int, list[Message]]]:
+    """Yield (line number, conversation) for every record of a JSONL file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
+            try:
+                messages = conversation(record)
+            except DataError as error:
+                raise DataError(f"{path}:{number}: {error}") from None
+            yield number, messages
+
+
+def conversation(record: Any) -> list[Message]:
+    """The conversation a record holds; DataError (without a location) if it holds none."""
+    if not isinstance(record, dict):
+        raise DataError(f"expected a JSON object, got {type(record).__name__}")
+    if "messages" in record and "prompt" in record:
+        raise DataError('record has both "messages" and "prompt"; use one schema')
+    if "messages" in record:
+        return _messages(record["messages"])
+    if "prompt" in record:
+        if "response" not in record:
+            raise DataError('record has a "prompt" but no "response"')
+        for key in ("prompt", "response"):
+            if not isinstance(record[key], str):
+                raise DataError(f'"{key}" must be a string, got {type(record[key]).__name__}')
+        return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
+    raise DataError(
+        f'expected {{"prompt", "response"}} or {{"messages"}}, got keys {sorted(record)}'
+    )
+
+
+def _messages(messages: Any) -> list[Message]:
+    if not isinstance(messages, list):
+        raise DataError(f'"messages" must be a list, got {type(messages).__name__}')
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise DataError(f'messages[{i}]: expected {{"role": ..., "content": "..."}}, got {message!r}')
+        if message.get("role") not in ROLES:
+            raise DataError(f"messages[{i}]: role {message.get('role')!r} is not one of {', '.join(ROLES)}")
+        checked.append({"role": message["role"], "content": message["content"]})
+    if not any(m["role"] == "assistant" for m in checked):
+        raise DataError("record has no assistant message (nothing to train on)")
+    return checked
