@@ -7,6 +7,7 @@ engine's own resharding, and every checkpoint in the project goes through it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -18,6 +19,32 @@ def save_model_weights(model: torch.nn.Module, directory: str | Path) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     dist_checkpointing.save(model.sharded_state_dict(), str(directory))
+
+
+def export_model_weights(model: torch.nn.Module, directory: str | Path) -> None:
+    """Save into ``directory`` all or nothing: write beside it, then rename (all ranks call it).
+
+    An existing export is replaced only once the new one is complete.
+    """
+    import shutil
+
+    import torch.distributed as dist
+
+    directory = Path(directory)
+    partial = directory.with_name(directory.name + ".partial")
+    if dist.get_rank() == 0 and partial.exists():
+        shutil.rmtree(partial)
+    dist.barrier()
+    save_model_weights(model, partial)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        previous = directory.with_name(directory.name + ".previous")
+        if directory.exists():
+            os.replace(directory, previous)
+        os.replace(partial, directory)
+        if previous.exists():
+            shutil.rmtree(previous)
+    dist.barrier()
 
 
 def load_model_weights(model: torch.nn.Module, directory: str | Path) -> None:

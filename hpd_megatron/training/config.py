@@ -81,6 +81,12 @@ class ScheduleConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    export_dir: Optional[str] = None
+    """Where the trained student's model-only weights go at the end (any TP/PP can load them)."""
+
+
+@dataclass
 class LoggingConfig:
     log_interval: int = 1
 
@@ -94,6 +100,7 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     parallel: ParallelLayout = field(default_factory=ParallelLayout)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run_dir: str = "runs/default"
     seed: int = 1234

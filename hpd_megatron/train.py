@@ -1,0 +1,147 @@
+"""Distil a frozen teacher into a student with Megatron-Core: one script, top to bottom.
+
+    torchrun --nproc-per-node N -m hpd_megatron.train --config recipes/NAME.yaml [key=value ...]
+
+The recipe (YAML) maps onto ``RunConfig``; ``dotted.key=value`` arguments override it.
+Teacher and student share the TP x PP grid; the objective is the token mean of the
+loss over the whole global batch (all micro-batches and data-parallel replicas), so
+micro-batch size and DP size do not change the update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import yaml
+from megatron.core import parallel_state
+
+from hpd_megatron.checkpoint.weights import export_model_weights
+from hpd_megatron.config import ConfigError
+from hpd_megatron.parallel.initialize import destroy_parallel, initialize_parallel
+from hpd_megatron.training.components import (
+    build_models,
+    build_optimizer,
+    check_shared_vocabulary,
+    make_forward_step,
+    reduce_reports,
+)
+from hpd_megatron.training.config import RunConfig, load_run_config
+from hpd_megatron.training.feed import TrainingFeed
+from hpd_megatron.training.schedule import run_schedule
+
+
+def train(run: RunConfig) -> list[dict[str, float]]:
+    """Run ``run`` on this process's rank; returns the per-step metrics on the logging rank."""
+    # 1. Models first as descriptions: validation needs no process group.
+    student_description = run.student.description("student")
+    teacher_description = run.teacher.description("teacher") if run.teacher else None
+    check_shared_vocabulary(student_description, teacher_description)
+    models_for_layout = [("student", student_description)]
+    if teacher_description is not None:
+        models_for_layout.append(("teacher", teacher_description))
+
+    # 2. Process groups, grid position, seeds.
+    context = initialize_parallel(run.parallel, seed=run.seed, models=models_for_layout)
+    data_parallel_size = context.layout.data_parallel_size
+    num_micro_batches = run.micro_batches_per_step(data_parallel_size)
+    run_dir = Path(run.run_dir)
+    is_logging_rank = context.rank == context.world_size - 1  # last stage: where the loss is
+    if context.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomically(run_dir / "config.yaml", yaml.safe_dump(run.to_dict(), sort_keys=False))
+    torch.distributed.barrier()
+
+    # 3. Data: this data-parallel rank's share of each global batch.
+    feed = TrainingFeed(run, student_description, dp_rank=context.dp_rank,
+                        dp_size=data_parallel_size)
+
+    # 4. Student (trainable, DDP) and teacher (frozen) stages; optimizer and LR schedule.
+    models = build_models(run, student_description, teacher_description)
+    optimizer, scheduler = build_optimizer(run, models.student)
+    models.pair.train()
+
+    # 5. The loop.
+    history: list[dict[str, float]] = []
+    metrics_file = run_dir / "metrics.jsonl"
+    for step in range(1, run.schedule.train_steps + 1):
+        start = time.perf_counter()
+        micro_batches = feed.next_step()
+        models.student.zero_grad_buffer()
+        optimizer.zero_grad()
+        reports = run_schedule(
+            models.pair, micro_batches, make_forward_step(run, models, step),
+            seq_length=run.data.seq_length, micro_batch_size=run.schedule.micro_batch_size,
+            adjust_tensor_shapes_fn=models.pair.adjust_tensor_shapes,
+        )
+        updated, grad_norm, _ = optimizer.step()
+        if updated:
+            scheduler.step(increment=1)
+        elapsed = time.perf_counter() - start
+
+        if parallel_state.is_pipeline_last_stage():
+            metrics = reduce_reports(reports)
+            tokens = metrics.pop("num_tokens")
+            metrics.update(
+                lr=optimizer.param_groups[0]["lr"],
+                grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                step_time_s=elapsed,
+                tokens_per_s=tokens / elapsed,
+                supervised_tokens=tokens,
+                peak_memory_gb=_peak_memory_gb(),
+            )
+            if is_logging_rank:
+                history.append({"step": step, **metrics})
+                with metrics_file.open("a") as out:
+                    out.write(json.dumps({"step": step, **metrics}) + "\n")
+                if step % run.logging.log_interval == 0 or step == run.schedule.train_steps:
+                    print(_format_step(step, run.schedule.train_steps, metrics), flush=True)
+
+    # 6. The trained student, model-only, for evaluation, conversion or the next stage.
+    if run.checkpoint.export_dir:
+        export_model_weights(models.student.module, run.checkpoint.export_dir)
+    destroy_parallel()
+    return history
+
+
+def _peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _format_step(step: int, total: int, metrics: dict[str, float]) -> str:
+    shown = ("loss", "cross_entropy", "lr", "grad_norm", "tokens_per_s", "step_time_s")
+    parts = [f"{name} {metrics[name]:.4g}" for name in shown if name in metrics]
+    parts += [f"{name} {value:.3f}" for name, value in metrics.items() if name.startswith("hpd/")]
+    return f"step {step}/{total}: " + "  ".join(parts)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description="HPD distillation on Megatron-Core")
+    parser.add_argument("--config", required=True, help="recipe YAML")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    args = parser.parse_args(argv)
+    try:
+        run = load_run_config(args.config, args.overrides)
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
+    train(run)
+
+
+if __name__ == "__main__":
+    main()

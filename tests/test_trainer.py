@@ -1,0 +1,151 @@
+"""The distillation trainer: the same losses at every layout, a frozen teacher, a falling loss.
+
+All runs start from the same initial weights (saved once at TP1 PP1 and loaded through
+dist_checkpointing) and read the same prepared data; only the layout changes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.multiprocess import run_on_ranks
+
+STEPS = 3
+SEQ = 96
+STUDENT = dict(family="llama", num_layers=2, hidden_size=64, num_attention_heads=4,
+               num_query_groups=2, ffn_hidden_size=128, vocab_size=128)
+TEACHER = dict(family="qwen2", num_layers=4, hidden_size=96, num_attention_heads=4,
+               num_query_groups=2, ffn_hidden_size=192, vocab_size=128)
+
+
+def _save_initial_weights(directory: str) -> None:
+    from hpd_megatron.checkpoint.weights import save_model_weights
+    from hpd_megatron.models.builder import build_gpt_model, transformer_config
+    from hpd_megatron.models.description import ModelDescription
+    from hpd_megatron.parallel.initialize import destroy_parallel, initialize_parallel
+    from hpd_megatron.parallel.layout import ParallelLayout
+
+    initialize_parallel(ParallelLayout(1, 1), seed=3)
+    for name, kwargs in (("student", STUDENT), ("teacher", TEACHER)):
+        description = ModelDescription.from_dict(kwargs)
+        save_model_weights(build_gpt_model(description, transformer_config(description)),
+                           Path(directory) / name)
+    destroy_parallel()
+
+
+def _train(recipe: str, overrides: list[str]) -> dict:
+    """Train on this rank; also report whether the teacher's weights stayed bit-identical."""
+    import hpd_megatron.train as trainer
+
+    captured = {}
+    build_models = trainer.build_models
+
+    def build_and_capture(*args, **kwargs):
+        models = build_models(*args, **kwargs)
+        captured["models"] = models
+        captured["teacher_before"] = {k: v.detach().clone()
+                                      for k, v in models.pair.teacher.state_dict().items()
+                                      if isinstance(v, torch.Tensor)}
+        return models
+
+    trainer.build_models = build_and_capture
+    history = trainer.train(trainer.load_run_config(recipe, overrides))
+    after = {k: v for k, v in captured["models"].pair.teacher.state_dict().items()
+             if isinstance(v, torch.Tensor)}
+    unchanged = all(torch.equal(after[k], v) for k, v in captured["teacher_before"].items())
+    return {"history": history, "teacher_unchanged": unchanged}
+
+
+def _logged(results: list[dict]) -> list[dict]:
+    histories = [r["history"] for r in results if r["history"]]
+    assert len(histories) == 1, "exactly one rank logs"
+    assert all(r["teacher_unchanged"] for r in results)
+    return histories[0]
+
+
+@pytest.fixture(scope="module")
+def prepared_data(tmp_path_factory) -> str:
+    """The arithmetic task, a SentencePiece tokenizer trained on it, and its indexed data."""
+    from hpd_megatron.data import prepare
+    from hpd_megatron.data.arithmetic import write_task
+
+    root = tmp_path_factory.mktemp("data")
+    write_task(root, num_train=64, num_test=8, seed=0, max_digits=2,
+               tokenizer_vocab_size=STUDENT["vocab_size"])
+    prefix = root / "train"
+    prepare(root / "train.jsonl", root / "tokenizer.model", prefix, seq_length=SEQ, log=lambda *_: None)
+    return str(prefix)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, prepared_data) -> dict:
+    root = tmp_path_factory.mktemp("trainer")
+    run_on_ranks(_save_initial_weights, 1, str(root / "init"))
+    recipe = root / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "run_dir": str(root / "run"),
+        "seed": 7,
+        "student": {"model": STUDENT, "checkpoint": str(root / "init" / "student")},
+        "teacher": {"model": TEACHER, "checkpoint": str(root / "init" / "teacher")},
+        "data": {"train": prepared_data, "seq_length": SEQ},
+        "loss": {"method": "hpd"},
+        "optimizer": {"lr": 2.0e-3, "weight_decay": 0.0},
+        "schedule": {"train_steps": STEPS, "warmup_steps": 1, "global_batch_size": 4,
+                     "micro_batch_size": 2},
+    }))
+    return {"root": root, "recipe": str(recipe)}
+
+
+LAYOUTS = {
+    "TP1 PP1": (1, []),
+    "TP2 PP1": (2, ["parallel.tensor_model_parallel_size=2"]),
+    "TP1 PP2": (2, ["parallel.pipeline_model_parallel_size=2"]),
+    "TP2 PP2": (4, ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"]),
+    "DP2": (2, []),
+    "micro-batch 1": (1, ["schedule.micro_batch_size=1"]),
+    "micro-batch 4": (1, ["schedule.micro_batch_size=4"]),
+}
+
+
+@pytest.fixture(scope="module")
+def histories(setup) -> dict[str, list[dict]]:
+    out = {}
+    for name, (ranks, overrides) in LAYOUTS.items():
+        run_dir = f"run_dir={setup['root'] / name.replace(' ', '_')}"
+        out[name] = _logged(run_on_ranks(_train, ranks, setup["recipe"], overrides + [run_dir]))
+    return out
+
+
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "TP1 PP1"])
+def test_first_steps_agree_across_layouts(histories, layout):
+    reference, other = histories["TP1 PP1"], histories[layout]
+    assert [h["step"] for h in other] == list(range(1, STEPS + 1))
+    for ref, got in zip(reference, other):
+        for key in ("loss", "cross_entropy", "grad_norm", "hpd/sample_differs"):
+            assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (layout, ref["step"], key)
+        assert got["supervised_tokens"] == ref["supervised_tokens"]
+
+
+def test_metrics_file_and_resolved_config(setup, histories):
+    run_dir = setup["root"] / "TP2_PP2"
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "peak_memory_gb",
+            "hpd/a_negative", "hpd/b_active", "hpd/m1_and_m2"} <= set(lines[0])
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["parallel"]["tensor_model_parallel_size"] == 2
+    assert resolved["loss"]["method"] == "hpd"
+
+
+def test_student_learns(setup):
+    overrides = ["schedule.train_steps=12", "optimizer.lr=1.0e-2", "loss.method=fkl",
+                 f"run_dir={setup['root'] / 'learn'}"]
+    history = _logged(run_on_ranks(_train, 1, setup["recipe"], overrides))
+    first, last = history[0], history[-1]
+    assert last["loss"] < 0.7 * first["loss"], (first["loss"], last["loss"])
+    assert last["cross_entropy"] < first["cross_entropy"]
