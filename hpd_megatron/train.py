@@ -24,6 +24,7 @@ from megatron.core import parallel_state
 
 from hpd_megatron.checkpoint.weights import export_model_weights
 from hpd_megatron.config import ConfigError
+from hpd_megatron.data import DataError
 from hpd_megatron.parallel.initialize import destroy_parallel, initialize_parallel
 from hpd_megatron.training.components import (
     build_models,
@@ -41,7 +42,9 @@ def train(run: RunConfig) -> list[dict[str, float]]:
     """Run ``run`` on this process's rank; returns the per-step metrics on the logging rank."""
     # 1. Models first as descriptions: validation needs no process group.
     student_description = run.student.description("student")
-    teacher_description = run.teacher.description("teacher") if run.teacher else None
+    # SFT trains the student alone: no teacher is built even if the recipe names one.
+    uses_teacher = run.teacher is not None and run.loss.method != "sft"
+    teacher_description = run.teacher.description("teacher") if uses_teacher else None
     check_shared_vocabulary(student_description, teacher_description)
     models_for_layout = [("student", student_description)]
     if teacher_description is not None:
@@ -137,10 +140,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     args = parser.parse_args(argv)
     try:
-        run = load_run_config(args.config, args.overrides)
-    except ConfigError as error:
+        train(load_run_config(args.config, args.overrides))
+    except (ConfigError, DataError) as error:
+        # Bad input: one line naming the file or key, not a traceback from every rank.
         sys.exit(f"error: {error}")
-    train(run)
 
 
 if __name__ == "__main__":

@@ -149,3 +149,69 @@ def test_student_learns(setup):
     first, last = history[0], history[-1]
     assert last["loss"] < 0.7 * first["loss"], (first["loss"], last["loss"])
     assert last["cross_entropy"] < first["cross_entropy"]
+
+
+# ---------------------------------------------------------------- bad input, before any work
+
+
+def _run_config(prepared_data: str, **changes):
+    from hpd_megatron.config import from_dict
+    from hpd_megatron.training.config import RunConfig
+
+    raw = {"student": {"model": STUDENT}, "teacher": {"model": TEACHER},
+           "data": {"train": prepared_data, "seq_length": SEQ},
+           "schedule": {"global_batch_size": 4, "micro_batch_size": 2}}
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        raw.setdefault(section, {})[field] = value
+    return from_dict(RunConfig, raw)
+
+
+def test_teacher_and_student_vocabularies_must_match():
+    from hpd_megatron.models.description import ModelDescription
+    from hpd_megatron.training.components import check_shared_vocabulary
+
+    with pytest.raises(ValueError, match="teacher.model.vocab_size 256 != student.model.vocab_size 128"):
+        check_shared_vocabulary(ModelDescription.from_dict(STUDENT),
+                                ModelDescription.from_dict(dict(TEACHER, vocab_size=256)))
+
+
+def test_data_tokenizer_must_match_the_student(prepared_data):
+    from hpd_megatron.data import DataError
+    from hpd_megatron.models.description import ModelDescription
+    from hpd_megatron.training.feed import TrainingFeed
+
+    run = _run_config(prepared_data)
+    student = ModelDescription.from_dict(dict(STUDENT, vocab_size=200))
+    with pytest.raises(DataError, match=r"train.json: the data's tokenizer has 128 tokens but "
+                                        r"student.model.vocab_size is 200"):
+        TrainingFeed(run, student, dp_rank=0, dp_size=1)
+
+
+def test_missing_data_names_the_path(prepared_data, tmp_path):
+    from hpd_megatron.data import DataError
+    from hpd_megatron.models.description import ModelDescription
+    from hpd_megatron.training.feed import TrainingFeed
+
+    missing = str(tmp_path / "nowhere" / "train")
+    run = _run_config(prepared_data, data__train=missing)
+    with pytest.raises(DataError, match=f"{missing}.json: no such file"):
+        TrainingFeed(run, ModelDescription.from_dict(STUDENT), dp_rank=0, dp_size=1)
+    run = _run_config(prepared_data, data__train="")
+    with pytest.raises(DataError, match="data.train: no prepared data given"):
+        TrainingFeed(run, ModelDescription.from_dict(STUDENT), dp_rank=0, dp_size=1)
+
+
+def test_command_line_reports_bad_input_in_one_line(prepared_data, tmp_path):
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"student": {"model": STUDENT}, "loss": {"method": "sft"},
+                                      "data": {"train": str(tmp_path / "missing")}}))
+    result = subprocess.run([sys.executable, "-m", "hpd_megatron.train", "--config", str(recipe),
+                             f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'missing'}.json: no such file (write the dataset with tools/prepare_data.py)")
+    assert "Traceback" not in result.stderr

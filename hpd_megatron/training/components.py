@@ -59,7 +59,7 @@ def build_models(run: RunConfig, student_description: ModelDescription,
     if teacher_description is not None:
         teacher = build_gpt_model(teacher_description,
                                   transformer_config(teacher_description, params_dtype=dtype))
-        if run.teacher.checkpoint:
+        if run.teacher is not None and run.teacher.checkpoint:
             load_model_weights(teacher, run.teacher.checkpoint)
     ddp = DistributedDataParallel(
         config=student_config,
