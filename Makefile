@@ -7,11 +7,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
-DEMO_RANKS ?= 4
 DEMO_ARGS ?=
+SMOKE_RANKS ?= 4
+SMOKE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-gpu venv clean
+.PHONY: demo smoke test test-gpu venv clean
 
 venv: $(STAMP)
 
@@ -27,7 +28,10 @@ endif
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/torchrun --standalone --nproc-per-node $(DEMO_RANKS) -m hpd_megatron.smoke $(DEMO_ARGS)
+	$(BIN)/python -m hpd_megatron.demo $(DEMO_ARGS)
+
+smoke: $(STAMP)
+	$(BIN)/torchrun --standalone --nproc-per-node $(SMOKE_RANKS) -m hpd_megatron.smoke $(SMOKE_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
