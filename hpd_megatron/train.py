@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from megatron.core import parallel_state
 from hpd_megatron.checkpoint.weights import export_model_weights
 from hpd_megatron.config import ConfigError
 from hpd_megatron.data import DataError
+from hpd_megatron.data.files import staged_files
 from hpd_megatron.parallel.initialize import destroy_parallel, initialize_parallel
 from hpd_megatron.training.components import (
     build_models,
@@ -58,7 +58,8 @@ def train(run: RunConfig) -> list[dict[str, float]]:
     is_logging_rank = context.rank == context.world_size - 1  # last stage: where the loss is
     if context.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomically(run_dir / "config.yaml", yaml.safe_dump(run.to_dict(), sort_keys=False))
+        with staged_files([run_dir / "config.yaml"]) as (resolved,):
+            resolved.write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
     torch.distributed.barrier()
 
     # 3. Data: this data-parallel rank's share of each global batch.
@@ -126,12 +127,6 @@ def _format_step(step: int, total: int, metrics: dict[str, float]) -> str:
     parts = [f"{name} {metrics[name]:.4g}" for name in shown if name in metrics]
     parts += [f"{name} {value:.3f}" for name, value in metrics.items() if name.startswith("hpd/")]
     return f"step {step}/{total}: " + "  ".join(parts)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
