@@ -34,6 +34,7 @@ class DistillationPair(MegatronModule):
         self.student_hidden = student_hidden
         self.teacher_hidden = teacher_hidden if teacher is not None else 0
         self.teacher_logits: Optional[torch.Tensor] = None
+        self.teacher_dtype = _unwrap(teacher).config.params_dtype if teacher is not None else None
         self.model_type = _unwrap(student).model_type
         if teacher is not None:
             teacher.eval()
@@ -52,7 +53,8 @@ class DistillationPair(MegatronModule):
             input_tensor, [self.student_hidden, self.teacher_hidden], dim=-1
         )
         _unwrap(self.student).set_input_tensor(student_part)
-        self.teacher.set_input_tensor(teacher_part.detach())
+        # The activation travels in the student's dtype; the teacher may compute in bf16.
+        self.teacher.set_input_tensor(teacher_part.detach().to(self.teacher_dtype))
 
     def forward(self, batch: Batch) -> torch.Tensor:
         student_out = causal_lm_forward(self.student, batch)
@@ -63,7 +65,7 @@ class DistillationPair(MegatronModule):
         if _unwrap(self.student).post_process:
             self.teacher_logits = teacher_out
             return student_out
-        return torch.cat([student_out, teacher_out], dim=-1)
+        return torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1)
 
     def adjust_tensor_shapes(self, recv_shapes: list, send_shapes: list) -> tuple[list, list]:
         """Widen the p2p shapes by the teacher's hidden size (for the 1F1B schedule)."""
