@@ -107,6 +107,7 @@ LAYOUTS = {
     "TP1 PP2": (2, ["parallel.pipeline_model_parallel_size=2"]),
     "TP2 PP2": (4, ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"]),
     "DP2": (2, []),
+    "DP2 distributed optimizer": (2, ["optimizer.use_distributed_optimizer=true"]),
     "micro-batch 1": (1, ["schedule.micro_batch_size=1"]),
     "micro-batch 4": (1, ["schedule.micro_batch_size=4"]),
 }
