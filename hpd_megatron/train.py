@@ -21,6 +21,13 @@ import torch
 import yaml
 from megatron.core import parallel_state
 
+from hpd_megatron.checkpoint.training_state import (
+    CheckpointError,
+    iteration_dir,
+    latest_step,
+    load_checkpoint,
+    save_checkpoint,
+)
 from hpd_megatron.checkpoint.weights import export_model_weights
 from hpd_megatron.config import ConfigError
 from hpd_megatron.data import DataError
@@ -53,7 +60,7 @@ def train(run: RunConfig) -> list[dict[str, float]]:
     # 2. Process groups, grid position, seeds.
     context = initialize_parallel(run.parallel, seed=run.seed, models=models_for_layout)
     data_parallel_size = context.layout.data_parallel_size
-    num_micro_batches = run.micro_batches_per_step(data_parallel_size)
+    run.micro_batches_per_step(data_parallel_size)  # the global batch must split evenly
     run_dir = Path(run.run_dir)
     is_logging_rank = context.rank == context.world_size - 1  # last stage: where the loss is
     if context.rank == 0:
@@ -71,10 +78,23 @@ def train(run: RunConfig) -> list[dict[str, float]]:
     optimizer, scheduler = build_optimizer(run, models.student)
     models.pair.train()
 
-    # 5. The loop.
+    # 5. Resume from the newest complete checkpoint of this run, if there is one.
+    checkpoint_dir = Path(run.checkpoint.dir or run_dir / "checkpoints")
+    first_step = 1
+    resumed_from = latest_step(checkpoint_dir)
+    if resumed_from is not None:
+        extra = load_checkpoint(checkpoint_dir, resumed_from, models.student.module, optimizer,
+                                scheduler)
+        feed.load_state_dict(extra["sampler"])
+        first_step = resumed_from + 1
+        if is_logging_rank:
+            print(f"resumed from {iteration_dir(checkpoint_dir, resumed_from)}", flush=True)
+
+    # 6. The loop.
     history: list[dict[str, float]] = []
     metrics_file = run_dir / "metrics.jsonl"
-    for step in range(1, run.schedule.train_steps + 1):
+    last_step = run.schedule.train_steps
+    for step in range(first_step, last_step + 1):
         start = time.perf_counter()
         micro_batches = feed.next_step()
         models.student.zero_grad_buffer()
@@ -107,7 +127,17 @@ def train(run: RunConfig) -> list[dict[str, float]]:
                 if step % run.logging.log_interval == 0 or step == run.schedule.train_steps:
                     print(_format_step(step, run.schedule.train_steps, metrics), flush=True)
 
-    # 6. The trained student, model-only, for evaluation, conversion or the next stage.
+        interval, exit_interval = run.checkpoint.save_interval, run.schedule.exit_interval
+        stop = bool(exit_interval) and step % exit_interval == 0 and step < last_step
+        if stop or (interval and (step % interval == 0 or step == last_step)):
+            save_checkpoint(checkpoint_dir, step, models.student.module, optimizer, scheduler,
+                            extra={"sampler": feed.state_dict(), "config": run.to_dict()},
+                            keep_last=run.checkpoint.keep_last)
+        if stop:
+            destroy_parallel()
+            return history
+
+    # 7. The trained student, model-only, for evaluation, conversion or the next stage.
     if run.checkpoint.export_dir:
         export_model_weights(models.student.module, run.checkpoint.export_dir)
     destroy_parallel()
@@ -136,7 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     try:
         train(load_run_config(args.config, args.overrides))
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, CheckpointError) as error:
         # Bad input: one line naming the file or key, not a traceback from every rank.
         sys.exit(f"error: {error}")
 

@@ -216,3 +216,63 @@ def test_command_line_reports_bad_input_in_one_line(prepared_data, tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'missing'}.json: no such file (write the dataset with tools/prepare_data.py)")
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- checkpoints and exact resume
+
+
+def _read_student(directory: str) -> dict[str, torch.Tensor]:
+    from hpd_megatron.checkpoint.weights import load_model_weights
+    from hpd_megatron.models.builder import build_gpt_model, transformer_config
+    from hpd_megatron.models.description import ModelDescription
+    from hpd_megatron.parallel.initialize import destroy_parallel, initialize_parallel
+    from hpd_megatron.parallel.layout import ParallelLayout
+
+    initialize_parallel(ParallelLayout(1, 1), seed=0)
+    description = ModelDescription.from_dict(STUDENT)
+    model = build_gpt_model(description, transformer_config(description))
+    load_model_weights(model, directory)
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()
+               if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    destroy_parallel()
+    return weights
+
+
+def test_stop_and_resume_continues_exactly_at_tp2_pp2(setup):
+    layout = ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
+              "schedule.train_steps=6"]
+    straight_dir, resumed_dir = setup["root"] / "straight", setup["root"] / "resumed"
+    straight = _logged(run_on_ranks(_train, 4, setup["recipe"], layout + [
+        f"run_dir={straight_dir}", f"checkpoint.export_dir={straight_dir / 'export'}"]))
+    resumed_run = layout + [f"run_dir={resumed_dir}", "checkpoint.save_interval=3",
+                            f"checkpoint.export_dir={resumed_dir / 'export'}"]
+    first = _logged(run_on_ranks(_train, 4, setup["recipe"], resumed_run + ["schedule.exit_interval=3"]))
+    assert [h["step"] for h in first] == [1, 2, 3]
+    assert (resumed_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "3\n"
+    assert not (resumed_dir / "export").exists(), "a stopped run exports nothing"
+    second = _logged(run_on_ranks(_train, 4, setup["recipe"], resumed_run))
+    assert [h["step"] for h in second] == [4, 5, 6]
+    for expected, got in zip(straight, first + second):
+        for key in ("loss", "cross_entropy", "grad_norm", "lr", "hpd/sample_differs"):
+            assert got[key] == expected[key], (got["step"], key, got[key], expected[key])
+    a = run_on_ranks(_read_student, 1, str(straight_dir / "export"))[0]
+    b = run_on_ranks(_read_student, 1, str(resumed_dir / "export"))[0]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "final weights differ"
+
+
+def test_tracker_problems_name_the_file(tmp_path):
+    from hpd_megatron.checkpoint.training_state import CheckpointError, latest_step
+
+    assert latest_step(tmp_path) is None
+    tracker = tmp_path / "latest_checkpointed_iteration.txt"
+    tracker.write_text("soon\n")
+    with pytest.raises(CheckpointError, match=f"{tracker}: expected a step number, found 'soon'"):
+        latest_step(tmp_path)
+    tracker.write_text("40\n")
+    with pytest.raises(CheckpointError, match=rf"{tracker}: names step 40 but {tmp_path}/iter_0000040 "
+                                              "is missing or incomplete"):
+        latest_step(tmp_path)
+    (tmp_path / "iter_0000040").mkdir()
+    (tmp_path / "iter_0000040" / "metadata.json").write_text("{}")
+    assert latest_step(tmp_path) == 40

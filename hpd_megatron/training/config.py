@@ -78,10 +78,19 @@ class ScheduleConfig:
     global_batch_size: int = 8
     """Sequences per optimizer step, over all micro-batches and data-parallel ranks."""
     micro_batch_size: int = 1
+    exit_interval: int = 0
+    """Save and stop after a step divisible by this (0: run to train_steps), as Megatron's
+    --exit-interval; the next launch resumes."""
 
 
 @dataclass
 class CheckpointConfig:
+    dir: Optional[str] = None
+    """Training checkpoints (iter_XXXXXXX/ + tracker); None: <run_dir>/checkpoints. A run
+    whose directory holds a complete checkpoint resumes from it."""
+    save_interval: int = 0
+    """Save every this many steps and at the end; 0: never."""
+    keep_last: int = 2
     export_dir: Optional[str] = None
     """Where the trained student's model-only weights go at the end (any TP/PP can load them)."""
 

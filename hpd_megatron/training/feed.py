@@ -16,8 +16,7 @@ class TrainingFeed:
     The index makes HPD's per-sequence sampling seed independent of the layout.
     """
 
-    def __init__(self, run: RunConfig, student: ModelDescription, dp_rank: int, dp_size: int,
-                 consumed_samples: int = 0) -> None:
+    def __init__(self, run: RunConfig, student: ModelDescription, dp_rank: int, dp_size: int) -> None:
         if not run.data.train:
             raise DataError("data.train: no prepared data given (the --output-prefix of tools/prepare_data.py)")
         self.dataset = DistillationDataset(run.data.train, run.data.seq_length, pack=run.data.pack)
@@ -30,8 +29,16 @@ class TrainingFeed:
             )
         self.sampler = DistributedBatchSampler(
             len(self.dataset), run.schedule.global_batch_size, run.schedule.micro_batch_size,
-            dp_rank, dp_size, run.seed, consumed_samples,
+            dp_rank, dp_size, run.seed,
         )
+        self._steps = iter(self.sampler)
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly after the steps a checkpoint had consumed."""
+        self.sampler.load_state_dict(state)
         self._steps = iter(self.sampler)
 
     def next_step(self) -> list[Batch]:
