@@ -28,6 +28,7 @@ from hpd_megatron.checkpoint.training_state import (
     load_checkpoint,
     save_checkpoint,
 )
+from hpd_megatron.checkpoint.signals import STOP_EXIT_CODE, StopRequested, StopSignals
 from hpd_megatron.checkpoint.weights import export_model_weights
 from hpd_megatron.config import ConfigError
 from hpd_megatron.data import DataError
@@ -94,6 +95,7 @@ def train(run: RunConfig) -> list[dict[str, float]]:
     history: list[dict[str, float]] = []
     metrics_file = run_dir / "metrics.jsonl"
     last_step = run.schedule.train_steps
+    stop_signals = StopSignals(run.checkpoint.stop_signals)
     for step in range(first_step, last_step + 1):
         start = time.perf_counter()
         micro_batches = feed.next_step()
@@ -128,18 +130,23 @@ def train(run: RunConfig) -> list[dict[str, float]]:
                     print(_format_step(step, run.schedule.train_steps, metrics), flush=True)
 
         interval, exit_interval = run.checkpoint.save_interval, run.schedule.exit_interval
-        stop = bool(exit_interval) and step % exit_interval == 0 and step < last_step
+        signalled = stop_signals.agreed() and step < last_step
+        stop = signalled or (bool(exit_interval) and step % exit_interval == 0 and step < last_step)
         if stop or (interval and (step % interval == 0 or step == last_step)):
             save_checkpoint(checkpoint_dir, step, models.student.module, optimizer, scheduler,
                             extra={"sampler": feed.state_dict(), "config": run.to_dict()},
                             keep_last=run.checkpoint.keep_last)
         if stop:
+            stop_signals.restore()
             destroy_parallel()
+            if signalled:
+                raise StopRequested(step)
             return history
 
     # 7. The trained student, model-only, for evaluation, conversion or the next stage.
     if run.checkpoint.export_dir:
         export_model_weights(models.student.module, run.checkpoint.export_dir)
+    stop_signals.restore()
     destroy_parallel()
     return history
 
@@ -169,6 +176,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except (ConfigError, DataError, CheckpointError) as error:
         # Bad input: one line naming the file or key, not a traceback from every rank.
         sys.exit(f"error: {error}")
+    except StopRequested as stopped:
+        print(stopped, flush=True)
+        sys.exit(STOP_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -276,3 +276,47 @@ def test_tracker_problems_name_the_file(tmp_path):
     (tmp_path / "iter_0000040").mkdir()
     (tmp_path / "iter_0000040" / "metadata.json").write_text("{}")
     assert latest_step(tmp_path) == 40
+
+
+def _train_until_signal(recipe: str, overrides: list[str], signal_during_step: int) -> dict:
+    """Rank 0 sends itself SIGTERM while fetching that step's data; all ranks must stop."""
+    import os
+    import signal
+
+    import hpd_megatron.train as trainer
+    from hpd_megatron.checkpoint.signals import StopRequested
+
+    fetch = trainer.TrainingFeed.next_step
+    calls = {"n": 0}
+
+    def fetch_and_signal(self):
+        calls["n"] += 1
+        if calls["n"] == signal_during_step and torch.distributed.get_rank() == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # a second one must change nothing
+        return fetch(self)
+
+    trainer.TrainingFeed.next_step = fetch_and_signal
+    try:
+        trainer.train(trainer.load_run_config(recipe, overrides))
+    except StopRequested as stopped:
+        return {"stopped_after": stopped.step}
+    return {"stopped_after": None}
+
+
+def test_sigterm_saves_at_the_step_boundary_and_resume_continues(setup):
+    run_dir = setup["root"] / "signalled"
+    overrides = ["schedule.train_steps=6", f"run_dir={run_dir}"]
+    outcome = run_on_ranks(_train_until_signal, 2, setup["recipe"],
+                           overrides + ["parallel.tensor_model_parallel_size=2"], 2)
+    assert [o["stopped_after"] for o in outcome] == [2, 2], "every rank stops after the same step"
+    assert (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "2\n"
+    resumed = _logged(run_on_ranks(_train, 1, setup["recipe"], overrides))
+    assert [h["step"] for h in resumed] == [3, 4, 5, 6]
+    straight = _logged(run_on_ranks(_train, 1, setup["recipe"], [
+        "schedule.train_steps=6", f"run_dir={setup['root'] / 'unsignalled'}"]))
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in logged] == [1, 2, 3, 4, 5, 6], "each step exactly once"
+    for expected, got in zip(straight, logged):
+        # Steps 1-2 ran at TP2, 3-6 resumed at TP1: the same sequence, to fp32 rounding.
+        assert got["loss"] == pytest.approx(expected["loss"], rel=1e-4), got["step"]

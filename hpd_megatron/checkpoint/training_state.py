@@ -65,15 +65,19 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _sharded_state(model: torch.nn.Module, optimizer: Any, is_loading: bool) -> dict[str, Any]:
+def _sharded_state(model: torch.nn.Module, optimizer: Any, is_loading: bool,
+                   with_rng: bool = True) -> dict[str, Any]:
     model_state = model.sharded_state_dict()
     rank, world = dist.get_rank(), dist.get_world_size()
-    return {
+    state = {
         "model": model_state,
         "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading),
-        # Every rank's generators differ (TP-rank seeds), so each keeps its own.
-        "rng": ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0),
+        "world_size": world,
     }
+    if with_rng:
+        # Every rank's generators differ (TP-rank seeds), so each keeps its own.
+        state["rng"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
+    return state
 
 
 def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: Any,
@@ -112,7 +116,12 @@ def load_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
                     scheduler: Any) -> dict[str, Any]:
     """Collectively restore the state saved after ``step``; returns its ``extra`` dict."""
     directory = iteration_dir(root, step)
-    template = _sharded_state(model, optimizer, is_loading=True)
+    saved_world = dist_checkpointing.load_common_state_dict(str(directory)).get("world_size")
+    # Per-rank RNG states only mean something on the same grid; on another layout the
+    # generators keep the seeds initialize_parallel derived (weights, optimizer state,
+    # schedule and data position still carry over exactly).
+    same_grid = saved_world == dist.get_world_size()
+    template = _sharded_state(model, optimizer, is_loading=True, with_rng=same_grid)
     try:
         state = dist_checkpointing.load(template, str(directory))
     except Exception as error:  # noqa: BLE001 - re-raised with the directory named
@@ -121,5 +130,6 @@ def load_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
+    if same_grid:
+        _set_rng_state(state["rng"])
     return state["extra"]

@@ -91,6 +91,8 @@ class CheckpointConfig:
     save_interval: int = 0
     """Save every this many steps and at the end; 0: never."""
     keep_last: int = 2
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """On any of these, all ranks save at the next step boundary and exit with code 75."""
     export_dir: Optional[str] = None
     """Where the trained student's model-only weights go at the end (any TP/PP can load them)."""
 
