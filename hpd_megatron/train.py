@@ -38,6 +38,7 @@ from hpd_megatron.training.components import (
     build_models,
     build_optimizer,
     check_shared_vocabulary,
+    gradients_are_finite,
     make_forward_step,
     reduce_reports,
 )
@@ -96,6 +97,7 @@ def train(run: RunConfig) -> list[dict[str, float]]:
     metrics_file = run_dir / "metrics.jsonl"
     last_step = run.schedule.train_steps
     stop_signals = StopSignals(run.checkpoint.stop_signals)
+    skipped_steps = consecutive_nonfinite = 0
     for step in range(first_step, last_step + 1):
         start = time.perf_counter()
         micro_batches = feed.next_step()
@@ -106,7 +108,13 @@ def train(run: RunConfig) -> list[dict[str, float]]:
             seq_length=run.data.seq_length, micro_batch_size=run.schedule.micro_batch_size,
             adjust_tensor_shapes_fn=models.pair.adjust_tensor_shapes,
         )
-        updated, grad_norm, _ = optimizer.step()
+        if gradients_are_finite(models.student):
+            updated, grad_norm, _ = optimizer.step()
+            consecutive_nonfinite = 0
+        else:
+            updated, grad_norm = False, float("nan")
+            skipped_steps += 1
+            consecutive_nonfinite += 1
         if updated:
             scheduler.step(increment=1)
         elapsed = time.perf_counter() - start
@@ -121,6 +129,7 @@ def train(run: RunConfig) -> list[dict[str, float]]:
                 tokens_per_s=tokens / elapsed,
                 supervised_tokens=tokens,
                 peak_memory_gb=_peak_memory_gb(),
+                skipped_steps=skipped_steps,
             )
             if is_logging_rank:
                 history.append({"step": step, **metrics})
@@ -128,6 +137,15 @@ def train(run: RunConfig) -> list[dict[str, float]]:
                     out.write(json.dumps({"step": step, **metrics}) + "\n")
                 if step % run.logging.log_interval == 0 or step == run.schedule.train_steps:
                     print(_format_step(step, run.schedule.train_steps, metrics), flush=True)
+
+        if consecutive_nonfinite >= run.optimizer.max_consecutive_nonfinite:
+            stop_signals.restore()
+            destroy_parallel()
+            raise NonFiniteTraining(
+                f"steps {step - consecutive_nonfinite + 1}..{step}: loss or gradients not finite "
+                f"{consecutive_nonfinite} times in a row (optimizer.max_consecutive_nonfinite); "
+                f"the last checkpoint in {checkpoint_dir} is intact"
+            )
 
         interval, exit_interval = run.checkpoint.save_interval, run.schedule.exit_interval
         signalled = stop_signals.agreed() and step < last_step
@@ -149,6 +167,10 @@ def train(run: RunConfig) -> list[dict[str, float]]:
     stop_signals.restore()
     destroy_parallel()
     return history
+
+
+class NonFiniteTraining(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
 
 
 def _peak_memory_gb() -> float:
@@ -173,7 +195,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     try:
         train(load_run_config(args.config, args.overrides))
-    except (ConfigError, DataError, CheckpointError) as error:
+    except (ConfigError, DataError, CheckpointError, NonFiniteTraining) as error:
         # Bad input: one line naming the file or key, not a traceback from every rank.
         sys.exit(f"error: {error}")
     except StopRequested as stopped:

@@ -320,3 +320,43 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_continues(setup):
     for expected, got in zip(straight, logged):
         # Steps 1-2 ran at TP2, 3-6 resumed at TP1: the same sequence, to fp32 rounding.
         assert got["loss"] == pytest.approx(expected["loss"], rel=1e-4), got["step"]
+
+
+def _train_with_nan_steps(recipe: str, overrides: list[str], nan_steps: list[int]) -> dict:
+    """Make the loss NaN in the given steps (2 micro-batches a step in this recipe)."""
+    import hpd_megatron.train as trainer
+    import hpd_megatron.training.components as components
+
+    loss_fn = components.distillation_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss, diagnostics = loss_fn(*args, **kwargs)
+        if (calls["n"] + 1) // 2 in nan_steps:
+            loss = loss * float("nan")
+        return loss, diagnostics
+
+    components.distillation_loss = poisoned
+    try:
+        return {"history": trainer.train(trainer.load_run_config(recipe, overrides)), "error": None}
+    except trainer.NonFiniteTraining as error:
+        return {"history": None, "error": str(error)}
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(setup):
+    root = setup["root"]
+    clean = _logged(run_on_ranks(_train, 1, setup["recipe"], [f"run_dir={root / 'finite'}"]))
+    skipped = run_on_ranks(_train_with_nan_steps, 1, setup["recipe"],
+                           [f"run_dir={root / 'one_nan'}"], [2])[0]["history"]
+    assert [h["skipped_steps"] for h in skipped] == [0, 1, 1]
+    assert skipped[0]["loss"] == clean[0]["loss"]
+    # The skipped step 2 did not advance the schedule: step 3 runs at the clean run's step-2 lr.
+    assert skipped[2]["lr"] == clean[1]["lr"], "a skipped step does not advance the LR schedule"
+    failed = run_on_ranks(_train_with_nan_steps, 1, setup["recipe"],
+                          [f"run_dir={root / 'nans'}", "optimizer.max_consecutive_nonfinite=2",
+                           "checkpoint.save_interval=1"], [2, 3])[0]
+    assert failed["error"].startswith("steps 2..3: loss or gradients not finite 2 times in a row")
+    # Step 2 was skipped, so its checkpoint holds good (step-1) weights; the failing step 3
+    # saves nothing.
+    assert (root / "nans" / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "2\n"

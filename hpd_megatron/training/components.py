@@ -166,6 +166,19 @@ def make_forward_step(run: RunConfig, models: Models, step: int) -> Callable:
     return forward_step
 
 
+def gradients_are_finite(student: DistributedDataParallel) -> bool:
+    """Collective: True when every rank's reduced gradients are finite.
+
+    Checked before the optimizer step (one pass over the flat gradient buffers), because
+    Megatron's fp32 and bf16 optimizers would apply a NaN update.
+    """
+    local_bad = any(not bool(torch.isfinite(buffer.grad_data).all()) for buffer in student.buffers)
+    flag = torch.tensor([1.0 if local_bad else 0.0],
+                        device=student.buffers[0].grad_data.device if student.buffers else "cpu")
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
 def reduce_reports(reports: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """Token means over every micro-batch and data-parallel replica (on the last stage)."""
     if not reports:

@@ -68,6 +68,9 @@ class OptimizerConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     use_distributed_optimizer: bool = False
+    max_consecutive_nonfinite: int = 3
+    """A step whose loss or gradients are not finite is skipped (and counted); this many in a
+    row stop the run, leaving the last checkpoint as it was."""
 
 
 @dataclass
