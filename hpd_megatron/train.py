@@ -33,7 +33,8 @@ from hpd_megatron.checkpoint.weights import export_model_weights
 from hpd_megatron.config import ConfigError
 from hpd_megatron.data import DataError
 from hpd_megatron.data.files import staged_files
-from hpd_megatron.parallel.initialize import destroy_parallel, initialize_parallel
+from hpd_megatron.models.description import ModelDescription
+from hpd_megatron.parallel.initialize import ParallelContext, destroy_parallel, initialize_parallel
 from hpd_megatron.training.components import (
     build_models,
     build_optimizer,
@@ -61,6 +62,18 @@ def train(run: RunConfig) -> list[dict[str, float]]:
 
     # 2. Process groups, grid position, seeds.
     context = initialize_parallel(run.parallel, seed=run.seed, models=models_for_layout)
+    try:
+        with StopSignals(run.checkpoint.stop_signals) as stop_signals:
+            return _train_on_this_rank(run, context, student_description, teacher_description,
+                                       stop_signals)
+    finally:
+        destroy_parallel()  # on success, a stop, or an error alike
+
+
+def _train_on_this_rank(run: RunConfig, context: ParallelContext,
+                        student_description: ModelDescription,
+                        teacher_description: Optional[ModelDescription],
+                        stop_signals: StopSignals) -> list[dict[str, float]]:
     data_parallel_size = context.layout.data_parallel_size
     run.micro_batches_per_step(data_parallel_size)  # the global batch must split evenly
     run_dir = Path(run.run_dir)
@@ -76,27 +89,27 @@ def train(run: RunConfig) -> list[dict[str, float]]:
                         dp_size=data_parallel_size)
 
     # 4. Student (trainable, DDP) and teacher (frozen) stages; optimizer and LR schedule.
-    models = build_models(run, student_description, teacher_description)
+    #    A run whose checkpoint directory holds a complete save resumes from it; otherwise
+    #    the student starts from checkpoint.load (or a random initialisation).
+    checkpoint_dir = Path(run.checkpoint.dir or run_dir / "checkpoints")
+    resumed_from = latest_step(checkpoint_dir)
+    models = build_models(run, student_description, teacher_description,
+                          resuming=resumed_from is not None)
     optimizer, scheduler = build_optimizer(run, models.student)
     models.pair.train()
-
-    # 5. Resume from the newest complete checkpoint of this run, if there is one.
-    checkpoint_dir = Path(run.checkpoint.dir or run_dir / "checkpoints")
     first_step = 1
-    resumed_from = latest_step(checkpoint_dir)
     if resumed_from is not None:
         extra = load_checkpoint(checkpoint_dir, resumed_from, models.student.module, optimizer,
-                                scheduler)
+                                scheduler, load_optimizer=run.checkpoint.load_optimizer)
         feed.load_state_dict(extra["sampler"])
         first_step = resumed_from + 1
         if is_logging_rank:
             print(f"resumed from {iteration_dir(checkpoint_dir, resumed_from)}", flush=True)
 
-    # 6. The loop.
+    # 5. The loop.
     history: list[dict[str, float]] = []
     metrics_file = run_dir / "metrics.jsonl"
     last_step = run.schedule.train_steps
-    stop_signals = StopSignals(run.checkpoint.stop_signals)
     skipped_steps = consecutive_nonfinite = 0
     for step in range(first_step, last_step + 1):
         start = time.perf_counter()
@@ -139,8 +152,6 @@ def train(run: RunConfig) -> list[dict[str, float]]:
                     print(_format_step(step, run.schedule.train_steps, metrics), flush=True)
 
         if consecutive_nonfinite >= run.optimizer.max_consecutive_nonfinite:
-            stop_signals.restore()
-            destroy_parallel()
             raise NonFiniteTraining(
                 f"steps {step - consecutive_nonfinite + 1}..{step}: loss or gradients not finite "
                 f"{consecutive_nonfinite} times in a row (optimizer.max_consecutive_nonfinite); "
@@ -153,19 +164,17 @@ def train(run: RunConfig) -> list[dict[str, float]]:
         if stop or (interval and (step % interval == 0 or step == last_step)):
             save_checkpoint(checkpoint_dir, step, models.student.module, optimizer, scheduler,
                             extra={"sampler": feed.state_dict(), "config": run.to_dict()},
-                            keep_last=run.checkpoint.keep_last)
+                            keep_last=run.checkpoint.keep_last,
+                            optimizer_format=run.checkpoint.optimizer_format)
+        if signalled:
+            raise StopRequested(step)
         if stop:
-            stop_signals.restore()
-            destroy_parallel()
-            if signalled:
-                raise StopRequested(step)
             return history
 
-    # 7. The trained student, model-only, for evaluation, conversion or the next stage.
+    # 6. The trained student, model-only, for evaluation, conversion or the next stage.
     if run.checkpoint.export_dir:
-        export_model_weights(models.student.module, run.checkpoint.export_dir)
-    stop_signals.restore()
-    destroy_parallel()
+        export_model_weights(models.student.module, run.checkpoint.export_dir,
+                             description=student_description, hf_files_from=run.checkpoint.load)
     return history
 
 

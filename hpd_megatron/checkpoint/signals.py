@@ -12,10 +12,8 @@ from __future__ import annotations
 import signal
 from typing import Sequence
 
-import torch
-import torch.distributed as dist
-
 from hpd_megatron.config import ConfigError
+from hpd_megatron.parallel.collectives import any_rank
 
 # EX_TEMPFAIL: "try again later". The Slurm templates requeue the job on this code.
 STOP_EXIT_CODE = 75
@@ -44,12 +42,14 @@ class StopSignals:
 
     def agreed(self) -> bool:
         """Collective: True on every rank if any rank received a stop signal."""
-        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
-        if dist.get_backend() == "nccl":
-            flag = flag.cuda()
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.received)
 
     def restore(self) -> None:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
+
+    def __enter__(self) -> "StopSignals":
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.restore()

@@ -23,11 +23,9 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from hpd_megatron.checkpoint.verify import CheckpointError, check_shapes, read_index
+
 TRACKER = "latest_checkpointed_iteration.txt"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not match the model."""
 
 
 def iteration_dir(root: str | Path, step: int) -> Path:
@@ -65,15 +63,63 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _sharded_state(model: torch.nn.Module, optimizer: Any, is_loading: bool,
-                   with_rng: bool = True) -> dict[str, Any]:
+def _grid() -> list[int]:
+    return [parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_data_parallel_world_size()]
+
+
+def _uses_distributed_optimizer(optimizer: Any) -> bool:
+    # Megatron wraps the optimizer of each model chunk; the chunks share one setting.
+    chunks = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(type(chunk).__name__ == "DistributedOptimizer" for chunk in chunks)
+
+
+def _materialise_distributed_optimizer_state(optimizer: Any) -> None:
+    """Give a fresh distributed optimizer the state entries a checkpoint is loaded into.
+
+    Without Apex or TE (CPU), Megatron's DistributedOptimizer reads the step count from
+    torch's per-parameter state, which does not exist before the first step. Its own
+    helper takes one step with zero gradients; everything it touches (weights, moments,
+    step) is overwritten by the load that follows.
+    """
+    for chunk in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if type(chunk).__name__ == "DistributedOptimizer" and not chunk.optimizer.state:
+            chunk._init_optimizer_states_with_dummy_values()
+
+
+def _load_optimizer_state(optimizer: Any, state: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict``, around a gap of Megatron's torch-AdamW fallback.
+
+    Without Apex or TE, torch's AdamW keeps a per-parameter ``step`` that Megatron's
+    fully_reshardable loader copies into but never provides. The step comes from the
+    param groups anyway, so it is set aside while the moments and master weights load.
+    """
+    chunks = getattr(optimizer, "chained_optimizers", [optimizer])
+    if not (len(chunks) == 1 and state.get("param_state_sharding_type") == "fully_reshardable"):
+        optimizer.load_state_dict(state)
+        return
+    chunk, param_state = chunks[0], state.pop("param_state")
+    chunk.load_state_dict(state)  # param groups, step, scheduler-free parts
+    steps = {param: entry.pop("step") for param, entry in chunk.optimizer.state.items()
+             if "step" in entry}
+    chunk.load_parameter_state_from_fully_reshardable(param_state)
+    for param, step in steps.items():
+        chunk.optimizer.state[param]["step"] = step
+
+
+def _sharded_state(model: torch.nn.Module, optimizer: Optional[Any], is_loading: bool,
+                   optimizer_format: str, with_rng: bool = True) -> dict[str, Any]:
     model_state = model.sharded_state_dict()
     rank, world = dist.get_rank(), dist.get_world_size()
-    state = {
-        "model": model_state,
-        "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading),
-        "world_size": world,
-    }
+    state: dict[str, Any] = {"model": model_state}
+    if optimizer is not None:
+        if is_loading:
+            _materialise_distributed_optimizer_state(optimizer)
+        # The format only concerns the distributed optimizer; the plain one ignores it.
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_state, is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": optimizer_format})
     if with_rng:
         # Every rank's generators differ (TP-rank seeds), so each keeps its own.
         state["rng"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
@@ -81,8 +127,15 @@ def _sharded_state(model: torch.nn.Module, optimizer: Any, is_loading: bool,
 
 
 def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: Any,
-                    scheduler: Any, extra: dict[str, Any], keep_last: int = 2) -> Path:
-    """Collectively save the state after ``step``; returns the iteration directory."""
+                    scheduler: Any, extra: dict[str, Any], keep_last: int = 2,
+                    optimizer_format: str = "dp_reshardable") -> Path:
+    """Collectively save the state after ``step``; returns the iteration directory.
+
+    ``optimizer_format`` is Megatron's sharding type for the distributed optimizer:
+    ``dp_reshardable`` writes each rank's buffers as they are (fully parallel; resumes at
+    another DP size only), ``fully_reshardable`` gathers each TP x PP shard's state on its
+    DP rank 0 into per-parameter tensors (slower, more memory; resumes at any layout).
+    """
     root = Path(root)
     final = iteration_dir(root, step)
     partial = final.with_name(final.name + ".partial")
@@ -92,9 +145,11 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
             shutil.rmtree(partial)
         partial.mkdir()
     dist.barrier()
-    state = _sharded_state(model, optimizer, is_loading=False)
+    state = _sharded_state(model, optimizer, is_loading=False, optimizer_format=optimizer_format)
     # Plain (non-sharded) entries are written once, by rank 0, into common.pt.
-    state.update(step=step, scheduler=scheduler.state_dict(), extra=extra)
+    state.update(step=step, scheduler=scheduler.state_dict(), extra=extra, grid=_grid(),
+                 distributed_optimizer=_uses_distributed_optimizer(optimizer),
+                 optimizer_format=optimizer_format)
     dist_checkpointing.save(state, str(partial))
     dist.barrier()
     if dist.get_rank() == 0:
@@ -113,23 +168,53 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
 
 
 def load_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: Any,
-                    scheduler: Any) -> dict[str, Any]:
-    """Collectively restore the state saved after ``step``; returns its ``extra`` dict."""
+                    scheduler: Any, load_optimizer: bool = True) -> dict[str, Any]:
+    """Collectively restore the state saved after ``step``; returns its ``extra`` dict.
+
+    Weights, schedule and data position load at any TP/PP/DP. The optimizer's moments
+    load at any layout when the optimizer kind is the same, except that the distributed
+    optimizer's ``dp_reshardable`` format needs the same TP x PP; with
+    ``load_optimizer=False`` they start from zero instead.
+    """
     directory = iteration_dir(root, step)
-    saved_world = dist_checkpointing.load_common_state_dict(str(directory)).get("world_size")
+    index = read_index(directory)
+    common = dist_checkpointing.load_common_state_dict(str(directory))
+    saved_distributed = common.get("distributed_optimizer")
+    if load_optimizer and saved_distributed != _uses_distributed_optimizer(optimizer):
+        raise CheckpointError(
+            f"{directory}: the optimizer state was saved with optimizer.use_distributed_optimizer="
+            f"{str(saved_distributed).lower()}; resume with that setting, or set "
+            "checkpoint.load_optimizer=false to keep the weights, schedule and data position "
+            "and restart the Adam moments from zero"
+        )
+    saved_format, saved_grid = common.get("optimizer_format"), common.get("grid")
+    if (load_optimizer and saved_distributed and saved_format == "dp_reshardable"
+            and saved_grid[:2] != _grid()[:2]):
+        raise CheckpointError(
+            f"{directory}: the distributed optimizer's state was saved in the dp_reshardable "
+            f"format at TP{saved_grid[0]} PP{saved_grid[1]} and cannot be resharded to "
+            f"TP{_grid()[0]} PP{_grid()[1]}; resume at that TP x PP (any DP), or set "
+            "checkpoint.load_optimizer=false to restart the Adam moments from zero "
+            "(save with checkpoint.optimizer_format=fully_reshardable to avoid this)"
+        )
     # Per-rank RNG states only mean something on the same grid; on another layout the
-    # generators keep the seeds initialize_parallel derived (weights, optimizer state,
-    # schedule and data position still carry over exactly).
-    same_grid = saved_world == dist.get_world_size()
-    template = _sharded_state(model, optimizer, is_loading=True, with_rng=same_grid)
+    # generators keep the seeds initialize_parallel derived.
+    same_grid = saved_grid == _grid()
+    template = _sharded_state(model, optimizer if load_optimizer else None, is_loading=True,
+                              optimizer_format=saved_format, with_rng=same_grid)
+    check_shapes(directory, template, index)
     try:
         state = dist_checkpointing.load(template, str(directory))
     except Exception as error:  # noqa: BLE001 - re-raised with the directory named
         raise CheckpointError(f"{directory}: cannot be loaded into this model "
                               f"({type(error).__name__}: {error})") from error
     model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    if load_optimizer:
+        # Some of Megatron's loaders copy into fp32 master weights (leaves that require
+        # grad) without no_grad themselves.
+        with torch.no_grad():
+            _load_optimizer_state(optimizer, state["optimizer"])
+    scheduler.load_state_dict(common["scheduler"])
     if same_grid:
         _set_rng_state(state["rng"])
-    return state["extra"]
+    return common["extra"]

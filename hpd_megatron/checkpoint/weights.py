@@ -3,15 +3,29 @@
 dist_checkpointing stores each tensor with its global shape and how this rank's piece
 maps into it, so weights saved at one TP/PP layout load at any other: this is the
 engine's own resharding, and every checkpoint in the project goes through it.
+
+A model-only checkpoint directory may also hold ``model.yaml`` (the ModelDescription)
+and ``hf/`` (the Hugging Face config and tokenizer it was converted from), which the
+converter back to Hugging Face reads.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch
+import torch.distributed as dist
+import yaml
 from megatron.core import dist_checkpointing
+
+from hpd_megatron.checkpoint.training_state import TRACKER, iteration_dir, latest_step
+from hpd_megatron.checkpoint.verify import CheckpointError, check_shapes, read_index
+from hpd_megatron.models.description import ModelDescription
+
+HF_FILES = "hf"
 
 
 def save_model_weights(model: torch.nn.Module, directory: str | Path) -> None:
@@ -21,15 +35,15 @@ def save_model_weights(model: torch.nn.Module, directory: str | Path) -> None:
     dist_checkpointing.save(model.sharded_state_dict(), str(directory))
 
 
-def export_model_weights(model: torch.nn.Module, directory: str | Path) -> None:
+def export_model_weights(model: torch.nn.Module, directory: str | Path,
+                         description: Optional[ModelDescription] = None,
+                         hf_files_from: Optional[str | Path] = None) -> None:
     """Save into ``directory`` all or nothing: write beside it, then rename (all ranks call it).
 
-    An existing export is replaced only once the new one is complete.
+    ``description`` is written as ``model.yaml``; ``hf_files_from`` names a checkpoint whose
+    ``hf/`` folder is carried over (for the way back to Hugging Face). An existing export
+    is replaced only once the new one is complete.
     """
-    import shutil
-
-    import torch.distributed as dist
-
     directory = Path(directory)
     partial = directory.with_name(directory.name + ".partial")
     if dist.get_rank() == 0 and partial.exists():
@@ -38,6 +52,10 @@ def export_model_weights(model: torch.nn.Module, directory: str | Path) -> None:
     save_model_weights(model, partial)
     dist.barrier()
     if dist.get_rank() == 0:
+        if description is not None:
+            (partial / "model.yaml").write_text(yaml.safe_dump(description.to_dict(), sort_keys=False))
+        if hf_files_from is not None and (Path(hf_files_from) / HF_FILES).is_dir():
+            shutil.copytree(Path(hf_files_from) / HF_FILES, partial / HF_FILES)
         previous = directory.with_name(directory.name + ".previous")
         if directory.exists():
             os.replace(directory, previous)
@@ -47,10 +65,30 @@ def export_model_weights(model: torch.nn.Module, directory: str | Path) -> None:
     dist.barrier()
 
 
-def load_model_weights(model: torch.nn.Module, directory: str | Path) -> None:
-    """Collectively load weights saved at any layout into this rank's stage."""
-    directory = Path(directory)
-    if not (directory / "metadata.json").is_file():
-        raise FileNotFoundError(f"{directory}: not a Megatron-Core distributed checkpoint (no metadata.json)")
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(directory))
+def weights_directory(path: str | Path) -> Path:
+    """The dist checkpoint a path names: itself, or a training run's latest iteration."""
+    path = Path(path)
+    if (path / TRACKER).is_file():
+        return iteration_dir(path, latest_step(path))
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    return path
+
+
+def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Collectively load weights saved at any layout into this rank's stage.
+
+    ``path`` is a model-only checkpoint (a conversion or an export), a training checkpoint's
+    ``iter_XXXXXXX`` directory, or a training checkpoint root (its latest iteration).
+    """
+    directory = weights_directory(path)
+    index = read_index(directory)
+    template = model.sharded_state_dict()
+    check_shapes(directory, template, index)
+    # A training checkpoint nests the weights under "model" beside its plain entries.
+    is_training_checkpoint = "step" in dist_checkpointing.load_common_state_dict(str(directory))
+    if is_training_checkpoint:
+        state = dist_checkpointing.load({"model": template}, str(directory))["model"]
+    else:
+        state = dist_checkpointing.load(template, str(directory))
     model.load_state_dict(state)

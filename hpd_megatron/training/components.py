@@ -15,9 +15,11 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from hpd_megatron.checkpoint.weights import load_model_weights
+from hpd_megatron.config import ConfigError
 from hpd_megatron.losses import distillation_loss
 from hpd_megatron.models.builder import build_gpt_model, transformer_config
 from hpd_megatron.models.description import ModelDescription
+from hpd_megatron.parallel.collectives import any_rank
 from hpd_megatron.training.config import RunConfig
 from hpd_megatron.training.pair import DistillationPair
 from hpd_megatron.training.schedule import Batch
@@ -36,15 +38,18 @@ class Models:
 def check_shared_vocabulary(student: ModelDescription, teacher: Optional[ModelDescription]) -> None:
     """Teacher and student must share token ids: HPD compares them position by position."""
     if teacher is not None and teacher.vocab_size != student.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"teacher.model.vocab_size {teacher.vocab_size} != student.model.vocab_size "
             f"{student.vocab_size}: teacher and student must share one tokenizer"
         )
 
 
 def build_models(run: RunConfig, student_description: ModelDescription,
-                 teacher_description: Optional[ModelDescription]) -> Models:
-    """Student (DDP-wrapped, trainable) and frozen teacher stages on this rank's grid position."""
+                 teacher_description: Optional[ModelDescription], resuming: bool = False) -> Models:
+    """Student (DDP-wrapped, trainable) and frozen teacher stages on this rank's grid position.
+
+    The student starts from ``checkpoint.load`` unless the run is ``resuming`` from its own
+    checkpoint (which is loaded afterwards, with the optimizer)."""
     dtype = DTYPES[run.params_dtype]
     student_config = transformer_config(
         student_description, params_dtype=dtype,
@@ -53,8 +58,8 @@ def build_models(run: RunConfig, student_description: ModelDescription,
         calculate_per_token_loss=True,
     )
     student = build_gpt_model(student_description, student_config)
-    if run.student.checkpoint:
-        load_model_weights(student, run.student.checkpoint)
+    if run.checkpoint.load and not resuming:
+        load_model_weights(student, run.checkpoint.load)
     teacher = None
     if teacher_description is not None:
         # A frozen teacher needs no fp32 master weights: bf16 on GPUs halves its memory.
@@ -173,10 +178,7 @@ def gradients_are_finite(student: DistributedDataParallel) -> bool:
     Megatron's fp32 and bf16 optimizers would apply a NaN update.
     """
     local_bad = any(not bool(torch.isfinite(buffer.grad_data).all()) for buffer in student.buffers)
-    flag = torch.tensor([1.0 if local_bad else 0.0],
-                        device=student.buffers[0].grad_data.device if student.buffers else "cpu")
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return flag.item() == 0.0
+    return not any_rank(local_bad)
 
 
 def reduce_reports(reports: list[dict[str, torch.Tensor]]) -> dict[str, float]:

@@ -30,7 +30,8 @@ class ModelSource:
     model: Any
     """Path to a ModelDescription YAML, or the description inline as a mapping."""
     checkpoint: Optional[str] = None
-    """A model-only distributed checkpoint (any TP/PP) to start from; None: random init."""
+    """The teacher's weights: a model-only distributed checkpoint (any TP/PP). The student
+    starts from ``checkpoint.load`` instead."""
 
     def description(self, where: str) -> ModelDescription:
         if isinstance(self.model, str):
@@ -96,8 +97,20 @@ class CheckpointConfig:
     keep_last: int = 2
     stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     """On any of these, all ranks save at the next step boundary and exit with code 75."""
+    load: Optional[str] = None
+    """The student's starting weights when the run has no checkpoint of its own yet: a
+    converted or exported model-only checkpoint, or another run's training checkpoint
+    (weights only, as Megatron's --finetune). None: random initialisation."""
+    load_optimizer: bool = True
+    """Resume the Adam moments too. False keeps weights, schedule and data position and
+    restarts the moments (e.g. to switch optimizer.use_distributed_optimizer mid-run)."""
+    optimizer_format: str = "dp_reshardable"
+    """How the distributed optimizer's state is saved (Megatron's sharding types):
+    dp_reshardable (fully parallel; resumes at the same TP x PP, any DP) or
+    fully_reshardable (gathered per TP x PP shard; resumes at any layout)."""
     export_dir: Optional[str] = None
-    """Where the trained student's model-only weights go at the end (any TP/PP can load them)."""
+    """Where the trained student's model-only weights go at the end (any TP/PP can load
+    them), with model.yaml and the hf/ files of checkpoint.load when it has them."""
 
 
 @dataclass
@@ -124,6 +137,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         # Parse the model descriptions now, so their errors come with the recipe's.
         self.student.description("student")
+        if self.student.checkpoint is not None:
+            raise ConfigError("student.checkpoint: the student's starting weights are "
+                              "checkpoint.load (the teacher's are teacher.checkpoint)")
         if self.teacher is not None:
             self.teacher.description("teacher")
         if self.loss.method not in LOSS_METHODS:
@@ -133,6 +149,9 @@ class RunConfig:
         if self.loss.method != "sft" and self.teacher is None:
             # The reference code silently distils the student into itself here.
             raise ConfigError(f"teacher: loss.method {self.loss.method!r} needs a teacher")
+        if self.checkpoint.optimizer_format not in ("dp_reshardable", "fully_reshardable"):
+            raise ConfigError(f"checkpoint.optimizer_format: expected dp_reshardable or "
+                              f"fully_reshardable, got {self.checkpoint.optimizer_format!r}")
         if self.params_dtype not in ("fp32", "bf16"):
             raise ConfigError(f"params_dtype: expected fp32 or bf16, got {self.params_dtype!r}")
         if self.schedule.decay_style not in ("cosine", "linear", "constant"):

@@ -1,0 +1,45 @@
+"""Fixtures shared by the trainer and checkpoint tests (built once per module that uses them)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tests.multiprocess import run_on_ranks
+from tests.training_runs import SEQ, STEPS, STUDENT, TEACHER, save_initial_weights
+
+
+@pytest.fixture(scope="module")
+def prepared_data(tmp_path_factory) -> str:
+    """The arithmetic task, a SentencePiece tokenizer trained on it, and its indexed data."""
+    from hpd_megatron.data import prepare
+    from hpd_megatron.data.arithmetic import write_task
+
+    root = tmp_path_factory.mktemp("data")
+    write_task(root, num_train=64, num_test=8, seed=0, max_digits=2,
+               tokenizer_vocab_size=STUDENT["vocab_size"])
+    prefix = root / "train"
+    prepare(root / "train.jsonl", root / "tokenizer.model", prefix, seq_length=SEQ, log=lambda *_: None)
+    return str(prefix)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, prepared_data) -> dict:
+    root = tmp_path_factory.mktemp("trainer")
+    run_on_ranks(save_initial_weights, 1, str(root / "init"))
+    recipe = root / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "run_dir": str(root / "run"),
+        "seed": 7,
+        "student": {"model": STUDENT},
+        "teacher": {"model": TEACHER, "checkpoint": str(root / "init" / "teacher")},
+        "checkpoint": {"load": str(root / "init" / "student")},
+        "data": {"train": prepared_data, "seq_length": SEQ},
+        "loss": {"method": "hpd"},
+        "optimizer": {"lr": 2.0e-3, "weight_decay": 0.0},
+        "schedule": {"train_steps": STEPS, "warmup_steps": 1, "global_batch_size": 4,
+                     "micro_batch_size": 2},
+    }))
+    return {"root": root, "recipe": str(recipe)}
+
+

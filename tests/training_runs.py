@@ -1,0 +1,80 @@
+"""Shared pieces of the trainer and checkpoint tests: tiny models, initial weights, a run body.
+
+All runs start from the same initial weights (saved once at TP1 PP1 and loaded through
+dist_checkpointing) and read the same prepared data; only the layout changes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+STEPS = 3
+SEQ = 96
+STUDENT = dict(family="llama", num_layers=2, hidden_size=64, num_attention_heads=4,
+               num_query_groups=2, ffn_hidden_size=128, vocab_size=128)
+TEACHER = dict(family="qwen2", num_layers=4, hidden_size=96, num_attention_heads=4,
+               num_query_groups=2, ffn_hidden_size=192, vocab_size=128)
+
+
+def save_initial_weights(directory: str) -> None:
+    from hpd_megatron.checkpoint.weights import save_model_weights
+    from hpd_megatron.models.builder import build_gpt_model, transformer_config
+    from hpd_megatron.models.description import ModelDescription
+    from hpd_megatron.parallel.initialize import destroy_parallel, initialize_parallel
+    from hpd_megatron.parallel.layout import ParallelLayout
+
+    initialize_parallel(ParallelLayout(1, 1), seed=3)
+    for name, kwargs in (("student", STUDENT), ("teacher", TEACHER)):
+        description = ModelDescription.from_dict(kwargs)
+        save_model_weights(build_gpt_model(description, transformer_config(description)),
+                           Path(directory) / name)
+    destroy_parallel()
+
+
+def train_on_rank(recipe: str, overrides: list[str]) -> dict:
+    """Train on this rank; also report whether the teacher's weights stayed bit-identical."""
+    import hpd_megatron.train as trainer
+
+    captured = {}
+    build_models = trainer.build_models
+
+    def build_and_capture(*args, **kwargs):
+        models = build_models(*args, **kwargs)
+        captured["models"] = models
+        captured["teacher_before"] = {k: v.detach().clone()
+                                      for k, v in models.pair.teacher.state_dict().items()
+                                      if isinstance(v, torch.Tensor)}
+        return models
+
+    trainer.build_models = build_and_capture
+    history = trainer.train(trainer.load_run_config(recipe, overrides))
+    after = {k: v for k, v in captured["models"].pair.teacher.state_dict().items()
+             if isinstance(v, torch.Tensor)}
+    unchanged = all(torch.equal(after[k], v) for k, v in captured["teacher_before"].items())
+    return {"history": history, "teacher_unchanged": unchanged}
+
+
+def logged(results: list[dict]) -> list[dict]:
+    histories = [r["history"] for r in results if r["history"]]
+    assert len(histories) == 1, "exactly one rank logs"
+    assert all(r["teacher_unchanged"] for r in results)
+    return histories[0]
+
+
+def read_student(directory: str) -> dict[str, torch.Tensor]:
+    from hpd_megatron.checkpoint.weights import load_model_weights
+    from hpd_megatron.models.builder import build_gpt_model, transformer_config
+    from hpd_megatron.models.description import ModelDescription
+    from hpd_megatron.parallel.initialize import destroy_parallel, initialize_parallel
+    from hpd_megatron.parallel.layout import ParallelLayout
+
+    initialize_parallel(ParallelLayout(1, 1), seed=0)
+    description = ModelDescription.from_dict(STUDENT)
+    model = build_gpt_model(description, transformer_config(description))
+    load_model_weights(model, directory)
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()
+               if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    destroy_parallel()
+    return weights
