@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import yaml
@@ -27,6 +29,7 @@ from hpd_megatron.checkpoint.training_state import (
     latest_step,
     load_checkpoint,
     save_checkpoint,
+    saved_extra,
 )
 from hpd_megatron.checkpoint.signals import STOP_EXIT_CODE, StopRequested, StopSignals
 from hpd_megatron.checkpoint.weights import export_model_weights
@@ -43,6 +46,7 @@ from hpd_megatron.training.components import (
     make_forward_step,
     reduce_reports,
 )
+from hpd_megatron.tracking import NullTracker, Tracker, start_tracking
 from hpd_megatron.training.config import RunConfig, load_run_config
 from hpd_megatron.training.feed import TrainingFeed
 from hpd_megatron.training.schedule import run_schedule
@@ -63,17 +67,49 @@ def train(run: RunConfig) -> list[dict[str, float]]:
     # 2. Process groups, grid position, seeds.
     context = initialize_parallel(run.parallel, seed=run.seed, models=models_for_layout)
     try:
-        with StopSignals(run.checkpoint.stop_signals) as stop_signals:
+        with StopSignals(run.checkpoint.stop_signals) as stop_signals, \
+                _tracking(run, context) as tracker:
             return _train_on_this_rank(run, context, student_description, teacher_description,
-                                       stop_signals)
+                                       stop_signals, tracker)
     finally:
         destroy_parallel()  # on success, a stop, or an error alike
+
+
+@contextmanager
+def _tracking(run: RunConfig, context: ParallelContext) -> Iterator[Tracker]:
+    """MLflow on the logging rank (the run continues the one its checkpoint names); the run
+    ends FINISHED, KILLED on a stop (signal or exit_interval) or FAILED on an error."""
+    tracker: Tracker = NullTracker()
+    if context.rank == context.world_size - 1:
+        checkpoint_dir = _checkpoint_dir(run)
+        step = latest_step(checkpoint_dir)
+        saved_run_id = (saved_extra(checkpoint_dir, step).get("tracking_run_id")
+                        if step is not None else None)
+        tracker = start_tracking(run.tracking, Path(run.run_dir), run.to_dict(), run_id=saved_run_id,
+                                 tags={"world_size": str(context.world_size),
+                                       "layout": context.layout.describe()})
+        sbatch_script = os.environ.get("HPD_SBATCH_SCRIPT")
+        if sbatch_script and Path(sbatch_script).is_file():
+            tracker.log_artifact(sbatch_script, "slurm")
+    try:
+        yield tracker
+    except StopRequested:
+        tracker.finish("KILLED")
+        raise
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish("FINISHED")  # no-op when the loop already ended the run (exit_interval)
+
+
+def _checkpoint_dir(run: RunConfig) -> Path:
+    return Path(run.checkpoint.dir or Path(run.run_dir) / "checkpoints")
 
 
 def _train_on_this_rank(run: RunConfig, context: ParallelContext,
                         student_description: ModelDescription,
                         teacher_description: Optional[ModelDescription],
-                        stop_signals: StopSignals) -> list[dict[str, float]]:
+                        stop_signals: StopSignals, tracker: Tracker) -> list[dict[str, float]]:
     data_parallel_size = context.layout.data_parallel_size
     run.micro_batches_per_step(data_parallel_size)  # the global batch must split evenly
     run_dir = Path(run.run_dir)
@@ -83,6 +119,7 @@ def _train_on_this_rank(run: RunConfig, context: ParallelContext,
         with staged_files([run_dir / "config.yaml"]) as (resolved,):
             resolved.write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
     torch.distributed.barrier()
+    tracker.log_artifact(run_dir / "config.yaml")
 
     # 3. Data: this data-parallel rank's share of each global batch.
     feed = TrainingFeed(run, student_description, dp_rank=context.dp_rank,
@@ -91,7 +128,7 @@ def _train_on_this_rank(run: RunConfig, context: ParallelContext,
     # 4. Student (trainable, DDP) and teacher (frozen) stages; optimizer and LR schedule.
     #    A run whose checkpoint directory holds a complete save resumes from it; otherwise
     #    the student starts from checkpoint.load (or a random initialisation).
-    checkpoint_dir = Path(run.checkpoint.dir or run_dir / "checkpoints")
+    checkpoint_dir = _checkpoint_dir(run)
     resumed_from = latest_step(checkpoint_dir)
     models = build_models(run, student_description, teacher_description,
                           resuming=resumed_from is not None)
@@ -145,6 +182,7 @@ def _train_on_this_rank(run: RunConfig, context: ParallelContext,
                 skipped_steps=skipped_steps,
             )
             if is_logging_rank:
+                tracker.log_metrics(metrics, step)
                 history.append({"step": step, **metrics})
                 with metrics_file.open("a") as out:
                     out.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -162,13 +200,20 @@ def _train_on_this_rank(run: RunConfig, context: ParallelContext,
         signalled = stop_signals.agreed() and step < last_step
         stop = signalled or (bool(exit_interval) and step % exit_interval == 0 and step < last_step)
         if stop or (interval and (step % interval == 0 or step == last_step)):
-            save_checkpoint(checkpoint_dir, step, models.student.module, optimizer, scheduler,
-                            extra={"sampler": feed.state_dict(), "config": run.to_dict()},
-                            keep_last=run.checkpoint.keep_last,
-                            optimizer_format=run.checkpoint.optimizer_format)
+            # The run id lives on the logging rank; rank 0 writes the plain entries.
+            run_id = [tracker.run_id]
+            torch.distributed.broadcast_object_list(run_id, src=context.world_size - 1)
+            saved = save_checkpoint(
+                checkpoint_dir, step, models.student.module, optimizer, scheduler,
+                extra={"sampler": feed.state_dict(), "config": run.to_dict(),
+                       "tracking_run_id": run_id[0]},
+                keep_last=run.checkpoint.keep_last, optimizer_format=run.checkpoint.optimizer_format)
+            if run.tracking.log_checkpoints:
+                tracker.log_artifact(saved, "checkpoints")
         if signalled:
             raise StopRequested(step)
         if stop:
+            tracker.finish("KILLED")  # stopped before train_steps; the next launch continues
             return history
 
     # 6. The trained student, model-only, for evaluation, conversion or the next stage.

@@ -34,6 +34,8 @@ def setup(tmp_path_factory, prepared_data) -> dict:
         "student": {"model": STUDENT},
         "teacher": {"model": TEACHER, "checkpoint": str(root / "init" / "teacher")},
         "checkpoint": {"load": str(root / "init" / "student")},
+        # tests/test_training_tracking.py turns it on against a real server.
+        "tracking": {"enabled": False},
         "data": {"train": prepared_data, "seq_length": SEQ},
         "loss": {"method": "hpd"},
         "optimizer": {"lr": 2.0e-3, "weight_decay": 0.0},

@@ -48,6 +48,11 @@ def latest_step(root: str | Path) -> Optional[int]:
     return step
 
 
+def saved_extra(root: str | Path, step: int) -> dict[str, Any]:
+    """The ``extra`` dict of a save, read without loading any tensor (no process group)."""
+    return dist_checkpointing.load_common_state_dict(str(iteration_dir(root, step)))["extra"]
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(),
              "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}

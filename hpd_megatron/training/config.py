@@ -19,6 +19,7 @@ import yaml
 from hpd_megatron.config import ConfigError, from_dict, load_yaml
 from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.parallel.layout import ParallelLayout
+from hpd_megatron.tracking.config import TrackingConfig
 
 LOSS_METHODS = ("hpd", "fkl", "rkl", "skl", "srkl", "tvd", "jsd", "sft")
 
@@ -129,6 +130,7 @@ class RunConfig:
     parallel: ParallelLayout = field(default_factory=ParallelLayout)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run_dir: str = "runs/default"
     seed: int = 1234
     params_dtype: str = "fp32"

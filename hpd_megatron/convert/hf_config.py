@@ -1,0 +1,229 @@
+"""Hugging Face config.json <-> ModelDescription.
+
+Only the fields Megatron's GPTModel reproduces exactly are accepted; anything it would
+silently compute differently (another activation, an output-projection bias, sliding
+windows on every layer, an unknown RoPE scaling) is an error naming the key. Fields
+Megatron does not need but the way back does (model_type, architectures, the number of
+embedding rows, dtype, special token ids) travel in ``ModelDescription.extra``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from hpd_megatron.config import ConfigError
+from hpd_megatron.convert.errors import ConversionError
+from hpd_megatron.models.description import ModelDescription, RopeScaling
+
+# family -> the Hugging Face class that holds it (config.json's "architectures").
+ARCHITECTURES: dict[str, str] = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+DEFAULT_ROPE_THETA = 10000.0
+
+
+def supported_architectures() -> str:
+    return ", ".join(f"{arch} (model_type {family})" for family, arch in ARCHITECTURES.items())
+
+
+def read_config(hf_dir: str | Path) -> dict[str, Any]:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{hf_dir}: no config.json (expected a Hugging Face model directory)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConversionError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path}: expected a JSON object")
+    return config
+
+
+def detect_family(config: dict[str, Any], where: str = "config.json") -> str:
+    """The family from model_type, checked against architectures when both are given."""
+    model_type = config.get("model_type")
+    architectures = config.get("architectures") or []
+    by_architecture = {arch: family for family, arch in ARCHITECTURES.items()}
+    family = model_type if model_type in ARCHITECTURES else None
+    if family is None:
+        family = next((by_architecture[a] for a in architectures if a in by_architecture), None)
+    if family is None or any(a not in by_architecture for a in architectures):
+        shown = ", ".join(architectures) or "none"
+        raise ConversionError(
+            f"{where}: unsupported architecture {shown} (model_type {model_type!r}); "
+            f"supported: {supported_architectures()}"
+        )
+    return family
+
+
+def config_dtype(config: dict[str, Any]) -> Optional[torch.dtype]:
+    """The checkpoint's dtype as config.json records it (``dtype`` or the older ``torch_dtype``)."""
+    name = config.get("dtype") or config.get("torch_dtype")
+    return DTYPES.get(name) if isinstance(name, str) else None
+
+
+def _rope(config: dict[str, Any], where: str) -> tuple[float, Optional[RopeScaling]]:
+    # transformers >= 5 writes rope_parameters (theta included); older configs have
+    # rope_theta plus an optional rope_scaling whose kind is "rope_type" or "type".
+    parameters = config.get("rope_parameters")
+    if isinstance(parameters, dict) and "rope_theta" not in parameters and all(
+        isinstance(v, dict) for v in parameters.values()
+    ):
+        raise ConversionError(f"{where}: rope_parameters per layer type are not supported")
+    if not isinstance(parameters, dict):
+        parameters = dict(config.get("rope_scaling") or {})
+    theta = float(parameters.get("rope_theta", config.get("rope_theta", DEFAULT_ROPE_THETA)))
+    kind = parameters.get("rope_type", parameters.get("type", "default"))
+    if float(parameters.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))) != 1.0:
+        raise ConversionError(f"{where}: partial_rotary_factor != 1 is not supported")
+    if kind in (None, "default"):
+        return theta, None
+    if kind != "llama3":
+        raise ConversionError(
+            f"{where}: rope scaling type {kind!r} is not supported (supported: default, llama3)"
+        )
+    defaults = RopeScaling()
+    return theta, RopeScaling(
+        type="llama3",
+        factor=float(parameters.get("factor", defaults.factor)),
+        low_freq_factor=float(parameters.get("low_freq_factor", defaults.low_freq_factor)),
+        high_freq_factor=float(parameters.get("high_freq_factor", defaults.high_freq_factor)),
+        original_max_position_embeddings=int(
+            parameters.get("original_max_position_embeddings", defaults.original_max_position_embeddings)
+        ),
+    )
+
+
+def _require(config: dict[str, Any], key: str, where: str) -> Any:
+    if config.get(key) is None:
+        raise ConversionError(f"{where}: missing {key}")
+    return config[key]
+
+
+def description_from_hf(
+    config: dict[str, Any], tokenizer_vocab_size: Optional[int] = None, where: str = "config.json"
+) -> ModelDescription:
+    """The ModelDescription of a Hugging Face config.
+
+    ``vocab_size`` is the tokenizer's vocabulary when one is known (configs often have
+    more embedding rows than tokens); the config's row count is kept in
+    ``extra["hf_vocab_size"]``.
+    """
+    family = detect_family(config, where)
+    if config.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"{where}: hidden_act {config['hidden_act']!r} is not supported (only silu)")
+    if config.get("attention_bias"):
+        raise ConversionError(f"{where}: attention_bias=true (a bias on the output projection) is not supported")
+    if config.get("mlp_bias"):
+        raise ConversionError(f"{where}: mlp_bias=true is not supported")
+    if config.get("use_sliding_window"):
+        raise ConversionError(f"{where}: use_sliding_window=true is not supported (Megatron attends to the full context)")
+    layer_types = config.get("layer_types") or []
+    if any(kind != "full_attention" for kind in layer_types):
+        raise ConversionError(f"{where}: layer_types other than full_attention are not supported")
+
+    heads = int(_require(config, "num_attention_heads", where))
+    hidden = int(_require(config, "hidden_size", where))
+    rows = int(_require(config, "vocab_size", where))
+    theta, scaling = _rope(config, where)
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    extra: dict[str, Any] = {
+        "hf_model_type": config.get("model_type", family),
+        "hf_architectures": list(config.get("architectures") or [ARCHITECTURES[family]]),
+        "hf_vocab_size": rows,
+        "hf_dtype": dtype if isinstance(dtype, str) else None,
+        "bos_token_id": config.get("bos_token_id"),
+        "eos_token_id": config.get("eos_token_id"),
+    }
+    if family == "mistral":
+        extra["sliding_window"] = config.get("sliding_window")
+    try:
+        return ModelDescription(
+            family=family,
+            num_layers=int(_require(config, "num_hidden_layers", where)),
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            ffn_hidden_size=int(_require(config, "intermediate_size", where)),
+            vocab_size=int(tokenizer_vocab_size or rows),
+            num_query_groups=int(config.get("num_key_value_heads") or heads),
+            kv_channels=int(config.get("head_dim") or hidden // heads),
+            max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+            rotary_base=theta,
+            rope_scaling=scaling,
+            norm_epsilon=float(config.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            extra=extra,
+        )
+    except ConfigError as error:
+        raise ConversionError(f"{where}: {error}") from None
+
+
+def hf_config_from_description(description: ModelDescription) -> dict[str, Any]:
+    """A config.json for a description that came without one.
+
+    RoPE is written the older way (rope_theta + rope_scaling), which every transformers
+    version reads; ``extra`` restores what the description alone cannot know.
+    """
+    extra = description.extra or {}
+    family = description.family
+    config: dict[str, Any] = {
+        "architectures": list(extra.get("hf_architectures") or [ARCHITECTURES[family]]),
+        "model_type": extra.get("hf_model_type", family),
+        "hidden_size": description.hidden_size,
+        "intermediate_size": description.ffn_hidden_size,
+        "num_hidden_layers": description.num_layers,
+        "num_attention_heads": description.num_attention_heads,
+        "num_key_value_heads": description.num_query_groups,
+        "vocab_size": int(extra.get("hf_vocab_size") or description.vocab_size),
+        "max_position_embeddings": description.max_position_embeddings,
+        "rms_norm_eps": description.norm_epsilon,
+        "tie_word_embeddings": description.tie_word_embeddings,
+        "hidden_act": "silu",
+        "rope_theta": description.rotary_base,
+        "rope_scaling": None,
+        "bos_token_id": extra.get("bos_token_id"),
+        "eos_token_id": extra.get("eos_token_id"),
+        "torch_dtype": extra.get("hf_dtype") or "float32",
+    }
+    if family != "qwen2" or description.kv_channels * description.num_attention_heads != \
+            description.hidden_size:
+        config["head_dim"] = description.kv_channels  # Qwen2's config class has no head_dim
+    if description.rope_scaling is not None:
+        scaling = description.rope_scaling
+        config["rope_scaling"] = {
+            "rope_type": scaling.type,
+            "factor": scaling.factor,
+            "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_position_embeddings,
+        }
+    if family in ("llama", "mistral", "qwen3"):
+        config["attention_bias"] = False
+    if family == "llama":
+        config["mlp_bias"] = False
+    if family == "mistral":
+        config["sliding_window"] = extra.get("sliding_window")
+    if family in ("qwen2", "qwen3"):
+        config["use_sliding_window"] = False
+        config["sliding_window"] = None
+    return config
+
+
+# The fields that define the network; a round trip must reproduce them.
+ARCHITECTURE_FIELDS = (
+    "model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+    "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "hidden_act",
+)

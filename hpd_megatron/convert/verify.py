@@ -1,0 +1,229 @@
+"""Does the Megatron model compute what the Hugging Face model computes?
+
+Runs transformers' AutoModelForCausalLM (fp32, from the Hugging Face directory) and the
+Megatron GPTModel (fp32, loaded from the distributed checkpoint at the current
+parallel_state layout) on the same prompts and reports, over the real vocabulary: the
+largest absolute logit difference, how often the top-1 token agrees, the mean KL
+divergence KL(hf || megatron) per position, and both models' greedy continuations.
+
+Collective: every process of the launch calls ``verify``; the Megatron logits are
+gathered on the last pipeline stage's TP rank 0, which also runs the Hugging Face
+model, and the report is broadcast to all.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from hpd_megatron.models.description import ModelDescription
+
+PROMPTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Question: what is 17 times 23? Answer: let us compute step by step.",
+)
+
+
+@dataclass
+class Thresholds:
+    max_abs_diff: float = 1e-2
+    min_top1: float = 0.99
+    max_kl: float = 1e-3
+
+
+def prompt_tokens(hf_dir: Optional[Path], vocab_size: int, batch: int = 2, length: int = 32,
+                  seed: int = 0) -> torch.Tensor:
+    """(batch, length) token ids: the tokenizer's encoding of fixed texts, else seeded random ids."""
+    from hpd_megatron.convert.hf_to_megatron import tokenizer_vocab_size
+
+    if hf_dir is not None and tokenizer_vocab_size(hf_dir) is not None:
+        from hpd_megatron.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(hf_dir)
+        rows = []
+        for index in range(batch):
+            ids = [i for i in tokenizer.encode(PROMPTS[index % len(PROMPTS)]) if i < vocab_size]
+            if ids:
+                rows.append((ids * (length // len(ids) + 1))[:length])
+        if len(rows) == batch:
+            return torch.tensor(rows, dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, length), generator=generator)
+
+
+def _reporting_rank() -> int:
+    """Global rank of the last pipeline stage's TP rank 0 (where the full logits end up)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    mine = dist.get_rank() if (parallel_state.is_pipeline_last_stage()
+                               and parallel_state.get_tensor_model_parallel_rank() == 0) else -1
+    flag = torch.tensor([mine])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def megatron_logits(model: torch.nn.Module, tokens: torch.Tensor, vocab_size: int
+                    ) -> Optional[torch.Tensor]:
+    """Real-vocabulary logits (batch, seq, vocab) on the reporting rank; None elsewhere."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from hpd_megatron.training.schedule import causal_lm_forward, run_schedule
+
+    batch, length = tokens.shape
+    positions = torch.arange(length).unsqueeze(0).expand(batch, -1)
+
+    def forward_step(stage, micro_batch):
+        output = causal_lm_forward(stage, micro_batch)
+
+        def gather(logits):
+            full = gather_from_tensor_model_parallel_region(logits)[..., :vocab_size]
+            return full.sum() * 0, {"logits": full.detach().float().clone()}
+
+        return output, gather
+
+    with torch.no_grad():
+        reports = run_schedule(model, [{"tokens": tokens, "position_ids": positions}], forward_step,
+                               seq_length=length, micro_batch_size=batch, forward_only=True)
+    if reports and parallel_state.get_tensor_model_parallel_rank() == 0:
+        return reports[0]["logits"]
+    return None
+
+
+def megatron_greedy(model: torch.nn.Module, tokens: torch.Tensor, vocab_size: int, steps: int,
+                    reporter: int) -> torch.Tensor:
+    """``steps`` greedy tokens after ``tokens`` (a full forward per token), on every rank."""
+    import torch.distributed as dist
+
+    generated = tokens.clone()
+    for _ in range(steps):
+        logits = megatron_logits(model, generated, vocab_size)
+        following = torch.zeros(tokens.shape[0], 1, dtype=torch.long)
+        if logits is not None:
+            following = logits[:, -1].argmax(-1, keepdim=True)
+        dist.broadcast(following, src=reporter)
+        generated = torch.cat([generated, following], dim=1)
+    return generated[:, tokens.shape[1]:]
+
+
+@contextmanager
+def original_torch_factories() -> Iterator[None]:
+    """Undo the CPU emulation's wrapping of torch's tensor factories for a while.
+
+    With ``torch.tensor`` wrapped, transformers 5's from_pretrained leaves the RoPE
+    ``inv_freq`` buffer uninitialised (garbage logits); the Hugging Face side never
+    needs the CUDA-to-CPU routing, so it loads and runs with the originals.
+    """
+    names = ("empty", "zeros", "ones", "full", "tensor", "as_tensor", "arange", "rand", "randn",
+             "randint", "empty_like", "zeros_like", "ones_like")
+    swapped = {name: getattr(torch, name) for name in names
+               if hasattr(getattr(torch, name), "__wrapped_factory__")}
+    for name, wrapper in swapped.items():
+        setattr(torch, name, wrapper.__wrapped_factory__)
+    try:
+        yield
+    finally:
+        for name, wrapper in swapped.items():
+            setattr(torch, name, wrapper)
+
+
+def hf_model(hf_dir: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with original_torch_factories():
+        return AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+
+
+def hf_logits_and_greedy(hf_dir: Path, tokens: torch.Tensor, vocab_size: int, steps: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    model = hf_model(hf_dir)
+    with torch.no_grad(), original_torch_factories():
+        logits = model(input_ids=tokens).logits[..., :vocab_size].float()
+        generated = tokens.clone()
+        for _ in range(steps):
+            following = model(input_ids=generated).logits[:, -1, :vocab_size].argmax(-1, keepdim=True)
+            generated = torch.cat([generated, following], dim=1)
+    return logits, generated[:, tokens.shape[1]:]
+
+
+def compare_logits(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
+    """Max |diff|, top-1 agreement and mean KL(reference || other) per position."""
+    log_p = torch.log_softmax(reference.double(), dim=-1)
+    log_q = torch.log_softmax(other.double(), dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return {
+        "max_abs_logit_diff": (reference - other).abs().max().item(),
+        "top1_agreement": (reference.argmax(-1) == other.argmax(-1)).double().mean().item(),
+        "mean_kl": kl.mean().item(),
+        "max_abs_logit": reference.abs().max().item(),
+    }
+
+
+def verify(hf_dir: str | Path, megatron_dir: str | Path, description: ModelDescription,
+           tokens: Optional[torch.Tensor] = None, greedy_steps: int = 4,
+           thresholds: Optional[Thresholds] = None, report_path: Optional[str | Path] = None,
+           direction: str = "hf_to_megatron", keep_logits: bool = False) -> dict[str, Any]:
+    """Compare both models; return the report on every rank (rank 0 writes ``report_path``).
+
+    ``keep_logits`` adds both logit tensors to the returned report (never to the JSON).
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from hpd_megatron.checkpoint.weights import load_model_weights
+    from hpd_megatron.models.builder import build_gpt_model, transformer_config
+
+    hf_dir, thresholds = Path(hf_dir), thresholds or Thresholds()
+    if tokens is None:
+        tokens = prompt_tokens(hf_dir, description.vocab_size)
+    model = build_gpt_model(description, transformer_config(description, torch.float32))
+    load_model_weights(model, megatron_dir)
+    model.eval()
+    reporter = _reporting_rank()
+    logits = megatron_logits(model, tokens, description.vocab_size)
+    greedy = megatron_greedy(model, tokens, description.vocab_size, greedy_steps, reporter)
+
+    payload: list[Any] = [None]
+    if dist.get_rank() == reporter:
+        reference, reference_greedy = hf_logits_and_greedy(hf_dir, tokens, description.vocab_size,
+                                                           greedy_steps)
+        report: dict[str, Any] = {
+            "direction": direction,
+            "hf_dir": str(hf_dir),
+            "megatron_dir": str(megatron_dir),
+            "layout": {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+                       "pp": parallel_state.get_pipeline_model_parallel_world_size()},
+            "prompts": list(tokens.shape),
+            "real_vocab_size": description.vocab_size,
+            **compare_logits(reference, logits),
+            "greedy_hf": reference_greedy.tolist(),
+            "greedy_megatron": greedy.tolist(),
+            "greedy_identical": bool(torch.equal(reference_greedy, greedy)),
+            "thresholds": asdict(thresholds),
+        }
+        report["passed"] = bool(report["max_abs_logit_diff"] <= thresholds.max_abs_diff
+                                and report["top1_agreement"] >= thresholds.min_top1
+                                and report["mean_kl"] <= thresholds.max_kl)
+        if keep_logits:
+            report["logits"] = {"hf": reference, "megatron": logits}
+        payload = [report]
+    dist.broadcast_object_list(payload, src=reporter)
+    report = payload[0]
+    if report_path is not None and dist.get_rank() == 0:
+        shown = {k: v for k, v in report.items() if k != "logits"}
+        Path(report_path).write_text(json.dumps(shown, indent=2) + "\n")
+    return report
+
+
+def summary(report: dict[str, Any]) -> str:
+    verdict = "passed" if report["passed"] else "FAILED"
+    return (f"verify ({report['direction']}, TP={report['layout']['tp']} PP={report['layout']['pp']}, "
+            f"{report['prompts'][0]}x{report['prompts'][1]} tokens): max |logit diff| "
+            f"{report['max_abs_logit_diff']:.3g}, top-1 agreement {report['top1_agreement']:.4f}, "
+            f"mean KL {report['mean_kl']:.3g}, greedy identical {report['greedy_identical']}: {verdict}")

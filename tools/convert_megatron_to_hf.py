@@ -1,0 +1,75 @@
+"""Convert a Megatron-Core distributed checkpoint (any TP/PP) into Hugging Face safetensors.
+
+    python tools/convert_megatron_to_hf.py --ckpt DIR --out OUT [--model model.yaml] [--shard-size 5GB] [--verify]
+    torchrun --nproc-per-node N tools/convert_megatron_to_hf.py --ckpt DIR --out OUT [--tp T --pp P]
+
+DIR is a distributed checkpoint with model.yaml (unless --model is given) and optionally
+hf/ (original config.json, generation config, tokenizer; config.json is synthesised
+from the description otherwise). OUT gets safetensors shards with an index, config.json,
+generation_config.json and the tokenizer, loadable by AutoModelForCausalLM. --verify
+runs the Megatron model at TP x PP (1 or TP x PP processes) against the new directory
+and writes OUT/verify.json; it exits 2 when a threshold is exceeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", required=True, help="Megatron-Core distributed checkpoint directory")
+    parser.add_argument("--out", required=True, help="new Hugging Face model directory")
+    parser.add_argument("--model", default=None, help="model description YAML (default: CKPT/model.yaml)")
+    parser.add_argument("--shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    parser.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default=None,
+                        help="output dtype (default: hf/config.json's dtype, else the checkpoint's)")
+    parser.add_argument("--tp", type=int, default=1, help="layout the --verify model runs at")
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--verify", action="store_true", help="compare logits with transformers")
+    parser.add_argument("--verify-max-diff", type=float, default=1e-2)
+    parser.add_argument("--verify-min-top1", type=float, default=0.99)
+    parser.add_argument("--verify-max-kl", type=float, default=1e-3)
+    parser.add_argument("--verify-length", type=int, default=32)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    from hpd_megatron.convert import megatron_to_hf, verify
+    from hpd_megatron.convert.hf_to_megatron import check_layout
+    from hpd_megatron.convert.launch import conversion_processes, world_layout
+
+    dtype = args.dtype
+    try:
+        checked = megatron_to_hf.plan(args.ckpt, args.out, args.model, args.shard_size, dtype)
+        if args.verify:
+            check_layout(checked.description, args.tp, args.pp)
+        world_layout(args.tp, args.pp)
+        with conversion_processes(args.tp, args.pp):
+            import torch.distributed as dist
+
+            megatron_to_hf.convert(args.ckpt, args.out, args.model, args.shard_size, dtype,
+                                   progress=not args.no_progress)
+            if dist.get_rank() == 0:
+                print(f"wrote {args.out}", flush=True)
+            if args.verify:
+                thresholds = verify.Thresholds(args.verify_max_diff, args.verify_min_top1, args.verify_max_kl)
+                description = checked.description
+                tokens = verify.prompt_tokens(Path(args.out), description.vocab_size,
+                                              length=args.verify_length)
+                report = verify.verify(args.out, args.ckpt, description, tokens=tokens,
+                                       thresholds=thresholds, direction="megatron_to_hf",
+                                       report_path=Path(args.out) / "verify.json")
+                if dist.get_rank() == 0:
+                    print(verify.summary(report), flush=True)
+                if not report["passed"]:
+                    return 2
+    except ValueError as error:  # ConversionError, ConfigError: one line, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
