@@ -81,11 +81,8 @@ def _tracking(run: RunConfig, context: ParallelContext) -> Iterator[Tracker]:
     ends FINISHED, KILLED on a stop (signal or exit_interval) or FAILED on an error."""
     tracker: Tracker = NullTracker()
     if context.rank == context.world_size - 1:
-        checkpoint_dir = _checkpoint_dir(run)
-        step = latest_step(checkpoint_dir)
-        saved_run_id = (saved_extra(checkpoint_dir, step).get("tracking_run_id")
-                        if step is not None else None)
-        tracker = start_tracking(run.tracking, Path(run.run_dir), run.to_dict(), run_id=saved_run_id,
+        tracker = start_tracking(run.tracking, Path(run.run_dir), run.to_dict(),
+                                 run_id=_saved_tracking_run_id(_checkpoint_dir(run)),
                                  tags={"world_size": str(context.world_size),
                                        "layout": context.layout.describe()})
         sbatch_script = os.environ.get("HPD_SBATCH_SCRIPT")
@@ -100,6 +97,14 @@ def _tracking(run: RunConfig, context: ParallelContext) -> Iterator[Tracker]:
         tracker.finish("FAILED")
         raise
     tracker.finish("FINISHED")  # no-op when the loop already ended the run (exit_interval)
+
+
+def _saved_tracking_run_id(checkpoint_dir: Path) -> Optional[str]:
+    try:
+        step = latest_step(checkpoint_dir)
+        return None if step is None else saved_extra(checkpoint_dir, step).get("tracking_run_id")
+    except CheckpointError:
+        return None  # every rank meets the same problem, and reports it, when it resumes
 
 
 def _checkpoint_dir(run: RunConfig) -> Path:
