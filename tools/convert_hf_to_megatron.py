@@ -26,15 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     parser.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default=None,
                         help="weights' dtype (default: config.json's torch_dtype)")
-    parser.add_argument("--verify", action="store_true", help="compare logits with transformers")
-    parser.add_argument("--verify-max-diff", type=float, default=1e-2, help="max |logit diff| allowed")
-    parser.add_argument("--verify-min-top1", type=float, default=0.99, help="min top-1 agreement")
-    parser.add_argument("--verify-max-kl", type=float, default=1e-3, help="max mean KL(hf || megatron)")
-    parser.add_argument("--verify-length", type=int, default=32, help="tokens per verification prompt")
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-
     from hpd_megatron.convert import hf_to_megatron, verify
+
+    verify.add_verify_arguments(parser)
+    args = parser.parse_args(argv)
     from hpd_megatron.convert.launch import conversion_processes, world_layout
 
     try:
@@ -53,17 +49,9 @@ def main(argv: list[str] | None = None) -> int:
             if dist.get_rank() == 0:
                 print(f"wrote {args.out}", flush=True)
             if args.verify:
-                thresholds = verify.Thresholds(args.verify_max_diff, args.verify_min_top1, args.verify_max_kl)
-                description = hf_to_megatron.read_output_description(args.out)
-                tokens = verify.prompt_tokens(Path(args.hf_dir), description.vocab_size,
-                                              length=args.verify_length)
-                report = verify.verify(args.hf_dir, args.out, description, tokens=tokens,
-                                       thresholds=thresholds,
-                                       report_path=Path(args.out) / "verify.json")
-                if dist.get_rank() == 0:
-                    print(verify.summary(report), flush=True)
-                if not report["passed"]:
-                    return 2
+                return verify.verify_for_cli(args, args.hf_dir, args.out,
+                                             hf_to_megatron.read_output_description(args.out),
+                                             "hf_to_megatron", args.out)
     except ValueError as error:  # ConversionError, ConfigError: one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,15 +27,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="output dtype (default: hf/config.json's dtype, else the checkpoint's)")
     parser.add_argument("--tp", type=int, default=1, help="layout the --verify model runs at")
     parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--verify", action="store_true", help="compare logits with transformers")
-    parser.add_argument("--verify-max-diff", type=float, default=1e-2)
-    parser.add_argument("--verify-min-top1", type=float, default=0.99)
-    parser.add_argument("--verify-max-kl", type=float, default=1e-3)
-    parser.add_argument("--verify-length", type=int, default=32)
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-
     from hpd_megatron.convert import megatron_to_hf, verify
+
+    verify.add_verify_arguments(parser)
+    args = parser.parse_args(argv)
     from hpd_megatron.convert.hf_to_megatron import check_layout
     from hpd_megatron.convert.launch import conversion_processes, world_layout
 
@@ -54,17 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             if dist.get_rank() == 0:
                 print(f"wrote {args.out}", flush=True)
             if args.verify:
-                thresholds = verify.Thresholds(args.verify_max_diff, args.verify_min_top1, args.verify_max_kl)
-                description = checked.description
-                tokens = verify.prompt_tokens(Path(args.out), description.vocab_size,
-                                              length=args.verify_length)
-                report = verify.verify(args.out, args.ckpt, description, tokens=tokens,
-                                       thresholds=thresholds, direction="megatron_to_hf",
-                                       report_path=Path(args.out) / "verify.json")
-                if dist.get_rank() == 0:
-                    print(verify.summary(report), flush=True)
-                if not report["passed"]:
-                    return 2
+                return verify.verify_for_cli(args, args.out, args.ckpt, checked.description,
+                                             "megatron_to_hf", args.out)
     except ValueError as error:  # ConversionError, ConfigError: one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hpd_megatron.config import ConfigError
 from hpd_megatron.data.prepare import OVERLONG, prepare
 
 

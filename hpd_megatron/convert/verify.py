@@ -13,6 +13,8 @@ model, and the report is broadcast to all.
 
 from __future__ import annotations
 
+import argparse
+
 import json
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -227,3 +229,26 @@ def summary(report: dict[str, Any]) -> str:
             f"{report['prompts'][0]}x{report['prompts'][1]} tokens): max |logit diff| "
             f"{report['max_abs_logit_diff']:.3g}, top-1 agreement {report['top1_agreement']:.4f}, "
             f"mean KL {report['mean_kl']:.3g}, greedy identical {report['greedy_identical']}: {verdict}")
+
+
+def add_verify_arguments(parser: "argparse.ArgumentParser") -> None:
+    """The --verify flags both converters share."""
+    parser.add_argument("--verify", action="store_true", help="compare logits with transformers")
+    parser.add_argument("--verify-max-diff", type=float, default=1e-2, help="max |logit diff| allowed")
+    parser.add_argument("--verify-min-top1", type=float, default=0.99, help="min top-1 agreement")
+    parser.add_argument("--verify-max-kl", type=float, default=1e-3, help="max mean KL(hf || megatron)")
+    parser.add_argument("--verify-length", type=int, default=32, help="tokens per verification prompt")
+
+
+def verify_for_cli(args: "argparse.Namespace", hf_dir: str | Path, megatron_dir: str | Path,
+                   description: ModelDescription, direction: str, report_dir: str | Path) -> int:
+    """Run ``verify`` with the command line's thresholds; print the summary; 0 or exit code 2."""
+    import torch.distributed as dist
+
+    thresholds = Thresholds(args.verify_max_diff, args.verify_min_top1, args.verify_max_kl)
+    tokens = prompt_tokens(Path(hf_dir), description.vocab_size, length=args.verify_length)
+    report = verify(hf_dir, megatron_dir, description, tokens=tokens, thresholds=thresholds,
+                    direction=direction, report_path=Path(report_dir) / "verify.json")
+    if dist.get_rank() == 0:
+        print(summary(report), flush=True)
+    return 0 if report["passed"] else 2
