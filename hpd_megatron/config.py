@@ -8,6 +8,8 @@ the wrong type with the dotted path of the offending key.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -123,3 +125,34 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: expected a YAML mapping at the top level")
     return dict(data)
+
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_variables(data: Any, source: str | Path, where: str = "") -> Any:
+    """Replace ``${NAME}`` / ``${NAME:-default}`` in every string value with the environment's.
+
+    Recipes name site-specific paths (converted checkpoints, data) this way instead of
+    hard-coding them; an unset variable without a default is an error naming ``source``,
+    the dotted key and the variable, so a missing export fails before any GPU is touched.
+    """
+    if isinstance(data, Mapping):
+        return {key: expand_variables(value, source, f"{where}.{key}" if where else str(key))
+                for key, value in data.items()}
+    if isinstance(data, list):
+        return [expand_variables(item, source, f"{where}[{i}]") for i, item in enumerate(data)]
+    if not isinstance(data, str):
+        return data
+
+    def substitute(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        value = os.environ.get(name)
+        if value is None:
+            if default is None:
+                raise ConfigError(f"{source}: {where}: environment variable {name} is not set "
+                                  f"(export it or write ${{{name}:-default}})")
+            return default
+        return value
+
+    return _VARIABLE.sub(substitute, data)

@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from hpd_megatron.config import ConfigError, from_dict, load_yaml
+from hpd_megatron.config import ConfigError, expand_variables, from_dict, load_yaml
 from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.parallel.layout import ParallelLayout
 from hpd_megatron.tracking.config import TrackingConfig
@@ -204,7 +204,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
 
 
 def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
-    raw = apply_overrides(load_yaml(path), overrides)
+    raw = apply_overrides(expand_variables(load_yaml(path), path), overrides)
     try:
         return from_dict(RunConfig, raw)
     except ConfigError as error:
