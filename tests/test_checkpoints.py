@@ -327,3 +327,30 @@ def test_load_starts_the_student_from_an_export_or_another_runs_checkpoint(setup
             f"checkpoint.load={path}"]))
     assert runs["export"][0]["step"] == 1 and runs["training"][0]["step"] == 1
     assert runs["export"][0]["loss"] == runs["training"][0]["loss"]
+
+
+def test_the_command_line_exits_75_on_sigterm_after_saving(setup, tmp_path):
+    """What the Slurm templates see: SIGTERM to the launcher's process, exit code 75."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from hpd_megatron.checkpoint.signals import STOP_EXIT_CODE
+
+    run_dir = tmp_path / "cli"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hpd_megatron.train", "--config", setup["recipe"],
+         "schedule.train_steps=200", f"run_dir={run_dir}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert process.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode == STOP_EXIT_CODE == 75, output[-2000:]
+    saved = int((run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text())
+    assert saved == metrics.read_text().count("\n"), "the checkpoint is of the last step run"
+    assert f"stopped by a signal after step {saved}; the checkpoint is complete" in output
