@@ -16,7 +16,6 @@ and renamed at the end; every check of the input runs before anything is written
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import yaml
 
 from hpd_megatron.convert import hf_config, mapping
 from hpd_megatron.convert.errors import ConversionError
+from hpd_megatron.convert.launch import staged_directory
 from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.parallel.layout import LayoutError, ParallelLayout, validate_layout
 
@@ -284,13 +284,7 @@ def convert(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
     rank, world = dist.get_rank(), dist.get_world_size()
     if world not in (1, tp * pp):
         raise ConversionError(f"launched with {world} processes; use 1 or TP x PP = {tp * pp}")
-    partial = out.with_name(out.name + ".partial")
-    if rank == 0:
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
-    dist.barrier()
-    try:
+    with staged_directory(out) as partial:
         positions = positions_of_rank(tp, pp, rank, world)
         state, reader = build_sharded_state(source, positions, tp, pp, target_dtype,
                                             progress and rank == 0)
@@ -305,14 +299,6 @@ def convert(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
         del state
         if rank == 0:
             write_side_files(source, partial)
-        dist.barrier()
-        if rank == 0:
-            os.replace(partial, out)
-        dist.barrier()
-    except BaseException:
-        if rank == 0 and partial.exists():
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
     return {"rank": rank, "positions": positions, "bytes_read": reader.bytes_read,
             "shard_bytes": shard_bytes, "rss_before_save": rss_before_save, "dtype": str(target_dtype).replace("torch.", "")}
 

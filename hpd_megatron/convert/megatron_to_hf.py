@@ -28,6 +28,7 @@ import torch
 
 from hpd_megatron.convert import hf_config, mapping
 from hpd_megatron.convert.errors import ConversionError
+from hpd_megatron.convert.launch import staged_directory
 from hpd_megatron.convert.hf_to_megatron import DTYPE_NAMES, HF_SIDE_FILES, INDEX_FILE, SINGLE_FILE
 from hpd_megatron.models.description import ModelDescription
 
@@ -222,14 +223,8 @@ def convert(ckpt: str | Path, out: str | Path, model_yaml: Optional[str | Path] 
     ckpt, out, description, work, stored, out_dtype = (p.ckpt, p.out, p.description, p.work,
                                                         p.stored, p.out_dtype)
     rank, world = dist.get_rank(), dist.get_world_size()
-    partial = out.with_name(out.name + ".partial")
-    if rank == 0:
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
-    dist.barrier()
-    writer = ShardWriter(partial, rank, p.limit)
-    try:
+    with staged_directory(out) as partial:
+        writer = ShardWriter(partial, rank, p.limit)
         rounds = -(-len(work) // world)
         with tqdm(total=len(work), unit="unit", desc="writing safetensors",
                   disable=not (progress and rank == 0)) as bar:
@@ -258,12 +253,4 @@ def convert(ckpt: str | Path, out: str | Path, model_yaml: Optional[str | Path] 
         if rank == 0:
             _name_files(partial, [item for items in gathered for item in items])
             _write_side_files(ckpt, partial, p.config, description)
-        dist.barrier()
-        if rank == 0:
-            os.replace(partial, out)
-        dist.barrier()
-    except BaseException:
-        if rank == 0 and partial.exists():
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
     return {"rank": rank, "files": writer.written, "dtype": str(out_dtype).replace("torch.", "")}
