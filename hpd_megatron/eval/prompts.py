@@ -1,0 +1,133 @@
+"""Evaluation prompts from JSONL, checked line by line, encoded as training encoded them.
+
+One JSON object per line (blank lines are skipped), in either training schema:
+
+    {"prompt": "Compute 3 + 4.", "answer": 7}
+    {"prompt": "...", "response": "... The answer is 7."}        # the answer is extracted
+    {"messages": [{"role": "user", "content": "..."}, ...], "answer": "7"}
+
+A final assistant message in ``messages`` is the reference reply (not part of the prompt).
+The reference answer is ``answer`` (a string or number), else what ``extract_answer``
+finds in the reference reply. The first bad line stops everything with a ``DataError``
+naming the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from hpd_megatron.data.chat import ROLES, Message, encode_prompt
+from hpd_megatron.data.files import DataError
+from hpd_megatron.data.tokenizer import Tokenizer
+from hpd_megatron.eval.answers import extract_answer
+
+SHOWN_LINES = 10
+"""How many line numbers of skipped prompts a message lists."""
+
+
+@dataclass
+class EvalRecord:
+    line: int
+    prompt: Union[str, list[Message]]
+    """As written in the file: the prompt string or the messages before the reply."""
+    messages: list[Message]
+    """The conversation the reply continues."""
+    reference: Optional[str]
+    """The reference answer (None when the record gives none)."""
+
+
+def read_eval_records(path: str | Path, require_answer: bool = True) -> list[EvalRecord]:
+    """Every record of an evaluation JSONL file; ``require_answer``: each needs a reference."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such evaluation file")
+    records = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
+            try:
+                record = _record(raw, number)
+            except DataError as error:
+                raise DataError(f"{path}:{number}: {error}") from None
+            if require_answer and record.reference is None:
+                raise DataError(f'{path}:{number}: no reference answer (give "answer", or a reply '
+                                'whose answer can be extracted)')
+            records.append(record)
+    if not records:
+        raise DataError(f"{path}: no records (the file is empty)")
+    return records
+
+
+def _record(raw: Any, line: int) -> EvalRecord:
+    if not isinstance(raw, dict):
+        raise DataError(f"expected a JSON object, got {type(raw).__name__}")
+    if ("prompt" in raw) == ("messages" in raw):
+        raise DataError(f'expected exactly one of "prompt" or "messages", got keys {sorted(raw)}')
+    reply = raw.get("response")
+    if "prompt" in raw:
+        if not isinstance(raw["prompt"], str):
+            raise DataError(f'"prompt" must be a string, got {type(raw["prompt"]).__name__}')
+        prompt: Union[str, list[Message]] = raw["prompt"]
+        messages = [{"role": "user", "content": raw["prompt"]}]
+    else:
+        messages = _messages(raw["messages"])
+        if messages[-1]["role"] == "assistant":
+            reply = messages.pop()["content"]
+        if not messages or messages[-1]["role"] != "user":
+            raise DataError('"messages" must end with a user message (or a user message and the reference reply)')
+        prompt = messages
+    if reply is not None and not isinstance(reply, str):
+        raise DataError(f'"response" must be a string, got {type(reply).__name__}')
+    answer = raw.get("answer")
+    if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
+        raise DataError(f'"answer" must be a string or a number, got {answer!r}')
+    reference = str(answer) if answer is not None else (extract_answer(reply) if reply else None)
+    return EvalRecord(line, prompt, messages, reference)
+
+
+def _messages(value: Any) -> list[Message]:
+    if not isinstance(value, list) or not value:
+        raise DataError('"messages" must be a non-empty list')
+    checked = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise DataError(f'messages[{i}]: expected {{"role": ..., "content": "..."}}, got {message!r}')
+        if message.get("role") not in ROLES:
+            raise DataError(f"messages[{i}]: role {message.get('role')!r} is not one of {', '.join(ROLES)}")
+        checked.append({"role": message["role"], "content": message["content"]})
+    return checked
+
+
+def encode_prompts(
+    path: str | Path, records: list[EvalRecord], tokenizer: Tokenizer, template: Optional[str],
+    context_length: int,
+) -> tuple[list[tuple[EvalRecord, list[int]]], list[int]]:
+    """(record, prompt ids) of every prompt that leaves room for a reply, and the lines of
+    those that do not (``context_length`` tokens or more), which are skipped. The prompt is
+    encoded exactly as ``prepare_data`` encodes what precedes a reply."""
+    kept, skipped = [], []
+    for record in records:
+        try:
+            ids = encode_prompt(tokenizer, record.messages, template)
+        except DataError as error:  # a chat template that fails on this record
+            raise DataError(f"{path}:{record.line}: {error}") from None
+        if len(ids) >= context_length:
+            skipped.append(record.line)
+        else:
+            kept.append((record, ids))
+    return kept, skipped
+
+
+def describe_skipped(path: str | Path, skipped: list[int], context_length: int) -> str:
+    """One line: how many prompts were skipped, why, and their first line numbers."""
+    shown = ", ".join(map(str, skipped[:SHOWN_LINES])) + (", ..." if len(skipped) > SHOWN_LINES else "")
+    return (f"{path}: skipped {len(skipped)} prompt(s) of {context_length} tokens or more "
+            f"(no room for a reply in the context of {context_length}): lines {shown}")

@@ -1,0 +1,58 @@
+"""An evaluation's summary into MLflow, as a child run of the training run it evaluates.
+
+Each evaluation is its own MLflow run, tagged ``mlflow.parentRunId`` = the training run
+(the UI nests it there) with metrics at step = the checkpoint's training step. Logging into
+the training run itself would have to reopen it (MLflow sets it RUNNING again) and close it
+with a status of the evaluation's choosing, which is wrong while training still runs.
+
+Where: ``--tracking-uri``, else the training run's own store (its ``tracking`` section, when
+the checkpoint's run is known and tracked), else ``$MLFLOW_TRACKING_URI``; none of them (or
+``--no-tracking``): nothing is logged.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from hpd_megatron.config import from_dict
+from hpd_megatron.eval.source import CheckpointInfo
+from hpd_megatron.tracking import TrackingConfig, resolve_tracking_uri, start_tracking
+
+PARENT_RUN_TAG = "mlflow.parentRunId"
+
+
+def tracking_target(info: CheckpointInfo, tracking_uri: Optional[str],
+                    experiment: Optional[str]) -> Optional[TrackingConfig]:
+    """The tracking settings of this evaluation, or None when nothing names a store."""
+    training = (info.training or {}).get("tracking")
+    config = from_dict(TrackingConfig, training, "tracking") if isinstance(training, dict) else None
+    if tracking_uri is None:
+        if config is not None and config.enabled:
+            tracking_uri = resolve_tracking_uri(config, Path((info.training or {}).get("run_dir", ".")))
+        else:
+            tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not tracking_uri:
+        return None
+    return TrackingConfig(
+        tracking_uri=tracking_uri,
+        experiment=experiment or (config.experiment if config is not None else TrackingConfig.experiment),
+        flush_timeout_s=30.0,
+    )
+
+
+def log_evaluation(config: TrackingConfig, run_name: str, out_dir: Path, params: Mapping[str, Any],
+                   metrics: Mapping[str, float], step: int, parent_run_id: Optional[str],
+                   tags: Mapping[str, str], artifacts: list[Path]) -> Optional[str]:
+    """Create the evaluation's run, log everything, finish it; returns its run id."""
+    config.run_name = run_name
+    all_tags = dict(tags)
+    if parent_run_id:
+        all_tags[PARENT_RUN_TAG] = parent_run_id
+    tracker = start_tracking(config, out_dir, dict(params), tags=all_tags)
+    tracker.log_metrics(metrics, step)
+    for artifact in artifacts:
+        tracker.log_artifact(artifact)
+    tracker.finish("FINISHED")
+    return tracker.run_id
