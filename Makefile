@@ -12,7 +12,13 @@ SMOKE_RANKS ?= 4
 SMOKE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo smoke test test-gpu venv clean
+.PHONY: demo smoke test test-gpu venv clean system-packages
+
+# The Slurm tests start a real single-node Slurm (Debian's slurm-wlm and munge) and check the
+# templates with shellcheck. As root on Debian they are installed when missing; elsewhere the
+# tests say what is missing (and fail rather than skip under CI=true).
+SYSTEM_PACKAGES := slurm-wlm munge shellcheck
+SYSTEM_PROGRAMS := /usr/sbin/slurmctld /usr/sbin/slurmd /usr/sbin/munged /usr/bin/shellcheck
 
 venv: $(STAMP)
 
@@ -33,7 +39,16 @@ demo: $(STAMP)
 smoke: $(STAMP)
 	$(BIN)/torchrun --standalone --nproc-per-node $(SMOKE_RANKS) -m hpd_megatron.smoke $(SMOKE_ARGS)
 
-test: $(STAMP)
+system-packages:
+	@missing=no; for program in $(SYSTEM_PROGRAMS); do test -x $$program || missing=yes; done; \
+	if [ $$missing = yes ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing $(SYSTEM_PACKAGES) for the Slurm tests"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null; }; \
+	fi
+
+test: $(STAMP) system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-gpu: $(STAMP)

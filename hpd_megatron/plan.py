@@ -40,6 +40,7 @@ from hpd_megatron.models.builder import padded_vocab_size
 from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.parallel.layout import LayoutError, ParallelLayout, validate_layout
 from hpd_megatron.training.config import RunConfig, load_run_config
+from hpd_megatron.training.inputs import check_inputs
 
 GIB = 2**30
 OVERHEAD_GIB = 4.0
@@ -269,9 +270,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--gpu-mem-gb", type=float, default=80.0, help="usable memory per GPU, GiB")
     parser.add_argument("--tflops", type=float, default=400.0, help="achieved bf16 TFLOP/s per GPU")
     parser.add_argument("--json", help="also write the plan here")
+    parser.add_argument("--check-inputs", action="store_true",
+                        help="also check that the checkpoints and data the run reads exist")
     args = parser.parse_args(argv)
     try:
         run = load_run_config(args.config, args.overrides)
+        if args.check_inputs:
+            check_inputs(run)
         plan = make_plan(run, args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.tflops)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

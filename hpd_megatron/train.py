@@ -49,6 +49,7 @@ from hpd_megatron.training.components import (
 from hpd_megatron.tracking import NullTracker, Tracker, start_tracking
 from hpd_megatron.training.config import RunConfig, load_run_config
 from hpd_megatron.training.feed import TrainingFeed
+from hpd_megatron.training.inputs import check_inputs, checkpoint_dir
 from hpd_megatron.training.schedule import run_schedule
 
 
@@ -60,6 +61,7 @@ def train(run: RunConfig) -> list[dict[str, float]]:
     uses_teacher = run.teacher is not None and run.loss.method != "sft"
     teacher_description = run.teacher.description("teacher") if uses_teacher else None
     check_shared_vocabulary(student_description, teacher_description)
+    check_inputs(run)  # every missing path at once, before any process group or GPU
     models_for_layout = [("student", student_description)]
     if teacher_description is not None:
         models_for_layout.append(("teacher", teacher_description))
@@ -82,7 +84,7 @@ def _tracking(run: RunConfig, context: ParallelContext) -> Iterator[Tracker]:
     tracker: Tracker = NullTracker()
     if context.rank == context.world_size - 1:
         tracker = start_tracking(run.tracking, Path(run.run_dir), run.to_dict(),
-                                 run_id=_saved_tracking_run_id(_checkpoint_dir(run)),
+                                 **_saved_tracking_run(checkpoint_dir(run)),
                                  tags={"world_size": str(context.world_size),
                                        "layout": context.layout.describe()})
         sbatch_script = os.environ.get("HPD_SBATCH_SCRIPT")
@@ -99,16 +101,14 @@ def _tracking(run: RunConfig, context: ParallelContext) -> Iterator[Tracker]:
     tracker.finish("FINISHED")  # no-op when the loop already ended the run (exit_interval)
 
 
-def _saved_tracking_run_id(checkpoint_dir: Path) -> Optional[str]:
+def _saved_tracking_run(checkpoint_dir: Path) -> dict[str, Optional[str]]:
+    """start_tracking's run_id and run_token from the latest checkpoint (None: none saved)."""
     try:
         step = latest_step(checkpoint_dir)
-        return None if step is None else saved_extra(checkpoint_dir, step).get("tracking_run_id")
+        extra = {} if step is None else saved_extra(checkpoint_dir, step)
     except CheckpointError:
-        return None  # every rank meets the same problem, and reports it, when it resumes
-
-
-def _checkpoint_dir(run: RunConfig) -> Path:
-    return Path(run.checkpoint.dir or Path(run.run_dir) / "checkpoints")
+        extra = {}  # every rank meets the same problem, and reports it, when it resumes
+    return {"run_id": extra.get("tracking_run_id"), "run_token": extra.get("tracking_run_token")}
 
 
 def _train_on_this_rank(run: RunConfig, context: ParallelContext,
@@ -133,20 +133,20 @@ def _train_on_this_rank(run: RunConfig, context: ParallelContext,
     # 4. Student (trainable, DDP) and teacher (frozen) stages; optimizer and LR schedule.
     #    A run whose checkpoint directory holds a complete save resumes from it; otherwise
     #    the student starts from checkpoint.load (or a random initialisation).
-    checkpoint_dir = _checkpoint_dir(run)
-    resumed_from = latest_step(checkpoint_dir)
+    checkpoints = checkpoint_dir(run)
+    resumed_from = latest_step(checkpoints)
     models = build_models(run, student_description, teacher_description,
                           resuming=resumed_from is not None)
     optimizer, scheduler = build_optimizer(run, models.student)
     models.pair.train()
     first_step = 1
     if resumed_from is not None:
-        extra = load_checkpoint(checkpoint_dir, resumed_from, models.student.module, optimizer,
+        extra = load_checkpoint(checkpoints, resumed_from, models.student.module, optimizer,
                                 scheduler, load_optimizer=run.checkpoint.load_optimizer)
         feed.load_state_dict(extra["sampler"])
         first_step = resumed_from + 1
         if is_logging_rank:
-            print(f"resumed from {iteration_dir(checkpoint_dir, resumed_from)}", flush=True)
+            print(f"resumed from {iteration_dir(checkpoints, resumed_from)}", flush=True)
 
     # 5. The loop.
     history: list[dict[str, float]] = []
@@ -198,7 +198,7 @@ def _train_on_this_rank(run: RunConfig, context: ParallelContext,
             raise NonFiniteTraining(
                 f"steps {step - consecutive_nonfinite + 1}..{step}: loss or gradients not finite "
                 f"{consecutive_nonfinite} times in a row (optimizer.max_consecutive_nonfinite); "
-                f"the last checkpoint in {checkpoint_dir} is intact"
+                f"the last checkpoint in {checkpoints} is intact"
             )
 
         interval, exit_interval = run.checkpoint.save_interval, run.schedule.exit_interval
@@ -206,12 +206,13 @@ def _train_on_this_rank(run: RunConfig, context: ParallelContext,
         stop = signalled or (bool(exit_interval) and step % exit_interval == 0 and step < last_step)
         if stop or (interval and (step % interval == 0 or step == last_step)):
             # The run id lives on the logging rank; rank 0 writes the plain entries.
-            run_id = [tracker.run_id]
-            torch.distributed.broadcast_object_list(run_id, src=context.world_size - 1)
+            # The run id may not exist yet (the server is slow or down); the token always does.
+            tracking_run = [tracker.run_id, tracker.run_token]
+            torch.distributed.broadcast_object_list(tracking_run, src=context.world_size - 1)
             saved = save_checkpoint(
-                checkpoint_dir, step, models.student.module, optimizer, scheduler,
+                checkpoints, step, models.student.module, optimizer, scheduler,
                 extra={"sampler": feed.state_dict(), "config": run.to_dict(),
-                       "tracking_run_id": run_id[0]},
+                       "tracking_run_id": tracking_run[0], "tracking_run_token": tracking_run[1]},
                 keep_last=run.checkpoint.keep_last, optimizer_format=run.checkpoint.optimizer_format)
             if run.tracking.log_checkpoints:
                 tracker.log_artifact(saved, "checkpoints")

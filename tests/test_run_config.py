@@ -25,10 +25,10 @@ def recipe(tmp_path):
 
 
 def test_overrides_reach_nested_sections(recipe):
-    run = load_run_config(recipe(), ["loss.method=fkl", "schedule.train_steps=7",
+    run = load_run_config(recipe(), ["loss.method=fkl", "schedule.train_steps=17",
                                      "parallel.tensor_model_parallel_size=2", "optimizer.lr=3e-4",
                                      "teacher.checkpoint=/ckpt/teacher"])
-    assert run.loss.method == "fkl" and run.schedule.train_steps == 7
+    assert run.loss.method == "fkl" and run.schedule.train_steps == 17
     assert run.parallel.tensor_model_parallel_size == 2 and run.optimizer.lr == 3e-4
     assert run.teacher.checkpoint == "/ckpt/teacher"
     assert run.student.description("student").num_layers == 2
@@ -47,6 +47,8 @@ def test_overrides_reach_nested_sections(recipe):
         (["lossmethod"], "expected dotted.key=value"),
         (["student.model.family.x=1"], "student.model.family is not a section"),
         (["optimizer.lr=fast"], "optimizer.lr: expected a number, got 'fast'"),
+        (["schedule.train_steps=4", "schedule.warmup_steps=4"],
+         "schedule.warmup_steps: must be in [0, schedule.train_steps), got 4 with train_steps 4"),
     ],
 )
 def test_errors_name_the_key(recipe, overrides, expected):

@@ -156,6 +156,27 @@ def test_resume_continues_the_run_without_duplicates(server, tmp_path, capfd):
     assert "schedule.train_steps" in err and f"continuing run {run_id}" in err
 
 
+def test_a_checkpoint_saved_before_the_run_existed_still_continues_it(server, tmp_path):
+    """A stop can come before the server has answered the create request; the checkpoint
+    then holds the run token but no run id. The next job must find the run by the token."""
+    client = MlflowClient(server.uri)
+    config = fast_retries(server.uri, "resume-by-token")
+    first = start_tracking(config, tmp_path / "run", PARAMS)
+    token = first.run_token  # what the checkpoint saves, known before any request
+    assert token
+    log_steps(first, range(1, 4))
+    first.finish("KILLED")
+
+    second = start_tracking(config, tmp_path / "run", PARAMS, run_token=token)
+    assert second.run_id is None  # not known until the search answers
+    log_steps(second, range(3, 6))
+    second.finish("FINISHED")
+
+    run = only_run(client, "resume-by-token")
+    assert run.info.run_id == first.run_id == second.run_id and run.info.status == "FINISHED"
+    assert recorded_steps(client, run.info.run_id, "loss") == [1, 2, 3, 4, 5]
+
+
 def test_lost_responses_are_not_resent(server, tmp_path):
     """The server handles a log-batch but its answer is lost: the tracker must not send
     those points again (it re-reads the run before retrying)."""

@@ -125,5 +125,5 @@ def test_command_line_reports_bad_input_in_one_line(prepared_data, tmp_path):
                              f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: {tmp_path / 'missing'}.json: no such file (write the dataset with tools/prepare_data.py)")
+        f"error: data.train: {tmp_path / 'missing'}.json: no such file (write the dataset with tools/prepare_data.py)")
     assert "Traceback" not in result.stderr

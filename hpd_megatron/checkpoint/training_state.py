@@ -23,6 +23,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from hpd_megatron.checkpoint.dist_save import save_sharded
 from hpd_megatron.checkpoint.verify import CheckpointError, check_shapes, read_index
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -155,7 +156,7 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     state.update(step=step, scheduler=scheduler.state_dict(), extra=extra, grid=_grid(),
                  distributed_optimizer=_uses_distributed_optimizer(optimizer),
                  optimizer_format=optimizer_format)
-    dist_checkpointing.save(state, str(partial))
+    save_sharded(state, str(partial))
     dist.barrier()
     if dist.get_rank() == 0:
         if final.exists():

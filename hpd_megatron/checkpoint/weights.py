@@ -21,6 +21,7 @@ import torch.distributed as dist
 import yaml
 from megatron.core import dist_checkpointing
 
+from hpd_megatron.checkpoint.dist_save import save_sharded
 from hpd_megatron.checkpoint.training_state import TRACKER, iteration_dir, latest_step
 from hpd_megatron.checkpoint.verify import CheckpointError, check_shapes, read_index
 from hpd_megatron.models.description import ModelDescription
@@ -32,7 +33,7 @@ def save_model_weights(model: torch.nn.Module, directory: str | Path) -> None:
     """Collectively save this stage's weights into ``directory`` (all ranks call it)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(model.sharded_state_dict(), str(directory))
+    save_sharded(model.sharded_state_dict(), str(directory))
 
 
 def export_model_weights(model: torch.nn.Module, directory: str | Path,

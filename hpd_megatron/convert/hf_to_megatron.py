@@ -272,7 +272,8 @@ def convert(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
     per-process statistics: bytes read and the positions written.
     """
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing
+
+    from hpd_megatron.checkpoint.dist_save import save_sharded
 
     out = Path(out)
     source = open_hf_checkpoint(hf_dir)
@@ -293,7 +294,7 @@ def convert(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
         rss_before_save = psutil.Process().memory_info().rss  # reported by the benchmark
         if progress and rank == 0:
             print(f"writing the distributed checkpoint to {partial}", flush=True)
-        dist_checkpointing.save(state, str(partial))
+        save_sharded(state, str(partial))
         shard_bytes = sum(t.data.numel() * t.data.element_size() for t in state.values()
                           if hasattr(t, "global_shape") and t.data is not None)
         del state

@@ -48,7 +48,8 @@ class RemoteRun:
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str,
                  params: dict[str, str], tags: dict[str, str], run_id: Optional[str],
-                 artifact_location: Optional[str], say: Callable[[str], None]) -> None:
+                 artifact_location: Optional[str], say: Callable[[str], None],
+                 creation_token: Optional[str] = None) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.resumed = run_id is not None
@@ -63,8 +64,10 @@ class RemoteRun:
         self._tags = tags
         self._artifact_location = artifact_location
         self._say = say
-        self._creation_token = uuid.uuid4().hex
-        self._creation_tried = False
+        self.creation_token = creation_token or uuid.uuid4().hex
+        """Tagged on the run at creation. Known before the server answers, so a checkpoint
+        saved before the run existed can still name it (``creation_token`` from there)."""
+        self._creation_tried = creation_token is not None
         self._client = None
 
     # -- the run ----------------------------------------------------------------------
@@ -72,6 +75,16 @@ class RemoteRun:
         """Create the run, or continue ``run_id``; log params and tags. Safe to call again
         after any failure: each step checks what is already done."""
         client = self._mlflow()
+        if self.run_id is None and self._creation_tried:
+            # A create request may have reached the server without its answer reaching us
+            # (here, or in the earlier job whose checkpoint gave the token): continue that
+            # run rather than create a second one.
+            found = client.search_runs(
+                [self._experiment_id(client)], f"tags.`{CREATION_TOKEN_TAG}` = '{self.creation_token}'",
+                max_results=1,
+            )
+            if found:
+                self.run_id, self.resumed = found[0].info.run_id, True
         if self.run_id is not None and self.resumed:
             self._continue_run(client)
         else:
@@ -80,21 +93,12 @@ class RemoteRun:
 
     def _create_run(self, client) -> None:
         if self.run_id is None:
-            experiment_id = self._experiment_id(client)
-            if self._creation_tried:
-                found = client.search_runs(
-                    [experiment_id], f"tags.`{CREATION_TOKEN_TAG}` = '{self._creation_token}'",
-                    max_results=1,
-                )
-                if found:
-                    self.run_id = found[0].info.run_id
-            if self.run_id is None:
-                self._creation_tried = True
-                run = client.create_run(
-                    experiment_id, run_name=self._run_name,
-                    tags={**self._tags, CREATION_TOKEN_TAG: self._creation_token},
-                )
-                self.run_id = run.info.run_id
+            self._creation_tried = True
+            run = client.create_run(
+                self._experiment_id(client), run_name=self._run_name,
+                tags={**self._tags, CREATION_TOKEN_TAG: self.creation_token},
+            )
+            self.run_id = run.info.run_id
         self._log_params(client, self._params)
 
     def _continue_run(self, client) -> None:

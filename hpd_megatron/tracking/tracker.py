@@ -80,12 +80,13 @@ class Tracker:
 
     def __init__(self, config: TrackingConfig, tracking_uri: str, params: dict[str, str],
                  run_name: str, run_id: Optional[str] = None,
-                 tags: Optional[dict[str, str]] = None) -> None:
+                 tags: Optional[dict[str, str]] = None, run_token: Optional[str] = None) -> None:
         self._config = config
         self._uri = tracking_uri
         self._outbox = Outbox(config.max_buffered_metrics)
         self._remote = RemoteRun(tracking_uri, config.experiment, run_name, params, dict(tags or {}),
-                                 run_id, local_artifact_location(tracking_uri), say)
+                                 run_id, local_artifact_location(tracking_uri), say,
+                                 creation_token=run_token)
         self._stats = DeliveryStats()
         self._rejected = 0
         self._deadline: Optional[float] = None
@@ -109,6 +110,12 @@ class Tracker:
     def run_id(self) -> Optional[str]:
         """The run's id: known at once on a resume, else once the server created the run."""
         return self._remote.run_id
+
+    @property
+    def run_token(self) -> Optional[str]:
+        """Known at once: save it with a checkpoint beside ``run_id``, which may still be
+        None then; ``start_tracking(run_token=...)`` finds the run by it."""
+        return self._remote.creation_token
 
     @property
     def tracking_uri(self) -> str:
@@ -365,6 +372,10 @@ class NullTracker(Tracker):
         return None
 
     @property
+    def run_token(self) -> Optional[str]:
+        return None
+
+    @property
     def tracking_uri(self) -> str:
         return ""
 
@@ -387,10 +398,12 @@ class NullTracker(Tracker):
 
 def start_tracking(config: TrackingConfig, run_dir: Path, params: Mapping[str, Any],
                    run_id: Optional[str] = None,
-                   tags: Optional[dict[str, str]] = None) -> Tracker:
+                   tags: Optional[dict[str, str]] = None,
+                   run_token: Optional[str] = None) -> Tracker:
     """Start tracking this job (call it on the one logging rank; the others need nothing, or
-    a ``NullTracker``). ``run_id`` (from the checkpoint) continues that run; None creates
-    a run in ``config.experiment``. ``params`` is the nested resolved config; ``tags`` are
+    a ``NullTracker``). ``run_id`` (from the checkpoint) continues that run; else a
+    ``run_token`` from the checkpoint continues the run created with it, if any; else a
+    new run is created in ``config.experiment``. ``params`` is the nested resolved config; ``tags`` are
     added to ``default_tags()``. Returns at once, whatever the server's state."""
     if not config.enabled:
         return NullTracker()
@@ -408,6 +421,7 @@ def start_tracking(config: TrackingConfig, run_dir: Path, params: Mapping[str, A
         run_name=config.run_name or run_dir.resolve().name,
         run_id=run_id,
         tags={**default_tags(), **(tags or {})},
+        run_token=run_token,
     )
 
 

@@ -113,7 +113,7 @@ def build_optimizer(run: RunConfig, student: DistributedDataParallel):
         init_lr=0.0,
         max_lr=opt.lr,
         min_lr=opt.lr * opt.min_lr_ratio,
-        lr_warmup_steps=min(run.schedule.warmup_steps, steps),
+        lr_warmup_steps=run.schedule.warmup_steps,
         lr_decay_steps=steps,
         lr_decay_style=run.schedule.decay_style,
         start_wd=opt.weight_decay,

@@ -1,6 +1,6 @@
 """RunConfig: a YAML recipe plus dotted command-line overrides, as typed dataclasses.
 
-    run = load_run_config("recipes/tiny_cpu.yaml", ["loss.method=fkl", "schedule.train_steps=5"])
+    run = load_run_config("recipes/tiny_cpu.yaml", ["loss.method=fkl", "schedule.train_steps=50"])
 
 Every section is a dataclass; unknown keys and values of the wrong type are errors that
 name the dotted key (``ConfigError``). Paths in the recipe are taken relative to the
@@ -164,6 +164,10 @@ class RunConfig:
         for name in ("train_steps", "global_batch_size", "micro_batch_size"):
             if getattr(self.schedule, name) < 1:
                 raise ConfigError(f"schedule.{name}: must be >= 1, got {getattr(self.schedule, name)}")
+        if not 0 <= self.schedule.warmup_steps < self.schedule.train_steps:
+            # Megatron's scheduler asserts this deep inside; say it with the keys.
+            raise ConfigError(f"schedule.warmup_steps: must be in [0, schedule.train_steps), got "
+                              f"{self.schedule.warmup_steps} with train_steps {self.schedule.train_steps}")
         if self.data.seq_length < 2:
             raise ConfigError(f"data.seq_length: must be >= 2, got {self.data.seq_length}")
 

@@ -1,0 +1,119 @@
+# shellcheck shell=bash
+# Sourced by the sbatch templates. Only the environment lives here: the training logic is
+# the same `python -m hpd_megatron.train` that torchrun and the tests run.
+#
+# Launcher: one task per GPU, started by srun (never torchrun under srun). Slurm then knows
+# every rank: each one gets the stop signal straight from srun, accounting and cgroups see
+# real processes, and the trainer reads SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID.
+#
+# What a site sets (environment of the submitting shell, which sbatch passes on):
+#   HPD_HOME         the project checkout (default: the directory sbatch was run from)
+#   HPD_PYTHON       the interpreter (default: $HPD_HOME/.venv/bin/python, or python in a container)
+#   CONTAINER_IMAGE  run every step in this image with pyxis/enroot; CONTAINER_MOUNTS adds
+#                    mounts (src:dst[,src:dst]) beside the checkout itself
+#   HPD_GPU_MEM_GB   usable memory per GPU for the planner (default 80)
+#   HPD_MAX_REQUEUES stop requeueing after this many restarts (default 50)
+#   HPD_EXIT_GRACE_S once one rank has exited, how long the others get before srun ends
+#                    them (default 120; not --kill-on-bad-exit, which would kill ranks that
+#                    are still finishing their part of a stop with exit code 75)
+#   MASTER_PORT      rendezvous port (default: derived from the job id)
+#   NCCL_*, CUDA_*   passed through; NCCL_SOCKET_IFNAME / NCCL_IB_HCA are the usual ones
+# Account, partition, QoS, time and node count are sbatch flags or SBATCH_* variables.
+
+# The exit code of a trainer that saved after a stop signal (hpd_megatron.checkpoint.signals).
+HPD_STOP_EXIT_CODE=75
+
+hpd_log() {
+    echo "[hpd $(date +%H:%M:%S)] $*"
+}
+
+# cd to the checkout, pick the interpreter, and export the rendezvous and GPU settings.
+hpd_environment() {
+    HPD_HOME=${HPD_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
+    cd "$HPD_HOME" || { hpd_log "error: HPD_HOME=$HPD_HOME: no such directory"; exit 1; }
+    export HPD_HOME
+    if [[ -z ${HPD_PYTHON:-} ]]; then
+        if [[ -z ${CONTAINER_IMAGE:-} && -x $HPD_HOME/.venv/bin/python ]]; then
+            HPD_PYTHON=$HPD_HOME/.venv/bin/python
+        else
+            HPD_PYTHON=python
+        fi
+    fi
+    # Rendezvous on the first host of the allocation. The port follows the job id, so two
+    # jobs that share a node do not collide, and stays the same across requeues.
+    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+    export MASTER_ADDR MASTER_PORT
+    # Megatron's tensor-parallel overlap relies on one CUDA work queue per device.
+    export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+    # A rank stuck in a collective fails the job instead of hanging it until the time limit.
+    export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+    export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+    # The script as submitted (Slurm's copy of it), logged to the tracking run.
+    export HPD_SBATCH_SCRIPT=${HPD_SBATCH_SCRIPT:-$0}
+
+    HPD_SRUN_ARGS=()
+    if [[ -n ${CONTAINER_IMAGE:-} ]]; then
+        HPD_SRUN_ARGS+=(--container-image="$CONTAINER_IMAGE"
+                        --container-mounts="$HPD_HOME:$HPD_HOME${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}"
+                        --container-workdir="$HPD_HOME" --no-container-mount-home)
+    fi
+    hpd_log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NODES node(s):" \
+        "$SLURM_JOB_NODELIST; rendezvous $MASTER_ADDR:$MASTER_PORT; python $HPD_PYTHON;" \
+        "container ${CONTAINER_IMAGE:-none}"
+}
+
+# One task on the first node: the planner's dry run plus a check of every input path, so a
+# layout that cannot fit or a missing checkpoint or dataset stops the job before any rank starts.
+hpd_preflight() {
+    local recipe=$1
+    shift
+    hpd_log "preflight: python -m hpd_megatron.plan --config $recipe --check-inputs $*"
+    if ! srun "${HPD_SRUN_ARGS[@]}" --nodes=1 --ntasks=1 "$HPD_PYTHON" -m hpd_megatron.plan \
+            --config "$recipe" --nodes "$SLURM_JOB_NUM_NODES" \
+            --gpus-per-node "${SLURM_NTASKS_PER_NODE:-$((SLURM_NTASKS / SLURM_JOB_NUM_NODES))}" \
+            --gpu-mem-gb "${HPD_GPU_MEM_GB:-80}" --check-inputs "$@"; then
+        hpd_log "error: preflight failed (above); no rank was started"
+        exit 1
+    fi
+}
+
+# srun every rank in the background so the batch shell can take the stop signal
+# (--signal=B:USR1@...) and hand it to srun, which passes it to every task.
+# Returns the step's exit code (the highest of its tasks').
+hpd_run_step() {
+    local step_pid status
+    srun "${HPD_SRUN_ARGS[@]}" --wait="${HPD_EXIT_GRACE_S:-120}" "$@" &
+    step_pid=$!
+    # shellcheck disable=SC2064  # the pid is fixed now, on purpose
+    trap "hpd_log 'stop signal: passing it to the ranks'; kill -USR1 $step_pid" USR1
+    while true; do
+        status=0
+        wait "$step_pid" || status=$?
+        # A trapped signal interrupts wait (status > 128) while srun still runs: wait again.
+        kill -0 "$step_pid" 2>/dev/null || break
+    done
+    trap - USR1
+    return "$status"
+}
+
+# Train a recipe; on the trainer's stop code, requeue this same job id to resume.
+hpd_train() {
+    local recipe=$1 status=0
+    shift
+    hpd_preflight "$recipe" "$@"
+    hpd_log "launching $SLURM_NTASKS rank(s): python -m hpd_megatron.train --config $recipe $*"
+    hpd_run_step "$HPD_PYTHON" -m hpd_megatron.train --config "$recipe" "$@" || status=$?
+    if (( status == HPD_STOP_EXIT_CODE )); then
+        if (( ${SLURM_RESTART_COUNT:-0} >= ${HPD_MAX_REQUEUES:-50} )); then
+            hpd_log "stopped after a checkpoint; not requeueing (restart ${SLURM_RESTART_COUNT:-0} of ${HPD_MAX_REQUEUES:-50})"
+            exit "$status"
+        fi
+        hpd_log "the trainer saved and stopped; requeueing job $SLURM_JOB_ID to resume from its checkpoint"
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
+    hpd_log "the trainer exited with $status"
+    exit "$status"
+}
