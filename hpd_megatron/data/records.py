@@ -60,7 +60,8 @@ def conversation(record: Any) -> list[Message]:
     )
 
 
-def _messages(messages: Any) -> list[Message]:
+def checked_messages(messages: Any) -> list[Message]:
+    """A ``messages`` list with each role and content checked; DataError names the first bad one."""
     if not isinstance(messages, list):
         raise DataError(f'"messages" must be a list, got {type(messages).__name__}')
     checked = []
@@ -70,6 +71,11 @@ def _messages(messages: Any) -> list[Message]:
         if message.get("role") not in ROLES:
             raise DataError(f"messages[{i}]: role {message.get('role')!r} is not one of {', '.join(ROLES)}")
         checked.append({"role": message["role"], "content": message["content"]})
+    return checked
+
+
+def _messages(messages: Any) -> list[Message]:
+    checked = checked_messages(messages)
     if not any(m["role"] == "assistant" for m in checked):
         raise DataError("record has no assistant message (nothing to train on)")
     return checked

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from hpd_megatron.data.chat import ROLES, Message, encode_prompt
+from hpd_megatron.data.chat import Message, encode_prompt
 from hpd_megatron.data.files import DataError
+from hpd_megatron.data.records import checked_messages
 from hpd_megatron.data.tokenizer import Tokenizer
 from hpd_megatron.eval.answers import extract_answer
 
@@ -94,16 +95,9 @@ def _record(raw: Any, line: int) -> EvalRecord:
 
 
 def _messages(value: Any) -> list[Message]:
-    if not isinstance(value, list) or not value:
+    if value == []:
         raise DataError('"messages" must be a non-empty list')
-    checked = []
-    for i, message in enumerate(value):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise DataError(f'messages[{i}]: expected {{"role": ..., "content": "..."}}, got {message!r}')
-        if message.get("role") not in ROLES:
-            raise DataError(f"messages[{i}]: role {message.get('role')!r} is not one of {', '.join(ROLES)}")
-        checked.append({"role": message["role"], "content": message["content"]})
-    return checked
+    return checked_messages(value)
 
 
 def encode_prompts(
