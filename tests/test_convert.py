@@ -26,7 +26,9 @@ import torch
 from tests.multiprocess import run_on_ranks
 
 SEQ, BATCH, GREEDY = 96, 2, 4
-LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
+# TP and PP together; TP-only and PP-only loading of the same GPTModels is covered by
+# tests/test_layout_equivalence.py (each layout here costs a multi-process launch).
+LAYOUTS = [(1, 1), (2, 2)]
 TOKENIZER_TOKENS = 300  # qwen2's tokenizer; its config has 400 embedding rows
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}

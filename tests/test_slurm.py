@@ -197,3 +197,20 @@ def test_missing_inputs_fail_the_job_before_any_rank_starts(cluster, tmp_path):
     assert f"data.train: {missing['HPD_DATA']}.json: no such file" in log
     assert "no rank was started" in log and "launching" not in log
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("image", ["", "nvcr.io/nvidia/pytorch:25.01-py3"])
+def test_environment_rendezvous_and_container_flags(cluster, tmp_path, image):
+    script = ('source slurm/common.sh; hpd_environment >/dev/null; '
+              'echo "$MASTER_ADDR $MASTER_PORT $HPD_PYTHON"; printf "%s\\n" "${HPD_SRUN_ARGS[@]}"')
+    env = {"SLURM_JOB_NODELIST": "gpu-[017-018,020]", "SLURM_JOB_ID": "123456", "SLURM_JOB_NUM_NODES": "3",
+           "HPD_HOME": str(ROOT), "CONTAINER_IMAGE": image, "CONTAINER_MOUNTS": "/data:/data"}
+    result = cluster.run("bash", "-c", script, cwd=ROOT, env=env)
+    first, *flags = result.stdout.splitlines()
+    python = "python" if image else str(ROOT / ".venv" / "bin" / "python")
+    assert first == f"gpu-017 {20000 + 123456 % 20000} {python}"
+    if image:
+        assert flags == [f"--container-image={image}", f"--container-mounts={ROOT}:{ROOT},/data:/data",
+                         f"--container-workdir={ROOT}", "--no-container-mount-home"]
+    else:
+        assert flags == [""]  # printf's one empty line: no container flag at all

@@ -19,7 +19,6 @@ LAYOUTS = {
     "DP2": (2, []),
     "DP2 distributed optimizer": (2, ["optimizer.use_distributed_optimizer=true"]),
     "micro-batch 1": (1, ["schedule.micro_batch_size=1"]),
-    "micro-batch 4": (1, ["schedule.micro_batch_size=4"]),
 }
 
 
