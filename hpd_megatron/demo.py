@@ -1,12 +1,15 @@
-"""`make demo`: the whole recipe on the embedded default, on this machine's CPUs.
+"""`make demo`: train a tiny teacher, distil it five ways, compare the students in one table.
 
 1. write the synthetic arithmetic task (seeded) and train a SentencePiece tokenizer on it;
 2. tokenize it into Megatron indexed datasets with response-only loss masks;
 3. SFT-train the tiny teacher (recipes/tiny_cpu_teacher.yaml, TP=2, 2 gloo ranks);
-4. HPD-distil a smaller student from it (recipes/tiny_cpu.yaml, PP=2, 2 gloo ranks);
-5. print a summary of both loss curves.
+4. the study (hpd_megatron/eval/study.py, one process): the teacher's own replies become the
+   students' data, and sft, fkl, rkl, jsd and hpd each train the same initial student for
+   the same steps; every checkpoint is evaluated on held-out problems;
+5. print the table and write the plot (hpd_megatron/eval/study_report.py).
 
-Each training stage is the same `torchrun -m hpd_megatron.train` a user runs.
+Each training stage is the same `hpd_megatron.train` a user runs. `--long` runs a longer
+study (a longer-trained teacher; more student steps, data, problems and samples).
 """
 
 from __future__ import annotations
@@ -21,67 +24,62 @@ from pathlib import Path
 
 from hpd_megatron.data import prepare
 from hpd_megatron.data.arithmetic import write_task
+from hpd_megatron.eval.study_report import RESULTS, format_table, plot_curves
 from hpd_megatron.training.config import load_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TEACHER_RECIPE = ROOT / "recipes" / "tiny_cpu_teacher.yaml"
-STUDENT_RECIPE = ROOT / "recipes" / "tiny_cpu.yaml"
+STUDY_DIR = Path("runs/tiny_cpu/study")
+# Two-digit problems: replies of at most 52 tokens (69 with prompt and chat format, within
+# SEQ_LENGTH, so no record is truncated), which generation (a full forward per
+# token) can afford on two cores. 200 teacher steps keep `make demo` under 10 minutes but
+# leave the teacher weak (see the README's study section); --long trains it longer.
+MAX_DIGITS = 2
+SEQ_LENGTH = 80
+TEACHER_STEPS = 200
+LONG_TEACHER_STEPS = 1000
 
 
-def _torchrun(recipe: Path, ranks: int, overrides: list[str]) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={ranks}", "-m", "hpd_megatron.train", "--config", str(recipe),
-               *overrides]
+def _torchrun(ranks: int, arguments: list[str]) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+               *arguments]
     print("$ " + " ".join(command[2:]), flush=True)
     subprocess.run(command, check=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
 
 
-def _curve(run_dir: str, key: str) -> list[float]:
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)[key] for line in lines]
-
-
-def _summary(name: str, values: list[float]) -> str:
-    tenth = max(len(values) // 10, 1)
-    first = sum(values[:tenth]) / tenth
-    last = sum(values[-tenth:]) / tenth
-    return f"{name}: {first:.3f} (first {tenth} steps) -> {last:.3f} (last {tenth} steps)"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=None, help="override both stages' train_steps")
+    parser.add_argument("--long", action="store_true", help="the longer study (teacher steps and eval/study.py LONG)")
     parser.add_argument("--train-problems", type=int, default=2000)
     args = parser.parse_args()
-    overrides = [f"schedule.train_steps={args.steps}"] if args.steps else []
+    steps = LONG_TEACHER_STEPS if args.long else TEACHER_STEPS
+    overrides = [f"data.seq_length={SEQ_LENGTH}", f"schedule.train_steps={steps}"]
     teacher_run = load_run_config(TEACHER_RECIPE, overrides)
-    student_run = load_run_config(STUDENT_RECIPE, overrides)
     start = time.perf_counter()
 
     data_dir = Path(teacher_run.data.train).parent
-    print(f"[1/4] arithmetic task ({args.train_problems} problems) and a SentencePiece tokenizer "
+    print(f"[1/5] arithmetic task ({args.train_problems} problems) and a SentencePiece tokenizer "
           f"-> {data_dir}", flush=True)
-    write_task(data_dir, num_train=args.train_problems, num_test=200, seed=0, max_digits=3,
+    write_task(data_dir, num_train=args.train_problems, num_test=200, seed=0, max_digits=MAX_DIGITS,
                tokenizer_vocab_size=teacher_run.student.description("student").vocab_size)
-    print("[2/4] tokenize, mask prompts, write indexed datasets", flush=True)
+    print("[2/5] tokenize, mask prompts, write indexed datasets", flush=True)
     prepare(data_dir / "train.jsonl", data_dir / "tokenizer.model", teacher_run.data.train,
-            seq_length=teacher_run.data.seq_length)
+            seq_length=SEQ_LENGTH)
 
-    print("[3/4] SFT of the tiny teacher at TP=2", flush=True)
-    _torchrun(TEACHER_RECIPE, 2, overrides)
-    print("[4/4] HPD distillation of the student at PP=2 (teacher and student share the pipeline)",
-          flush=True)
-    _torchrun(STUDENT_RECIPE, 2, overrides)
+    print("[3/5] SFT of the tiny teacher at TP=2", flush=True)
+    _torchrun(2, ["-m", "hpd_megatron.train", "--config", str(TEACHER_RECIPE), *overrides])
+    print("[4/5] the study: five students from the teacher's replies (one process)", flush=True)
+    _torchrun(1, ["-m", "hpd_megatron.eval.study", "--teacher", teacher_run.checkpoint.export_dir,
+                  "--task", str(data_dir), "--out", str(STUDY_DIR), *(["--long"] if args.long else [])])
 
-    print("\nsummary (token means over supervised response tokens):")
-    print("  " + _summary("teacher SFT cross-entropy", _curve(teacher_run.run_dir, "cross_entropy")))
-    print("  " + _summary("student cross-entropy on the data", _curve(student_run.run_dir, "cross_entropy")))
-    print("  " + _summary("student HPD objective", _curve(student_run.run_dir, "loss")))
-    negative = _curve(student_run.run_dir, "hpd/a_negative")
-    print("  " + _summary("share of positions with A < 0 (teacher below student on the data token)",
-                          negative))
-    print(f"  weights: teacher {teacher_run.checkpoint.export_dir}, student "
-          f"{student_run.checkpoint.export_dir}; metrics: <run_dir>/metrics.jsonl")
+    print("[5/5] results", flush=True)
+    results = json.loads((STUDY_DIR / RESULTS).read_text())
+    table = format_table(results)
+    (STUDY_DIR / "table.md").write_text(table + "\n")
+    plot_curves(results, STUDY_DIR / "study.png")
+    print(f"\n{table}\n")
+    print(f"teacher data: {results['teacher_data']}")
+    print(f"numbers: {STUDY_DIR / RESULTS}; plot: {STUDY_DIR / 'study.png'}")
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
 
 

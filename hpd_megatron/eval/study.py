@@ -1,0 +1,195 @@
+"""The demo's study: one teacher, five students, the same start, data and steps.
+
+    torchrun --nproc-per-node 1 -m hpd_megatron.eval.study --teacher runs/tiny_cpu/teacher_sft/export \\
+        --task runs/tiny_cpu/data --out runs/tiny_cpu/study [--long]
+
+In ONE process (each Megatron start-up costs 10-20 s on a small CPU machine):
+
+1. the teacher answers the first ``prompts`` training problems greedily; its finished
+   replies, prepared like any data set, are every student's off-policy data (sequence-level
+   KD for ``sft``, as the paper's code task);
+2. one random student initialisation is exported, and every method starts from it
+   (``checkpoint.load``), so the runs differ only in the loss;
+3. each method trains the student (recipes/tiny_cpu_study.yaml), saving every
+   ``save_interval`` steps;
+4. every checkpoint, and the teacher, answer the first ``test_problems`` held-out problems
+   ``samples`` times at temperature 0.7, top-p 0.95 (avg@k and the entropy of the sampling
+   distributions, as ``hpd_megatron.evaluate``), and every checkpoint is compared with the
+   teacher teacher-forced on the reference solutions of all held-out problems
+   (``divergence.py``).
+
+Everything is written to ``OUT/study.json``; ``study_report.py`` makes the table and plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from hpd_megatron.checkpoint.training_state import iteration_dir
+from hpd_megatron.checkpoint.weights import export_model_weights
+from hpd_megatron.data import prepare
+from hpd_megatron.data.files import staged_files
+from hpd_megatron.eval.divergence import compare_with_teacher
+from hpd_megatron.eval.runner import GenerationJob, run_generation
+from hpd_megatron.eval.study_report import RESULTS
+from hpd_megatron.eval.teacher_data import training_records
+from hpd_megatron.evaluate import score
+from hpd_megatron.models.builder import build_gpt_model, transformer_config
+from hpd_megatron.parallel.initialize import destroy_parallel, initialize_parallel
+from hpd_megatron.parallel.layout import ParallelLayout
+from hpd_megatron.train import train
+from hpd_megatron.training.config import load_run_config
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "recipes" / "tiny_cpu_study.yaml"
+METHODS = ("sft", "fkl", "rkl", "jsd", "hpd")
+
+
+@dataclass
+class StudyPlan:
+    teacher: str
+    """The teacher's weights (an export)."""
+    task: str
+    """The arithmetic task's directory: train.jsonl, test.jsonl, tokenizer.model."""
+    out: str
+    steps: int = 100
+    save_interval: int = 50
+    prompts: int = 256
+    """Training problems the teacher answers (the students' data)."""
+    test_problems: int = 50
+    samples: int = 4
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 56
+    """The demo's two-digit problems have reference solutions of at most 52 tokens; a reply
+    that does not end within this is dropped from the data (``training_records``) and
+    prompt plus reply stay within the recipe's seq_length (80)."""
+    methods: tuple[str, ...] = METHODS
+
+
+LONG = {"steps": 400, "save_interval": 50, "prompts": 1024, "test_problems": 200, "samples": 8}
+
+
+def _quiet(_message: str) -> None:
+    """Generation's per-batch progress lines would drown the study's own."""
+
+
+def teacher_data(plan: StudyPlan, prefix: Path, seq_length: int) -> dict[str, Any]:
+    """Greedy teacher replies to the first ``plan.prompts`` training problems, prepared at
+    ``prefix``; returns how many were kept and how many of them are correct."""
+    job = GenerationJob(ckpt=plan.teacher, data=str(Path(plan.task) / "train.jsonl"), limit=plan.prompts,
+                        max_new_tokens=plan.max_new_tokens, batch_size=128, require_answer=False)
+    run = run_generation(job, log=_quiet)
+    records, dropped = training_records(run.replies)
+    correct, _ = training_records(run.replies, only_correct=True)
+    jsonl = prefix.with_suffix(".jsonl")
+    with staged_files([jsonl]) as (out,):
+        out.write_text("".join(json.dumps(record) + "\n" for record in records))
+    prepare(jsonl, Path(plan.task) / "tokenizer.model", prefix, seq_length=seq_length, log=_quiet)
+    return {"replies": len(run.replies), "kept": len(records), "dropped_unfinished": dropped["unfinished"],
+            "correct": len(correct), "seconds": round(run.elapsed_s, 1)}
+
+
+def save_initialisation(recipe_overrides: list[str], directory: Path) -> None:
+    """One random student initialisation (the recipe's seed), exported for checkpoint.load."""
+    run = load_run_config(RECIPE, recipe_overrides)
+    description = run.student.description("student")
+    initialize_parallel(ParallelLayout(1, 1), seed=run.seed, models=[("student", description)])
+    try:
+        model = build_gpt_model(description, transformer_config(description))
+        export_model_weights(model, directory, description=description)
+    finally:
+        destroy_parallel()
+
+
+def evaluate(checkpoint: str | Path, plan: StudyPlan) -> dict[str, float]:
+    """avg@k, token entropy and reply length on the held-out problems (``evaluate.score``)."""
+    job = GenerationJob(ckpt=str(checkpoint), data=str(Path(plan.task) / "test.jsonl"), limit=plan.test_problems,
+                        samples=plan.samples, temperature=plan.temperature, top_p=plan.top_p,
+                        max_new_tokens=plan.max_new_tokens, batch_size=128)
+    _, metrics = score(run_generation(job, log=_quiet))
+    return {("accuracy" if key.startswith("avg@") else key): value for key, value in metrics.items()}
+
+
+def run_study(plan: StudyPlan) -> dict[str, Any]:
+    out = Path(plan.out)
+    # A run whose checkpoint directory holds a save would resume from it: start clean.
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "data").mkdir(parents=True)
+    seq_length = load_run_config(RECIPE).data.seq_length
+    start = time.perf_counter()
+    results: dict[str, Any] = {"plan": asdict(plan), "k": plan.samples}
+
+    print(f"[study 1/4] teacher replies to {plan.prompts} training problems (greedy)", flush=True)
+    results["teacher_data"] = teacher_data(plan, out / "data" / "teacher", seq_length)
+    print(f"  {results['teacher_data']}", flush=True)
+    prepare(Path(plan.task) / "test.jsonl", Path(plan.task) / "tokenizer.model", out / "data" / "heldout",
+            seq_length=seq_length, log=_quiet)
+
+    common = [f"data.train={out / 'data' / 'teacher'}", f"teacher.checkpoint={plan.teacher}",
+              f"schedule.train_steps={plan.steps}", f"checkpoint.save_interval={plan.save_interval}",
+              f"checkpoint.load={out / 'init'}"]
+    save_initialisation(common, out / "init")
+    students: dict[str, Any] = {}
+    for i, method in enumerate(plan.methods, 1):
+        print(f"[study 2/4] student {i}/{len(plan.methods)}: {method}, {plan.steps} steps", flush=True)
+        run = load_run_config(RECIPE, [*common, f"loss.method={method}", f"run_dir={out / method}"])
+        history = train(run)
+        students[method] = {
+            "seconds_per_step": statistics.median(row["step_time_s"] for row in history),
+            "final_cross_entropy": history[-1].get("cross_entropy"),
+            "checkpoints": [{"step": step} for step in range(plan.save_interval, plan.steps + 1, plan.save_interval)],
+        }
+        if plan.steps % plan.save_interval:
+            students[method]["checkpoints"].append({"step": plan.steps})
+
+    print(f"[study 3/4] evaluating the teacher and {sum(len(s['checkpoints']) for s in students.values())} "
+          f"student checkpoints on {plan.test_problems} held-out problems x {plan.samples} samples", flush=True)
+    results["teacher"] = evaluate(plan.teacher, plan)
+    paths = []
+    for method, student in students.items():
+        for checkpoint in student["checkpoints"]:
+            path = iteration_dir(out / method / "checkpoints", checkpoint["step"])
+            checkpoint.update(evaluate(path, plan))
+            paths.append((checkpoint, path))
+        print(f"  {method}: accuracy {student['checkpoints'][-1]['accuracy']:.3f}", flush=True)
+
+    print("[study 4/4] KL(teacher || student) on the held-out reference solutions", flush=True)
+    compared = compare_with_teacher(plan.teacher, load_run_config(RECIPE).student.description("student"),
+                                    [path for _, path in paths], out / "data" / "heldout", seq_length)
+    for (checkpoint, _), numbers in zip(paths, compared["students"]):
+        checkpoint["kl_to_teacher"] = numbers["kl_to_teacher"]
+        checkpoint["heldout_entropy"] = numbers["entropy"]
+    results["teacher"]["heldout_entropy"] = compared["teacher_entropy"]
+    results["heldout_tokens"] = compared["tokens"]
+    results["students"] = students
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    with staged_files([out / RESULTS]) as (file,):
+        file.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", required=True)
+    parser.add_argument("--task", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--long", action="store_true", help=f"the longer study: {LONG}")
+    parser.add_argument("--steps", type=int, help="student steps (default 100, 400 with --long)")
+    args = parser.parse_args(argv)
+    plan = StudyPlan(args.teacher, args.task, args.out, **(LONG if args.long else {}))
+    if args.steps:
+        plan.steps = args.steps
+        plan.save_interval = min(plan.save_interval, args.steps)
+    run_study(plan)
+
+
+if __name__ == "__main__":
+    main()
