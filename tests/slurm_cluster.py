@@ -24,13 +24,17 @@ from tests.multiprocess import free_port
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "shellcheck")
 
 
+def _find(name: str) -> Optional[str]:
+    # The daemons live in /usr/sbin, which a non-login PATH may lack.
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
+
+
 def missing_programs() -> list[str]:
-    found = {name: shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin") for name in DAEMONS}
-    return [name for name, path in found.items() if path is None]
+    return [name for name in DAEMONS if _find(name) is None]
 
 
 def _program(name: str) -> str:
-    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin") or name
+    return _find(name) or name
 
 
 class SlurmCluster:

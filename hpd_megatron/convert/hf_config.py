@@ -9,7 +9,6 @@ embedding rows, dtype, special token ids) travel in ``ModelDescription.extra``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,6 +16,7 @@ import torch
 
 from hpd_megatron.config import ConfigError
 from hpd_megatron.convert.errors import ConversionError
+from hpd_megatron.data.files import read_json_object
 from hpd_megatron.models.description import ModelDescription, RopeScaling
 
 # family -> the Hugging Face class that holds it (config.json's "architectures").
@@ -42,13 +42,7 @@ def read_config(hf_dir: str | Path) -> dict[str, Any]:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise ConversionError(f"{hf_dir}: no config.json (expected a Hugging Face model directory)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ConversionError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
-    if not isinstance(config, dict):
-        raise ConversionError(f"{path}: expected a JSON object")
-    return config
+    return read_json_object(path, ConversionError)
 
 
 def detect_family(config: dict[str, Any], where: str = "config.json") -> str:

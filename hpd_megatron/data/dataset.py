@@ -19,7 +19,6 @@ Each sample is a dict of tensors of length ``seq_length``: ``tokens``, ``labels`
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,7 +27,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from hpd_megatron.config import ConfigError
-from hpd_megatron.data.files import DataError
+from hpd_megatron.data.files import DataError, read_json_object
 from hpd_megatron.data.prepare import LOSS_MASK_SUFFIX, TOKENS_SUFFIX
 from hpd_megatron.losses import IGNORE_INDEX
 
@@ -109,7 +108,4 @@ def _pack(positions: numpy.ndarray, capacity: int) -> numpy.ndarray:
 def _read_sidecar(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"{path}: no such file (write the dataset with tools/prepare_data.py)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+    return read_json_object(path)

@@ -1,4 +1,5 @@
-"""The data error type, and writing several output files so that a failure leaves none.
+"""The data error type, reading a JSON object, and writing several output files so that a
+failure leaves none.
 
 Every problem with an input file is one ``DataError`` whose message starts with the file
 (and line or record), e.g. ``train.jsonl:17: not valid JSON (Expecting ',' delimiter)``.
@@ -7,15 +8,28 @@ Every problem with an input file is one ``DataError`` whose message starts with 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 
 class DataError(ValueError):
     """An input file is missing or malformed; the message names the file and line or record."""
+
+
+def read_json_object(path: Path, error: type[ValueError] = DataError) -> dict[str, Any]:
+    """The JSON object in ``path``; ``error`` (naming the file, and the line when the JSON is
+    broken) if it holds anything else."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as problem:
+        raise error(f"{path}:{problem.lineno}: not valid JSON ({problem.msg})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object")
+    return data
 
 
 @contextlib.contextmanager

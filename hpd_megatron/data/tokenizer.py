@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from hpd_megatron.config import ConfigError
-from hpd_megatron.data.files import DataError
+from hpd_megatron.data.files import DataError, read_json_object
 
 
 class Tokenizer:
@@ -105,7 +105,7 @@ class HFTokenizer(Tokenizer):
             raise DataError(f"{path}: not a Hugging Face tokenizer.json ({error})") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         config_path = path.parent / "tokenizer_config.json"
-        config = _read_json(config_path) if config_path.exists() else {}
+        config = read_json_object(config_path) if config_path.exists() else {}
         self.bos_id, self.eos_id, self.pad_id = (
             self._token_id(config, key, config_path) for key in ("bos_token", "eos_token", "pad_token")
         )
@@ -135,16 +135,6 @@ class HFTokenizer(Tokenizer):
 
     def piece(self, token_id: int) -> str:
         return self._tok.id_to_token(token_id)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object")
-    return data
 
 
 def _config_template(value: Any, config_path: Path) -> Optional[str]:

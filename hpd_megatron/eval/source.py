@@ -32,6 +32,7 @@ from hpd_megatron.config import ConfigError
 from hpd_megatron.data.files import DataError
 from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.training.config import ModelSource
+from hpd_megatron.training.inputs import checkpoint_dir_of
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 HF_FILES = "hf"
@@ -90,7 +91,7 @@ def _training_record(path: Path) -> tuple[Optional[dict], Optional[int], Optiona
     export_dir = (config.get("checkpoint") or {}).get("export_dir") if isinstance(config, dict) else None
     if not export_dir or Path(export_dir).resolve() != path.resolve():
         return None, None, None
-    checkpoints = Path(config["checkpoint"].get("dir") or Path(config.get("run_dir", ".")) / "checkpoints")
+    checkpoints = checkpoint_dir_of(config.get("run_dir", "."), config["checkpoint"].get("dir"))
     try:
         saved = latest_step(checkpoints)
         run_id = saved_extra(checkpoints, saved).get("tracking_run_id") if saved is not None else None

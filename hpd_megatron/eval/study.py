@@ -46,6 +46,7 @@ from hpd_megatron.parallel.initialize import destroy_parallel, initialize_parall
 from hpd_megatron.parallel.layout import ParallelLayout
 from hpd_megatron.train import train
 from hpd_megatron.training.config import load_run_config
+from hpd_megatron.training.inputs import checkpoint_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "tiny_cpu_study.yaml"
@@ -138,10 +139,12 @@ def run_study(plan: StudyPlan) -> dict[str, Any]:
               f"checkpoint.load={out / 'init'}"]
     save_initialisation(common, out / "init")
     students: dict[str, Any] = {}
+    directories: dict[str, Path] = {}
     for i, method in enumerate(plan.methods, 1):
         print(f"[study 2/4] student {i}/{len(plan.methods)}: {method}, {plan.steps} steps", flush=True)
         run = load_run_config(RECIPE, [*common, f"loss.method={method}", f"run_dir={out / method}"])
         history = train(run)
+        directories[method] = checkpoint_dir(run)
         students[method] = {
             "seconds_per_step": statistics.median(row["step_time_s"] for row in history),
             "final_cross_entropy": history[-1].get("cross_entropy"),
@@ -156,7 +159,7 @@ def run_study(plan: StudyPlan) -> dict[str, Any]:
     paths = []
     for method, student in students.items():
         for checkpoint in student["checkpoints"]:
-            path = iteration_dir(out / method / "checkpoints", checkpoint["step"])
+            path = iteration_dir(directories[method], checkpoint["step"])
             checkpoint.update(evaluate(path, plan))
             paths.append((checkpoint, path))
         print(f"  {method}: accuracy {student['checkpoints'][-1]['accuracy']:.3f}", flush=True)

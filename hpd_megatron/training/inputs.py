@@ -9,6 +9,7 @@ trainer on every rank and in the Slurm templates on the batch host (through
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from hpd_megatron.checkpoint.training_state import CheckpointError, latest_step
 from hpd_megatron.checkpoint.verify import read_index
@@ -20,7 +21,12 @@ from hpd_megatron.training.config import RunConfig
 
 def checkpoint_dir(run: RunConfig) -> Path:
     """Where the run's own training checkpoints live (and where it resumes from)."""
-    return Path(run.checkpoint.dir or Path(run.run_dir) / "checkpoints")
+    return checkpoint_dir_of(run.run_dir, run.checkpoint.dir)
+
+
+def checkpoint_dir_of(run_dir: str, configured: Optional[str]) -> Path:
+    """``checkpoint.dir``, else ``<run_dir>/checkpoints`` (also for a run's saved config)."""
+    return Path(configured or Path(run_dir) / "checkpoints")
 
 
 def _weights_problem(key: str, path: str) -> list[str]:
