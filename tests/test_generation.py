@@ -205,6 +205,15 @@ def _generate_on_layouts(root: str, ports: list[int]) -> dict:
     out["greedy_11"] = run(model, PROMPTS, greedy)
     out["sampled_11"] = run(model, PROMPTS, sampled)
     out["one_at_a_time"] = [run(model, [prompt], greedy)[0] for prompt in PROMPTS]
+    # The reference without a KV cache: one full causal forward over prompt + reply.
+    out["full_forward_argmax"] = []
+    for prompt, generation in zip(PROMPTS, out["greedy_11"]):
+        sequence = torch.tensor([list(prompt) + generation.tokens])
+        with torch.no_grad():
+            logits = model(input_ids=sequence, position_ids=torch.arange(sequence.shape[1])[None],
+                           attention_mask=None)
+        predicted = logits[0, len(prompt) - 1 : -1, : MODEL["vocab_size"]].argmax(-1)
+        out["full_forward_argmax"].append(predicted.tolist())
     out["eos_id"] = eos_id = out["greedy_11"][0].tokens[2]
     out["with_eos"] = run(model, PROMPTS, greedy, eos_id=eos_id)
     out["context"] = run(model, PROMPTS, greedy, context_length=CONTEXT)
@@ -263,6 +272,12 @@ def test_sampled_tp2_pp2_equals_tp1_pp1(generated):
     assert reference != _tokens(generated[0]["greedy_11"]), "sampling at T=0.9 should leave the greedy path"
     for result in generated:
         assert _tokens(result["sampled_22"]) == reference
+
+
+def test_cached_greedy_equals_full_forward_argmax(generated):
+    # Generation reuses Megatron's KV cache; a plain forward over the finished text must
+    # pick the same token at every generated position.
+    assert generated[0]["full_forward_argmax"] == _tokens(generated[0]["greedy_11"])
 
 
 def test_batched_equals_one_prompt_at_a_time(generated):

@@ -1,17 +1,17 @@
 """Batched generation with a Megatron GPTModel stage under any TP x PP layout.
 
-Each step runs the whole growing batch through Megatron's pipeline schedule
-(``run_schedule``, forward only; no KV cache), the last stage picks the next token of each
-unfinished row from its vocab-parallel logits (``sampling.next_tokens``) and broadcasts the
-tokens (and their entropies) to the other stages. A full forward per token costs
-O(length^2) but needs nothing Megatron-Core's training path does not already have, and is
-exactly the computation training does: for evaluation at scale use an inference engine
-(README_SECTION.md).
+Generation keeps keys and values in Megatron-Core's ``StaticInferenceContext`` (the KV
+cache of its static-batching inference path): the shortest prompt's tokens go through in
+one forward of the whole batch, and then every step feeds one token per row. A row whose
+prompt is longer is fed its own prompt tokens until they run out, so all rows share one
+position per step, as the cache needs. Each forward goes through Megatron's pipeline
+schedule (``run_schedule``, forward only); the last stage picks the next token of each row
+from its vocab-parallel logits (``sampling.next_tokens``) and broadcasts the tokens (and
+their entropies) to the other stages. For evaluation at scale, export to Hugging Face and
+use an inference engine (README, "Evaluation").
 
-Rows are right-padded and need no attention mask: attention is causal, so the logits at a
-row's last real position never see the padding after it, and positions are 0..len-1 as in
-training. A row stops at EOS (kept as its last token), after ``max_new_tokens``, or when
-prompt plus reply fill ``context_length``; finished rows leave the batch.
+A row stops at EOS (kept as its last token), after ``max_new_tokens``, or when prompt plus
+reply fill ``context_length``; finished rows leave the batch and the cache.
 
 Every rank of a model-parallel group (one TP x PP replica) calls ``generate`` with the same
 prompts and gets the same result.
@@ -25,10 +25,11 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.inference.contexts import StaticInferenceContext
 
 from hpd_megatron.eval.sampling import next_tokens
 from hpd_megatron.training.components import sample_seed
-from hpd_megatron.training.schedule import Batch, causal_lm_forward, run_schedule
+from hpd_megatron.training.schedule import Batch, run_schedule
 
 FINISH_REASONS = ("eos", "length", "context")
 
@@ -64,8 +65,8 @@ def generate(
 ) -> list[Generation]:
     """Continue every prompt (token ids) until it finishes; collective over the TP x PP group.
 
-    Sampled tokens depend on ``seed`` and on the batch (one uniform per row and step, drawn
-    for the whole batch), not on the TP or PP size.
+    Sampled tokens depend on ``seed`` and on the batch (one uniform per row and position,
+    drawn for the whole batch), not on the TP or PP size.
     """
     if settings.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {settings.max_new_tokens}")
@@ -80,53 +81,75 @@ def generate(
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
     generations = [Generation() for _ in prompts]
+    cache = StaticInferenceContext(max_batch_size=len(prompts), max_sequence_length=width)
+    # The shortest prompt is encoded in one forward; from there every row moves one position
+    # per step, and a row whose prompt is longer is fed its own next token instead of a sample.
+    start = min(lengths)
     active = list(range(len(prompts)))
-    for step in range(settings.max_new_tokens):
-        if not active:
-            break
-        ids, entropies = _next_step(
-            model, tokens[active, : max(lengths[row] for row in active)].to(device),
-            torch.tensor([lengths[row] - 1 for row in active], device=device),
-            settings, vocab_size, sample_seed(seed, step, 0),
-        )
-        still_active = []
-        for row, token, entropy in zip(active, ids.tolist(), entropies.tolist()):
+    chunk = tokens[:, :start]
+    for position in range(start, width):
+        ids, entropies = _next_step(model, chunk.to(device), position - chunk.shape[1], cache, settings,
+                                    vocab_size, sample_seed(seed, position, 0))
+        kept = []
+        for index, (row, token, entropy) in enumerate(zip(active, ids.tolist(), entropies.tolist())):
+            if position < lengths[row]:
+                kept.append(index)
+                continue
             generation = generations[row]
             generation.tokens.append(token)
             generation.entropies.append(entropy)
+            tokens[row, position] = token
             if token == eos_id:
                 generation.finish = "eos"
-                continue
-            tokens[row, lengths[row]] = token
-            lengths[row] += 1
-            if len(generation.tokens) == settings.max_new_tokens:
+            elif len(generation.tokens) == settings.max_new_tokens:
                 generation.finish = "length"
-            elif lengths[row] == context_length:
+            elif position + 1 == context_length:
                 generation.finish = "context"
             else:
-                still_active.append(row)
-        active = still_active
+                kept.append(index)
+        if not kept:
+            break
+        if len(kept) < len(active):
+            _keep_rows(cache, kept)
+            active = [active[index] for index in kept]
+        chunk = tokens[active, position : position + 1]
     return generations
 
 
+def _keep_rows(cache: StaticInferenceContext, rows: list[int]) -> None:
+    """Finished rows leave the KV cache too ([sequence, batch, ...] per layer), so later
+    steps compute only the rows still generating (``swap_key_value_dict`` only permutes)."""
+    index = torch.tensor(rows)
+    for layer, (keys, values) in cache.key_value_memory_dict.items():
+        index = index.to(keys.device)
+        cache.key_value_memory_dict[layer] = (keys[:, index], values[:, index])
+
+
 def _next_step(
-    model: torch.nn.Module, tokens: torch.Tensor, last: torch.Tensor, settings: SamplingSettings,
-    vocab_size: int, seed: int,
+    model: torch.nn.Module, tokens: torch.Tensor, offset: int, cache: StaticInferenceContext,
+    settings: SamplingSettings, vocab_size: int, seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward of the batch; every rank gets the next token and its entropy per row."""
+    """Feed ``tokens`` (positions ``offset``.. of every row) through the model with the KV
+    cache; every rank gets the next token and its entropy per row."""
     rows, length = tokens.shape
     batch: Batch = {
         "tokens": tokens,
-        "position_ids": torch.arange(length, device=tokens.device).unsqueeze(0).expand(rows, -1),
+        "position_ids": torch.arange(offset, offset + length, device=tokens.device).unsqueeze(0).expand(rows, -1),
     }
+    cache.sequence_len_offset = offset
 
     def forward_step(stage: torch.nn.Module, micro_batch: Batch):
         def last_logits(logits: torch.Tensor):
-            # [rows, length, vocab/TP] -> the logits that predict each row's next token.
-            picked = logits[torch.arange(rows, device=logits.device), last]
-            return logits.new_zeros(()), {"logits": picked}
+            # With a cache the last stage computes only the last position's logits, and
+            # Megatron gathers them over TP; the sampler is vocab-parallel, so each TP rank
+            # takes its own shard back.
+            tp_size = parallel_state.get_tensor_model_parallel_world_size()
+            width = logits.shape[-1] // tp_size
+            first = parallel_state.get_tensor_model_parallel_rank() * width
+            return logits.new_zeros(()), {"logits": logits[:, -1, first : first + width]}
 
-        return causal_lm_forward(stage, micro_batch), last_logits
+        return stage(input_ids=micro_batch["tokens"], position_ids=micro_batch["position_ids"],
+                     attention_mask=None, inference_context=cache, runtime_gather_output=True), last_logits
 
     reports = run_schedule(model, [batch], forward_step, seq_length=length, micro_batch_size=rows,
                            forward_only=True)
