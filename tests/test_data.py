@@ -387,6 +387,14 @@ def test_arithmetic_is_deterministic_and_splits_are_disjoint(tmp_path):
     assert generate(num_train=10, num_test=50, seed=11)[1] == test  # the test split ignores the train size
     with pytest.raises(ConfigError, match=r"found only \d+ distinct problems with max_digits=1"):
         generate(num_train=1000, num_test=0, seed=0, max_digits=1)
+    additions, _ = generate(num_train=200, num_test=0, seed=11, min_digits=2, max_digits=2, ops=("+",))
+    for record in additions:  # the demo's task: two two-digit numbers added
+        a, b = map(int, re.fullmatch(r"Compute (\d+) \+ (\d+)\.", record["prompt"]).groups())
+        assert 10 <= a <= 99 and 10 <= b <= 99 and record["answer"] == a + b
+    with pytest.raises(ConfigError, match=r"ops: expected some of \+ - \*, got /"):
+        generate(num_train=1, num_test=0, seed=0, ops=("/",))
+    with pytest.raises(ConfigError, match="min_digits <= max_digits"):
+        generate(num_train=1, num_test=0, seed=0, min_digits=3, max_digits=2)
     paths = write_task(tmp_path / "task", 30, 5, seed=11, tokenizer_vocab_size=60)
     assert [p.name for p in paths] == ["train.jsonl", "test.jsonl", "tokenizer.model"]
     written = [json.loads(line) for line in paths[0].read_text().splitlines()]

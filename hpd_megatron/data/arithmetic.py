@@ -6,8 +6,9 @@
               3 + 5 + 1 = 9, write 9.
               The answer is 936.
 
-Addition and subtraction of numbers with 1..max_digits digits (the shorter one padded with
-zeros, the smaller one subtracted from the larger), and multiplication by one digit 2..9.
+Addition and subtraction of numbers with min_digits..max_digits digits (the shorter one
+padded with zeros, the smaller one subtracted from the larger), and multiplication by one
+digit 2..9; ``ops`` picks which of the three are drawn.
 Every step is a true equation, and the digits written (with a final "Write the carry c.")
 read from the last to the first give the answer. With max_digits=3 a record is under 160
 characters.
@@ -23,7 +24,7 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from hpd_megatron.config import ConfigError
 from hpd_megatron.data.chat import builtin_text
@@ -84,12 +85,12 @@ def extract_answer(text: str) -> Optional[int]:
     return int(found[-1]) if found else None
 
 
-def draw_problem(rng: random.Random, max_digits: int) -> Problem:
+def draw_problem(rng: random.Random, max_digits: int, min_digits: int = 1, ops: Sequence[str] = OPS) -> Problem:
     def number() -> int:
-        digits = rng.randint(1, max_digits)
+        digits = rng.randint(min_digits, max_digits)
         return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
 
-    op = rng.choice(OPS)
+    op = rng.choice(ops)
     if op == "*":
         return number(), op, rng.randint(2, 9)
     a, b = number(), number()
@@ -102,17 +103,22 @@ def record(problem: Problem) -> dict[str, Any]:
     return {"prompt": f"Compute {a} {op} {b}.", "response": response, "answer": extract_answer(response)}
 
 
-def generate(num_train: int, num_test: int, seed: int, max_digits: int = 3) -> tuple[list[dict], list[dict]]:
+def generate(
+    num_train: int, num_test: int, seed: int, max_digits: int = 3, min_digits: int = 1, ops: Sequence[str] = OPS,
+) -> tuple[list[dict], list[dict]]:
     """(train, test) records: distinct problems, deterministic in the arguments."""
-    if num_train < 0 or num_test < 0 or max_digits < 1:
-        raise ConfigError(f"need num_train, num_test >= 0 and max_digits >= 1, got {num_train}, {num_test}, {max_digits}")
+    if num_train < 0 or num_test < 0 or not 1 <= min_digits <= max_digits:
+        raise ConfigError(f"need num_train, num_test >= 0 and 1 <= min_digits <= max_digits, got {num_train}, "
+                          f"{num_test}, {min_digits}, {max_digits}")
+    if not ops or set(ops) - set(OPS):
+        raise ConfigError(f"ops: expected some of {' '.join(OPS)}, got {' '.join(ops) or 'none'}")
     rng = random.Random(seed)
     wanted = num_train + num_test
     problems: dict[Problem, None] = {}  # insertion-ordered set
     for _ in range(20 * wanted + 1000):
         if len(problems) == wanted:
             break
-        problems[draw_problem(rng, max_digits)] = None
+        problems[draw_problem(rng, max_digits, min_digits, ops)] = None
     else:
         raise ConfigError(
             f"found only {len(problems)} distinct problems with max_digits={max_digits}, "
@@ -124,12 +130,12 @@ def generate(num_train: int, num_test: int, seed: int, max_digits: int = 3) -> t
 
 def write_task(
     out_dir: str | Path, num_train: int, num_test: int, seed: int, max_digits: int = 3,
-    tokenizer_vocab_size: int = 0,
+    tokenizer_vocab_size: int = 0, min_digits: int = 1, ops: Sequence[str] = OPS,
 ) -> list[Path]:
     """Write ``train.jsonl`` and ``test.jsonl`` (and, if ``tokenizer_vocab_size``, a
     SentencePiece ``tokenizer.model`` trained on the training split in the builtin chat
     format) into ``out_dir``, all or nothing; return the paths written."""
-    train, test = generate(num_train, num_test, seed, max_digits)
+    train, test = generate(num_train, num_test, seed, max_digits, min_digits, ops)
     out_dir = Path(out_dir)
     outputs = [out_dir / "train.jsonl", out_dir / "test.jsonl"]
     if tokenizer_vocab_size:

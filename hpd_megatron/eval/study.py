@@ -8,15 +8,17 @@ In ONE process (each Megatron start-up costs 10-20 s on a small CPU machine):
 1. the teacher answers the first ``prompts`` training problems greedily; its finished
    replies, prepared like any data set, are every student's off-policy data (sequence-level
    KD for ``sft``, as the paper's code task);
-2. one random student initialisation is exported, and every method starts from it
-   (``checkpoint.load``), so the runs differ only in the loss;
+2. the students' shared start: the student, SFT-trained for ``start_steps`` on the task's
+   reference solutions (as the paper's students are instruction-tuned models, not random
+   ones) and exported; every method loads it (``checkpoint.load``), so the runs differ
+   only in the loss;
 3. each method trains the student (recipes/tiny_cpu_study.yaml), saving every
    ``save_interval`` steps;
-4. every checkpoint, and the teacher, answer the first ``test_problems`` held-out problems
-   ``samples`` times at temperature 0.7, top-p 0.95 (avg@k and the entropy of the sampling
-   distributions, as ``hpd_megatron.evaluate``), and every checkpoint is compared with the
-   teacher teacher-forced on the reference solutions of all held-out problems
-   (``divergence.py``).
+4. the teacher, the start and every checkpoint answer the first ``test_problems``
+   held-out problems ``samples`` times at temperature 0.7, top-p 0.95 (avg@k and the
+   entropy of the sampling distributions, as ``hpd_megatron.evaluate``), and the start and
+   every checkpoint are compared with the teacher teacher-forced on the reference solutions
+   of all held-out problems (``divergence.py``).
 
 Everything is written to ``OUT/study.json``; ``study_report.py`` makes the table and plot.
 """
@@ -33,7 +35,6 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from hpd_megatron.checkpoint.training_state import iteration_dir
-from hpd_megatron.checkpoint.weights import export_model_weights
 from hpd_megatron.data import prepare
 from hpd_megatron.data.files import staged_files
 from hpd_megatron.eval.divergence import compare_with_teacher
@@ -41,9 +42,6 @@ from hpd_megatron.eval.runner import GenerationJob, run_generation
 from hpd_megatron.eval.study_report import RESULTS
 from hpd_megatron.eval.teacher_data import training_records
 from hpd_megatron.evaluate import score
-from hpd_megatron.models.builder import build_gpt_model, transformer_config
-from hpd_megatron.parallel.initialize import destroy_parallel, initialize_parallel
-from hpd_megatron.parallel.layout import ParallelLayout
 from hpd_megatron.train import train
 from hpd_megatron.training.config import load_run_config
 from hpd_megatron.training.inputs import checkpoint_dir
@@ -61,21 +59,23 @@ class StudyPlan:
     """The arithmetic task's directory: train.jsonl, test.jsonl, tokenizer.model."""
     out: str
     steps: int = 100
-    save_interval: int = 50
-    prompts: int = 256
+    save_interval: int = 25
+    start_steps: int = 200
+    """SFT steps of the shared start on the reference solutions (batch 32, lr 3e-3)."""
+    prompts: int = 512
     """Training problems the teacher answers (the students' data)."""
     test_problems: int = 50
     samples: int = 4
     temperature: float = 0.7
     top_p: float = 0.95
     max_new_tokens: int = 56
-    """The demo's two-digit problems have reference solutions of at most 52 tokens; a reply
+    """The demo's two-digit additions have reference solutions of about 45 tokens; a reply
     that does not end within this is dropped from the data (``training_records``) and
     prompt plus reply stay within the recipe's seq_length (80)."""
     methods: tuple[str, ...] = METHODS
 
 
-LONG = {"steps": 400, "save_interval": 50, "prompts": 1024, "test_problems": 200, "samples": 8}
+LONG = {"steps": 400, "save_interval": 50, "prompts": 2048, "test_problems": 200, "samples": 8}
 
 
 def _quiet(_message: str) -> None:
@@ -98,16 +98,25 @@ def teacher_data(plan: StudyPlan, prefix: Path, seq_length: int) -> dict[str, An
             "correct": len(correct), "seconds": round(run.elapsed_s, 1)}
 
 
-def save_initialisation(recipe_overrides: list[str], directory: Path) -> None:
-    """One random student initialisation (the recipe's seed), exported for checkpoint.load."""
-    run = load_run_config(RECIPE, recipe_overrides)
-    description = run.student.description("student")
-    initialize_parallel(ParallelLayout(1, 1), seed=run.seed, models=[("student", description)])
-    try:
-        model = build_gpt_model(description, transformer_config(description))
-        export_model_weights(model, directory, description=description)
-    finally:
-        destroy_parallel()
+def start_export(out: Path) -> Path:
+    return out / "start" / "export"
+
+
+def train_start(plan: StudyPlan, recipe_overrides: list[str], out: Path, seq_length: int) -> dict[str, Any]:
+    """The students' shared start: the student SFT-trained on the task's reference solutions
+    for ``plan.start_steps``, exported to ``start_export(out)`` (inside its run directory,
+    where evaluation finds the run's tokenizer)."""
+    prepare(Path(plan.task) / "train.jsonl", Path(plan.task) / "tokenizer.model", out / "data" / "reference",
+            seq_length=seq_length, log=_quiet)
+    run = load_run_config(RECIPE, [
+        *recipe_overrides, f"data.train={out / 'data' / 'reference'}", "loss.method=sft",
+        f"run_dir={out / 'start'}", f"schedule.train_steps={plan.start_steps}", "optimizer.lr=3e-3",
+        "schedule.global_batch_size=32", "schedule.micro_batch_size=32", "checkpoint.save_interval=0",
+        f"checkpoint.export_dir={start_export(out)}",
+    ])
+    history = train(run)
+    return {"steps": plan.start_steps, "final_cross_entropy": history[-1].get("cross_entropy"),
+            "seconds": round(sum(row["step_time_s"] for row in history), 1)}
 
 
 def evaluate(checkpoint: str | Path, plan: StudyPlan) -> dict[str, float]:
@@ -134,14 +143,16 @@ def run_study(plan: StudyPlan) -> dict[str, Any]:
     prepare(Path(plan.task) / "test.jsonl", Path(plan.task) / "tokenizer.model", out / "data" / "heldout",
             seq_length=seq_length, log=_quiet)
 
+    print(f"[study 2/4] the students' shared start: {plan.start_steps} SFT steps on the reference "
+          "solutions", flush=True)
+    results["start_training"] = train_start(plan, [f"teacher.checkpoint={plan.teacher}"], out, seq_length)
     common = [f"data.train={out / 'data' / 'teacher'}", f"teacher.checkpoint={plan.teacher}",
               f"schedule.train_steps={plan.steps}", f"checkpoint.save_interval={plan.save_interval}",
-              f"checkpoint.load={out / 'init'}"]
-    save_initialisation(common, out / "init")
+              f"checkpoint.load={start_export(out)}"]
     students: dict[str, Any] = {}
     directories: dict[str, Path] = {}
     for i, method in enumerate(plan.methods, 1):
-        print(f"[study 2/4] student {i}/{len(plan.methods)}: {method}, {plan.steps} steps", flush=True)
+        print(f"[study 3/4] student {i}/{len(plan.methods)}: {method}, {plan.steps} steps", flush=True)
         run = load_run_config(RECIPE, [*common, f"loss.method={method}", f"run_dir={out / method}"])
         history = train(run)
         directories[method] = checkpoint_dir(run)
@@ -153,10 +164,13 @@ def run_study(plan: StudyPlan) -> dict[str, Any]:
         if plan.steps % plan.save_interval:
             students[method]["checkpoints"].append({"step": plan.steps})
 
-    print(f"[study 3/4] evaluating the teacher and {sum(len(s['checkpoints']) for s in students.values())} "
+    print(f"[study 4/4] evaluating the teacher, the start and {sum(len(s['checkpoints']) for s in students.values())} "
           f"student checkpoints on {plan.test_problems} held-out problems x {plan.samples} samples", flush=True)
     results["teacher"] = evaluate(plan.teacher, plan)
-    paths = []
+    results["start"] = evaluate(start_export(out), plan)
+    print(f"  teacher: accuracy {results['teacher']['accuracy']:.3f}; start: accuracy "
+          f"{results['start']['accuracy']:.3f}", flush=True)
+    paths = [(results["start"], start_export(out))]
     for method, student in students.items():
         for checkpoint in student["checkpoints"]:
             path = iteration_dir(directories[method], checkpoint["step"])
@@ -164,7 +178,7 @@ def run_study(plan: StudyPlan) -> dict[str, Any]:
             paths.append((checkpoint, path))
         print(f"  {method}: accuracy {student['checkpoints'][-1]['accuracy']:.3f}", flush=True)
 
-    print("[study 4/4] KL(teacher || student) on the held-out reference solutions", flush=True)
+    print("  KL(teacher || student) on the held-out reference solutions", flush=True)
     compared = compare_with_teacher(plan.teacher, load_run_config(RECIPE).student.description("student"),
                                     [path for _, path in paths], out / "data" / "heldout", seq_length)
     for (checkpoint, _), numbers in zip(paths, compared["students"]):
@@ -186,11 +200,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--long", action="store_true", help=f"the longer study: {LONG}")
     parser.add_argument("--steps", type=int, help="student steps (default 100, 400 with --long)")
+    parser.add_argument("--start-steps", type=int, help="SFT steps of the shared start (default 200)")
     args = parser.parse_args(argv)
     plan = StudyPlan(args.teacher, args.task, args.out, **(LONG if args.long else {}))
     if args.steps:
         plan.steps = args.steps
         plan.save_interval = min(plan.save_interval, args.steps)
+    if args.start_steps:
+        plan.start_steps = args.start_steps
     run_study(plan)
 
 

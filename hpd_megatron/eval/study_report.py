@@ -18,9 +18,11 @@ def _cells(name: str, numbers: dict[str, Any], seconds_per_step: Any) -> list[st
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """A Markdown table: the teacher, then every method at its last checkpoint."""
+    """A Markdown table: the teacher, the students' shared start, then every method at its
+    last checkpoint."""
     rows = [[column.format(k=results["k"]) for column in COLUMNS]]
     rows.append(_cells("teacher", results["teacher"], None))
+    rows.append(_cells("start", results["start"], None))
     for method, student in results["students"].items():
         rows.append(_cells(method, student["checkpoints"][-1], student["seconds_per_step"]))
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
@@ -31,7 +33,7 @@ def format_table(results: dict[str, Any]) -> str:
 
 def plot_curves(results: dict[str, Any], path: str | Path) -> None:
     """Accuracy, sample entropy and KL to the teacher of every method against training
-    steps; the teacher's accuracy and entropy dashed."""
+    steps, from the shared start at step 0; the teacher's accuracy and entropy dashed."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a training machine
@@ -43,7 +45,7 @@ def plot_curves(results: dict[str, Any], path: str | Path) -> None:
               ("kl_to_teacher", "KL(teacher || student), held-out (nats)"))
     for axis, (key, title) in zip(axes, panels):
         for method, student in results["students"].items():
-            points = student["checkpoints"]
+            points = [{"step": 0, **results["start"]}, *student["checkpoints"]]
             axis.plot([p["step"] for p in points], [p[key] for p in points], marker="o", label=method)
         if key in results["teacher"]:
             axis.axhline(results["teacher"][key], color="black", linestyle="--", label="teacher")
