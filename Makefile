@@ -1,6 +1,8 @@
 # `make demo` and `make test` create or update the project's virtual environment first.
 # A GPU machine (nvidia-smi sees a GPU) reuses the container's torch, Transformer Engine
 # and apex through --system-site-packages; a CPU machine installs the pinned CPU torch.
+# --no-compile: byte-compiling every installed module took longer than the rest of the
+# install; Python compiles the modules a run imports, once, when it first imports them.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -27,10 +29,10 @@ ifeq ($(HAS_GPU),yes)
 	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
 else
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -r requirements-cpu.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-compile -r requirements-cpu.txt
 endif
-	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(BIN)/pip install -q --disable-pip-version-check --no-compile -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-compile --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 demo: $(STAMP)
