@@ -71,7 +71,7 @@ class StudyPlan:
     temperature: float = 0.7
     top_p: float = 0.95
     max_new_tokens: int = 56
-    """The demo's two-digit additions have reference solutions of about 45 tokens; a reply
+    """The demo's two-digit additions have reference solutions of 44 tokens on average; a reply
     that does not end within this is dropped from the data (``training_records``) and
     prompt plus reply stay within the recipe's seq_length (80)."""
     methods: tuple[str, ...] = METHODS
@@ -101,17 +101,18 @@ def teacher_data(plan: StudyPlan, prefix: Path, seq_length: int) -> dict[str, An
 
 
 def start_export(out: Path) -> Path:
+    """The shared start's weights: an export inside its run directory, where evaluation
+    finds the run's tokenizer (``eval/source.py``)."""
     return out / "start" / "export"
 
 
-def train_start(plan: StudyPlan, recipe_overrides: list[str], out: Path, seq_length: int) -> dict[str, Any]:
+def train_start(plan: StudyPlan, out: Path, seq_length: int) -> dict[str, Any]:
     """The students' shared start: the student SFT-trained on the task's reference solutions
-    for ``plan.start_steps``, exported to ``start_export(out)`` (inside its run directory,
-    where evaluation finds the run's tokenizer)."""
+    for ``plan.start_steps``, exported to ``start_export(out)``."""
     prepare(Path(plan.task) / "train.jsonl", Path(plan.task) / "tokenizer.model", out / "data" / "reference",
             seq_length=seq_length, log=_quiet)
     run = load_run_config(RECIPE, [
-        *recipe_overrides, f"data.train={out / 'data' / 'reference'}", "loss.method=sft",
+        f"data.train={out / 'data' / 'reference'}", "loss.method=sft",
         f"run_dir={out / 'start'}", f"schedule.train_steps={plan.start_steps}", "optimizer.lr=3e-3",
         "schedule.global_batch_size=32", "schedule.micro_batch_size=32", "checkpoint.save_interval=0",
         f"checkpoint.export_dir={start_export(out)}",
@@ -156,7 +157,7 @@ def run_study(plan: StudyPlan) -> dict[str, Any]:
 
     print(f"[study 2/4] the students' shared start: {plan.start_steps} SFT steps on the reference "
           "solutions", flush=True)
-    results["start_training"] = train_start(plan, [f"teacher.checkpoint={plan.teacher}"], out, seq_length)
+    results["start_training"] = train_start(plan, out, seq_length)
     phase_done("start")
     common = [f"data.train={out / 'data' / 'teacher'}", f"teacher.checkpoint={plan.teacher}",
               f"schedule.train_steps={plan.steps}", f"checkpoint.save_interval={plan.save_interval}",
