@@ -1,8 +1,9 @@
 # `make demo` and `make test` create or update the project's virtual environment first.
 # A GPU machine (nvidia-smi sees a GPU) reuses the container's torch, Transformer Engine
 # and apex through --system-site-packages; a CPU machine installs the pinned CPU torch.
-# --no-compile: byte-compiling every installed module took longer than the rest of the
-# install; Python compiles the modules a run imports, once, when it first imports them.
+# pip byte-compiles one file at a time; compileall -j 0 does it on every core afterwards.
+# The .pyc files must exist: with PYTHONDONTWRITEBYTECODE set (as in many containers), every
+# process, and every spawned test rank, would otherwise recompile torch's modules it imports.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -33,6 +34,7 @@ else
 endif
 	$(BIN)/pip install -q --disable-pip-version-check --no-compile -r requirements.txt -r requirements-dev.txt
 	$(BIN)/pip install -q --disable-pip-version-check --no-compile --no-deps --no-build-isolation -e .
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib >/dev/null
 	touch $(STAMP)
 
 demo: $(STAMP)
