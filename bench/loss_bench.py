@@ -45,7 +45,6 @@ import sys
 import time
 from pathlib import Path
 
-
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -71,7 +70,7 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         gc.collect()
         if self.cuda:
             torch.cuda.synchronize()
@@ -143,10 +142,20 @@ def variants(methods, samplers, chunk_size):
     def ours(method, sampler):
         def prepare(student, teacher, labels):
             def step():
-                loss, _ = distillation_loss(student, teacher, labels, method, vocab_size=student.shape[-1],
-                                            seed=1, sampler=sampler, chunk_size=chunk_size)
+                loss, _ = distillation_loss(
+                    student,
+                    teacher,
+                    labels,
+                    method,
+                    vocab_size=student.shape[-1],
+                    seed=1,
+                    sampler=sampler,
+                    chunk_size=chunk_size,
+                )
                 return torch.autograd.grad(loss, student)[0]
+
             return step
+
         return prepare
 
     def dense(method):
@@ -156,7 +165,9 @@ def variants(methods, samplers, chunk_size):
             def step():
                 loss = dense_loss(student, teacher, labels, method, generator)
                 return torch.autograd.grad(loss, student)[0]
+
             return step
+
         return prepare
 
     def megatron_ce(student, teacher, labels):
@@ -167,10 +178,11 @@ def variants(methods, samplers, chunk_size):
         def step():
             per_token = vocab_parallel_cross_entropy(logits, labels)
             return torch.autograd.grad(per_token.sum() / labels.numel(), logits)[0]
+
         return step
 
     for method in methods:
-        for sampler in (samplers if method == "hpd" else [None]):
+        for sampler in samplers if method == "hpd" else [None]:
             name = f"hpd_megatron:{method}" + (f":{sampler}" if sampler else "")
             out[name] = (method, ours(method, sampler or "inverse_cdf"))
         out[f"dense:{method}"] = (method, dense(method))
@@ -198,7 +210,7 @@ def run_timings(inputs, device, table, reps):
     for name in names:  # warm-up: code paths, allocator, page tables
         measure(table[name][1], inputs, device)
     for rep in range(reps):
-        order = names[rep % len(names):] + names[: rep % len(names)]
+        order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
             seconds, extra = measure(table[name][1], inputs, device)
             samples[name]["seconds"].append(seconds)
@@ -208,11 +220,24 @@ def run_timings(inputs, device, table, reps):
 
 def run_memory_child(spec: str, args) -> dict[str, list[int]]:
     """Peak extra bytes per variant, measured in a fresh process with mmap-only malloc."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--memory-child", "--shapes", spec,
-               "--methods", args.methods, "--samplers", args.samplers, "--dtype", args.dtype]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--memory-child",
+        "--shapes",
+        spec,
+        "--methods",
+        args.methods,
+        "--samplers",
+        args.samplers,
+        "--dtype",
+        args.dtype,
+    ]
     if args.chunk_size:
         command += ["--chunk-size", str(args.chunk_size)]
-    done = subprocess.run(command, env={**os.environ, **_MALLOC_ENV}, capture_output=True, text=True)
+    done = subprocess.run(
+        command, env={**os.environ, **_MALLOC_ENV}, capture_output=True, text=True
+    )
     if done.returncode:
         raise RuntimeError(f"memory child failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -236,20 +261,25 @@ def summarise(shape_result):
         if not name.startswith("hpd_megatron"):
             continue
         dense = variants_[f"dense:{r['method']}"]
-        rows.append({
-            "variant": name,
-            "seconds": r["median_seconds"],
-            "dense_seconds": dense["median_seconds"],
-            "megatron_ce_seconds": floor["median_seconds"],
-            "time_vs_megatron_ce": r["median_seconds"] / floor["median_seconds"],
-            "time_vs_dense": r["median_seconds"] / dense["median_seconds"],
-            "extra_MiB": r["extra_bytes"] / 2**20,
-            "dense_extra_MiB": dense["extra_bytes"] / 2**20,
-            "megatron_ce_extra_MiB": floor["extra_bytes"] / 2**20,
-            "gradient_MiB": shape_result["gradient_bytes"] / 2**20,
-            "memory_target_MiB": (shape_result["gradient_bytes"] + shape_result["chunk_fp32_bytes"]) / 2**20,
-            "dense_over_ours_memory": dense["extra_bytes"] / max(r["extra_bytes"], 1),
-        })
+        rows.append(
+            {
+                "variant": name,
+                "seconds": r["median_seconds"],
+                "dense_seconds": dense["median_seconds"],
+                "megatron_ce_seconds": floor["median_seconds"],
+                "time_vs_megatron_ce": r["median_seconds"] / floor["median_seconds"],
+                "time_vs_dense": r["median_seconds"] / dense["median_seconds"],
+                "extra_MiB": r["extra_bytes"] / 2**20,
+                "dense_extra_MiB": dense["extra_bytes"] / 2**20,
+                "megatron_ce_extra_MiB": floor["extra_bytes"] / 2**20,
+                "gradient_MiB": shape_result["gradient_bytes"] / 2**20,
+                "memory_target_MiB": (
+                    shape_result["gradient_bytes"] + shape_result["chunk_fp32_bytes"]
+                )
+                / 2**20,
+                "dense_over_ours_memory": dense["extra_bytes"] / max(r["extra_bytes"], 1),
+            }
+        )
     return rows
 
 
@@ -257,7 +287,9 @@ def _init_parallel() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     from hpd_megatron.parallel.initialize import initialize_parallel
     from hpd_megatron.parallel.layout import ParallelLayout
 
@@ -266,13 +298,18 @@ def _init_parallel() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default="2048x32000,8192x32000",
-                        help="comma-separated TOKENSxVOCAB_PER_RANK")
+    parser.add_argument(
+        "--shapes", default="2048x32000,8192x32000", help="comma-separated TOKENSxVOCAB_PER_RANK"
+    )
     parser.add_argument("--methods", default="hpd,fkl,rkl")
     parser.add_argument("--samplers", default="inverse_cdf,gumbel", help="HPD samplers to time")
-    parser.add_argument("--reps", type=int, default=3, help="timed repetitions per variant (after a warm-up)")
+    parser.add_argument(
+        "--reps", type=int, default=3, help="timed repetitions per variant (after a warm-up)"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default: the library's)")
+    parser.add_argument(
+        "--chunk-size", type=int, default=None, help="tokens per chunk (default: the library's)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -297,9 +334,13 @@ def main() -> None:
         memory = run_memory_child(spec, args) if device.type == "cpu" else None
         chunk_tokens = min(args.chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // vocab), tokens)
         result = {
-            "shape": spec, "tokens": tokens, "vocab_per_rank": vocab, "dtype": args.dtype,
+            "shape": spec,
+            "tokens": tokens,
+            "vocab_per_rank": vocab,
+            "dtype": args.dtype,
             "gradient_bytes": tokens * vocab * dtype.itemsize,
-            "chunk_tokens": chunk_tokens, "chunk_fp32_bytes": chunk_tokens * vocab * 4,
+            "chunk_tokens": chunk_tokens,
+            "chunk_fp32_bytes": chunk_tokens * vocab * 4,
             "variants": {},
         }
         for name, (method, _) in table.items():
@@ -308,18 +349,22 @@ def main() -> None:
                 "method": method,
                 "median_seconds": statistics.median(samples[name]["seconds"]),
                 "seconds": samples[name]["seconds"],
-                "extra_bytes": int(extra[-1]) if memory is not None else int(statistics.median(extra)),
+                "extra_bytes": int(extra[-1])
+                if memory is not None
+                else int(statistics.median(extra)),
                 "extra_bytes_all": extra,
             }
         shapes.append(result)
         for row in summarise(result):
             summary.append({"shape": spec, **row})
-            print(f"{spec:>12} {row['variant']:<32} {row['seconds']:7.3f} s  "
-                  f"(dense {row['dense_seconds']:6.3f}, megatron_ce {row['megatron_ce_seconds']:6.3f}; "
-                  f"x{row['time_vs_megatron_ce']:.2f} CE, x{row['time_vs_dense']:.2f} dense)  "
-                  f"extra {row['extra_MiB']:7.0f} MiB (dense {row['dense_extra_MiB']:6.0f}, "
-                  f"CE {row['megatron_ce_extra_MiB']:5.0f}, target <= {row['memory_target_MiB']:.0f})",
-                  flush=True)
+            print(
+                f"{spec:>12} {row['variant']:<32} {row['seconds']:7.3f} s  "
+                f"(dense {row['dense_seconds']:6.3f}, megatron_ce {row['megatron_ce_seconds']:6.3f}; "
+                f"x{row['time_vs_megatron_ce']:.2f} CE, x{row['time_vs_dense']:.2f} dense)  "
+                f"extra {row['extra_MiB']:7.0f} MiB (dense {row['dense_extra_MiB']:6.0f}, "
+                f"CE {row['megatron_ce_extra_MiB']:5.0f}, target <= {row['memory_target_MiB']:.0f})",
+                flush=True,
+            )
     destroy_parallel()
 
     report = {

@@ -27,13 +27,21 @@ import tempfile
 import time
 from pathlib import Path
 
-STUDENT = dict(family="llama", num_layers=4, hidden_size=256, num_attention_heads=8,
-               num_query_groups=4, ffn_hidden_size=704, vocab_size=8000)
+STUDENT = dict(
+    family="llama",
+    num_layers=4,
+    hidden_size=256,
+    num_attention_heads=8,
+    num_query_groups=4,
+    ffn_hidden_size=704,
+    vocab_size=8000,
+)
 TEACHER = dict(STUDENT, num_layers=8, hidden_size=512, ffn_hidden_size=1408)
 
 
-def worker(out_path: str, repeats: int, seq_length: int, micro_batch_size: int,
-           micro_batches: int) -> None:
+def worker(
+    out_path: str, repeats: int, seq_length: int, micro_batch_size: int, micro_batches: int
+) -> None:
     import torch
 
     from hpd_megatron.config import from_dict
@@ -47,17 +55,26 @@ def worker(out_path: str, repeats: int, seq_length: int, micro_batch_size: int,
 
     tp = int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
-    base = {"student": {"model": STUDENT}, "teacher": {"model": TEACHER},
-            "data": {"seq_length": seq_length},
-            "parallel": {"tensor_model_parallel_size": tp},
-            "schedule": {"train_steps": 1000, "micro_batch_size": micro_batch_size,
-                         "global_batch_size": micro_batch_size * micro_batches}}
+    base = {
+        "student": {"model": STUDENT},
+        "teacher": {"model": TEACHER},
+        "data": {"seq_length": seq_length},
+        "parallel": {"tensor_model_parallel_size": tp},
+        "schedule": {
+            "train_steps": 1000,
+            "micro_batch_size": micro_batch_size,
+            "global_batch_size": micro_batch_size * micro_batches,
+        },
+    }
     hpd_run = from_dict(RunConfig, dict(base, loss={"method": "hpd"}))
     sft_run = from_dict(RunConfig, dict(base, loss={"method": "sft"}))
     student_description = ModelDescription.from_dict(STUDENT)
     teacher_description = ModelDescription.from_dict(TEACHER)
-    initialize_parallel(ParallelLayout(tp, 1), seed=0,
-                        models=[("student", student_description), ("teacher", teacher_description)])
+    initialize_parallel(
+        ParallelLayout(tp, 1),
+        seed=0,
+        models=[("student", student_description), ("teacher", teacher_description)],
+    )
     models = build_models(hpd_run, student_description, teacher_description)
     optimizer, _ = build_optimizer(hpd_run, models.student)
     sft_pair = DistillationPair(models.student, None, STUDENT["hidden_size"], 0)
@@ -65,19 +82,26 @@ def worker(out_path: str, repeats: int, seq_length: int, micro_batch_size: int,
     generator = torch.Generator().manual_seed(0)
     batches = []
     for index in range(micro_batches):
-        tokens = torch.randint(0, STUDENT["vocab_size"], (micro_batch_size, seq_length + 1),
-                               generator=generator)
+        tokens = torch.randint(
+            0, STUDENT["vocab_size"], (micro_batch_size, seq_length + 1), generator=generator
+        )
         labels = tokens[:, 1:].clone()
         labels[:, : seq_length // 4] = -100  # a prompt
-        batches.append({"tokens": tokens[:, :-1], "labels": labels,
-                        "position_ids": torch.arange(seq_length).expand(micro_batch_size, -1),
-                        "sample_index": torch.arange(micro_batch_size) + index * micro_batch_size})
+        batches.append(
+            {
+                "tokens": tokens[:, :-1],
+                "labels": labels,
+                "position_ids": torch.arange(seq_length).expand(micro_batch_size, -1),
+                "sample_index": torch.arange(micro_batch_size) + index * micro_batch_size,
+            }
+        )
 
     def train_step(run, pair, step):
         models.student.zero_grad_buffer()
         optimizer.zero_grad()
-        run_schedule(pair, batches, make_forward_step(run, models, step), seq_length,
-                     micro_batch_size)
+        run_schedule(
+            pair, batches, make_forward_step(run, models, step), seq_length, micro_batch_size
+        )
         optimizer.step()
 
     def teacher_forward(_step):
@@ -114,31 +138,63 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.repeats, args.seq_length, args.micro_batch_size, args.micro_batches)
+        worker(
+            args.worker, args.repeats, args.seq_length, args.micro_batch_size, args.micro_batches
+        )
         return
 
-    results = {"what": __doc__.split("\n\n")[1].strip(), "student": STUDENT, "teacher": TEACHER,
-               "seq_length": args.seq_length, "micro_batch_size": args.micro_batch_size,
-               "micro_batches": args.micro_batches, "repeats": args.repeats, "layouts": {}}
+    results = {
+        "what": __doc__.split("\n\n")[1].strip(),
+        "student": STUDENT,
+        "teacher": TEACHER,
+        "seq_length": args.seq_length,
+        "micro_batch_size": args.micro_batch_size,
+        "micro_batches": args.micro_batches,
+        "repeats": args.repeats,
+        "layouts": {},
+    }
     root = Path(__file__).resolve().parent.parent
     for tp in args.tp:
         with tempfile.TemporaryDirectory() as scratch:
             raw = Path(scratch) / "times.json"
             subprocess.run(
-                [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 f"--nproc-per-node={tp}", str(Path(__file__).resolve()), "--json", args.json,
-                 "--worker", str(raw), "--repeats", str(args.repeats),
-                 "--seq-length", str(args.seq_length), "--micro-batch-size",
-                 str(args.micro_batch_size), "--micro-batches", str(args.micro_batches)],
-                check=True, cwd=root, env=dict(os.environ, PYTHONPATH=str(root)),
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    f"--nproc-per-node={tp}",
+                    str(Path(__file__).resolve()),
+                    "--json",
+                    args.json,
+                    "--worker",
+                    str(raw),
+                    "--repeats",
+                    str(args.repeats),
+                    "--seq-length",
+                    str(args.seq_length),
+                    "--micro-batch-size",
+                    str(args.micro_batch_size),
+                    "--micro-batches",
+                    str(args.micro_batches),
+                ],
+                check=True,
+                cwd=root,
+                env=dict(os.environ, PYTHONPATH=str(root)),
             )
             times = json.loads(raw.read_text())
         medians = {name: statistics.median(values) for name, values in times.items()}
         ratio = medians["hpd"] / (medians["sft"] + medians["teacher"])
-        results["layouts"][f"TP{tp}"] = {"median_s": medians, "times_s": times,
-                                         "ratio_hpd_over_sft_plus_teacher": ratio}
-        print(f"TP{tp}: hpd {medians['hpd']:.3f} s, sft {medians['sft']:.3f} s, "
-              f"teacher forward {medians['teacher']:.3f} s -> ratio {ratio:.3f}", flush=True)
+        results["layouts"][f"TP{tp}"] = {
+            "median_s": medians,
+            "times_s": times,
+            "ratio_hpd_over_sft_plus_teacher": ratio,
+        }
+        print(
+            f"TP{tp}: hpd {medians['hpd']:.3f} s, sft {medians['sft']:.3f} s, "
+            f"teacher forward {medians['teacher']:.3f} s -> ratio {ratio:.3f}",
+            flush=True,
+        )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -12,8 +12,9 @@ import os
 import re
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
@@ -38,7 +39,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except ConfigError as error:
                 errors.append(str(error))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {annotation}")
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {annotation}"
+        )
     if dataclasses.is_dataclass(annotation):
         return from_dict(annotation, value, where)
     if origin is dict or annotation is dict:
@@ -121,7 +124,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(error, 'problem', error)})") from None
+        raise ConfigError(
+            f"{path}{line}: not valid YAML ({getattr(error, 'problem', error)})"
+        ) from None
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: expected a YAML mapping at the top level")
     return dict(data)
@@ -138,8 +143,10 @@ def expand_variables(data: Any, source: str | Path, where: str = "") -> Any:
     the dotted key and the variable, so a missing export fails before any GPU is touched.
     """
     if isinstance(data, Mapping):
-        return {key: expand_variables(value, source, f"{where}.{key}" if where else str(key))
-                for key, value in data.items()}
+        return {
+            key: expand_variables(value, source, f"{where}.{key}" if where else str(key))
+            for key, value in data.items()
+        }
     if isinstance(data, list):
         return [expand_variables(item, source, f"{where}[{i}]") for i, item in enumerate(data)]
     if not isinstance(data, str):
@@ -150,8 +157,10 @@ def expand_variables(data: Any, source: str | Path, where: str = "") -> Any:
         value = os.environ.get(name)
         if value is None:
             if default is None:
-                raise ConfigError(f"{source}: {where}: environment variable {name} is not set "
-                                  f"(export it or write ${{{name}:-default}})")
+                raise ConfigError(
+                    f"{source}: {where}: environment variable {name} is not set "
+                    f"(export it or write ${{{name}:-default}})"
+                )
             return default
         return value
 

@@ -42,35 +42,73 @@ LONG_TEACHER_STEPS = 1000
 
 
 def _torchrun(ranks: int, arguments: list[str]) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-               *arguments]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={ranks}",
+        *arguments,
+    ]
     print("$ " + " ".join(command[2:]), flush=True)
     subprocess.run(command, check=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--long", action="store_true", help="the longer study (teacher steps and eval/study.py LONG)")
+    parser.add_argument(
+        "--long",
+        action="store_true",
+        help="the longer study (teacher steps and eval/study.py LONG)",
+    )
     parser.add_argument("--train-problems", type=int, default=TRAIN_PROBLEMS)
     args = parser.parse_args()
-    overrides = [f"data.seq_length={SEQ_LENGTH}", *([f"schedule.train_steps={LONG_TEACHER_STEPS}"] if args.long else [])]
+    overrides = [
+        f"data.seq_length={SEQ_LENGTH}",
+        *([f"schedule.train_steps={LONG_TEACHER_STEPS}"] if args.long else []),
+    ]
     teacher_run = load_run_config(TEACHER_RECIPE, overrides)
     start = time.perf_counter()
 
     data_dir = Path(teacher_run.data.train).parent
-    print(f"[1/5] arithmetic task ({args.train_problems} problems) and a SentencePiece tokenizer "
-          f"-> {data_dir}", flush=True)
-    write_task(data_dir, num_train=args.train_problems, num_test=200, seed=0,
-               tokenizer_vocab_size=teacher_run.student.description("student").vocab_size, **TASK)
+    print(
+        f"[1/5] arithmetic task ({args.train_problems} problems) and a SentencePiece tokenizer "
+        f"-> {data_dir}",
+        flush=True,
+    )
+    write_task(
+        data_dir,
+        num_train=args.train_problems,
+        num_test=200,
+        seed=0,
+        tokenizer_vocab_size=teacher_run.student.description("student").vocab_size,
+        **TASK,
+    )
     print("[2/5] tokenize, mask prompts, write indexed datasets", flush=True)
-    prepare(data_dir / "train.jsonl", data_dir / "tokenizer.model", teacher_run.data.train,
-            seq_length=SEQ_LENGTH)
+    prepare(
+        data_dir / "train.jsonl",
+        data_dir / "tokenizer.model",
+        teacher_run.data.train,
+        seq_length=SEQ_LENGTH,
+    )
 
     print(f"[3/5] SFT of the teacher, {teacher_run.schedule.train_steps} steps", flush=True)
     _torchrun(1, ["-m", "hpd_megatron.train", "--config", str(TEACHER_RECIPE), *overrides])
     print("[4/5] the study: five students from the teacher's replies (one process)", flush=True)
-    _torchrun(1, ["-m", "hpd_megatron.eval.study", "--teacher", teacher_run.checkpoint.export_dir,
-                  "--task", str(data_dir), "--out", str(STUDY_DIR), *(["--long"] if args.long else [])])
+    _torchrun(
+        1,
+        [
+            "-m",
+            "hpd_megatron.eval.study",
+            "--teacher",
+            teacher_run.checkpoint.export_dir,
+            "--task",
+            str(data_dir),
+            "--out",
+            str(STUDY_DIR),
+            *(["--long"] if args.long else []),
+        ],
+    )
 
     print("[5/5] results", flush=True)
     results = json.loads((STUDY_DIR / RESULTS).read_text())

@@ -20,8 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from hpd_megatron.checkpoint.verify import CheckpointError
 from hpd_megatron.config import ConfigError
@@ -52,19 +53,21 @@ def score(run: GenerationRun) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         by_prompt.setdefault(reply.record.line, []).append(correct)
         entropy_sum += sum(generation.entropies)
         tokens += len(generation.tokens)
-        rows.append({
-            "line": reply.record.line,
-            "sample": reply.sample,
-            "prompt": reply.record.prompt,
-            "response": reply.text,
-            "reference": reply.record.reference,
-            "extracted": extracted,
-            "correct": correct,
-            "prompt_tokens": reply.prompt_tokens,
-            "response_tokens": len(generation.tokens),
-            "finish": generation.finish,
-            "entropy": sum(generation.entropies) / len(generation.entropies),
-        })
+        rows.append(
+            {
+                "line": reply.record.line,
+                "sample": reply.sample,
+                "prompt": reply.record.prompt,
+                "response": reply.text,
+                "reference": reply.record.reference,
+                "extracted": extracted,
+                "correct": correct,
+                "prompt_tokens": reply.prompt_tokens,
+                "response_tokens": len(generation.tokens),
+                "finish": generation.finish,
+                "entropy": sum(generation.entropies) / len(generation.entropies),
+            }
+        )
     k = max(len(samples) for samples in by_prompt.values())
     metrics = {
         f"avg@{k}": avg_at_k(list(by_prompt.values())),
@@ -76,14 +79,20 @@ def score(run: GenerationRun) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return rows, metrics
 
 
-def evaluate(args: argparse.Namespace) -> Optional[dict[str, Any]]:
+def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     """Run the evaluation; the summary on rank 0, None on the other ranks."""
     job = job_from_arguments(args, require_answer=True)
     info = inspect_job(job)
     # Decided on every rank before any process group exists, so a bad tracking section
     # fails all ranks alike and nothing is generated in vain.
-    tracking = None if args.no_tracking else tracking_target(info, args.tracking_uri, args.experiment)
-    out = Path(args.out) if args.out else info.path.parent / f"eval_{info.path.name}_{Path(job.data).stem}"
+    tracking = (
+        None if args.no_tracking else tracking_target(info, args.tracking_uri, args.experiment)
+    )
+    out = (
+        Path(args.out)
+        if args.out
+        else info.path.parent / f"eval_{info.path.name}_{Path(job.data).stem}"
+    )
     run = run_generation(job, info)
     if not run.is_writer:
         return None
@@ -107,11 +116,27 @@ def evaluate(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     if tracking is not None:
         name = Path(job.data).stem
         run_id = log_evaluation(
-            tracking, f"eval-{name}", out,
-            params={key: summary[key] for key in ("data", "samples", "temperature", "top_p", "max_new_tokens",
-                                                  "seed", "checkpoint", "layout", "context_length")},
+            tracking,
+            f"eval-{name}",
+            out,
+            params={
+                key: summary[key]
+                for key in (
+                    "data",
+                    "samples",
+                    "temperature",
+                    "top_p",
+                    "max_new_tokens",
+                    "seed",
+                    "checkpoint",
+                    "layout",
+                    "context_length",
+                )
+            },
             # MLflow metric names allow no "@".
-            metrics={f"eval/{name}/{key.replace('@', '_at_')}": value for key, value in metrics.items()},
+            metrics={
+                f"eval/{name}/{key.replace('@', '_at_')}": value for key, value in metrics.items()
+            },
             step=info.step or 0,
             parent_run_id=args.run_id or info.tracking_run_id,
             tags={"hpd.evaluated_checkpoint": str(info.path)},
@@ -121,13 +146,20 @@ def evaluate(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     return summary
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_generation_arguments(parser)
-    parser.add_argument("--out", help="output directory (default: eval_<ckpt>_<data> beside the checkpoint)")
-    parser.add_argument("--tracking-uri", help="MLflow store (default: the training run's, else $MLFLOW_TRACKING_URI)")
+    parser.add_argument(
+        "--out", help="output directory (default: eval_<ckpt>_<data> beside the checkpoint)"
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow store (default: the training run's, else $MLFLOW_TRACKING_URI)",
+    )
     parser.add_argument("--experiment", help="MLflow experiment (default: the training run's)")
-    parser.add_argument("--run-id", help="the training run to nest the evaluation under (default: the checkpoint's)")
+    parser.add_argument(
+        "--run-id", help="the training run to nest the evaluation under (default: the checkpoint's)"
+    )
     parser.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow")
     args = parser.parse_args(argv)
     try:

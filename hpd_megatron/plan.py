@@ -32,8 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
 
 from hpd_megatron.config import ConfigError
 from hpd_megatron.models.builder import padded_vocab_size
@@ -61,10 +61,12 @@ class ParameterCount:
 
     @property
     def total(self) -> int:
-        return self.embedding + self.output_layer + self.num_layers * self.per_layer + self.final_norm
+        return (
+            self.embedding + self.output_layer + self.num_layers * self.per_layer + self.final_norm
+        )
 
 
-def count_parameters(model: ModelDescription, vocab_size: Optional[int] = None) -> ParameterCount:
+def count_parameters(model: ModelDescription, vocab_size: int | None = None) -> ParameterCount:
     """Exact parameter count; ``vocab_size`` defaults to the description's (pass the padded one)."""
     vocab = model.vocab_size if vocab_size is None else vocab_size
     h, d = model.hidden_size, model.kv_channels
@@ -96,17 +98,27 @@ def stage_parameters_per_gpu(count: ParameterCount, tp: int, pp: int, stage: int
     return sharded // tp + replicated
 
 
-def activation_bytes_per_layer(model: ModelDescription, micro_batch: int, seq: int, tp: int,
-                               element_bytes: int) -> int:
+def activation_bytes_per_layer(
+    model: ModelDescription, micro_batch: int, seq: int, tp: int, element_bytes: int
+) -> int:
     """Saved activations of one transformer layer for one micro-batch (formula in the module doc)."""
     d = model.kv_channels
-    split = 2 * model.num_attention_heads * d + 2 * model.num_query_groups * d + 3 * model.ffn_hidden_size
+    split = (
+        2 * model.num_attention_heads * d
+        + 2 * model.num_query_groups * d
+        + 3 * model.ffn_hidden_size
+    )
     return element_bytes * seq * micro_batch * (4 * model.hidden_size + split // tp)
 
 
 def matmul_flops_per_token(model: ModelDescription, count: ParameterCount, seq: int) -> int:
     """Forward FLOPs per token: 2 per matmul weight plus attention (QK^T and AV, no causal saving)."""
-    matmul = count.total - count.embedding - count.final_norm - count.num_layers * count.per_layer_replicated
+    matmul = (
+        count.total
+        - count.embedding
+        - count.final_norm
+        - count.num_layers * count.per_layer_replicated
+    )
     if model.tie_word_embeddings:
         matmul += count.embedding  # the output layer still multiplies by it
     attention = 4 * seq * model.num_attention_heads * model.kv_channels * model.num_layers
@@ -126,8 +138,15 @@ class StageMemory:
 
     @property
     def total(self) -> float:
-        return (self.teacher_weights + self.student_weights + self.student_grads + self.optimizer
-                + self.activations + self.logits_and_loss + self.overhead)
+        return (
+            self.teacher_weights
+            + self.student_weights
+            + self.student_grads
+            + self.optimizer
+            + self.activations
+            + self.logits_and_loss
+            + self.overhead
+        )
 
 
 @dataclass
@@ -153,7 +172,9 @@ class Plan:
         return not self.problems and self.worst_gib <= self.available_gib
 
 
-def layout_problems(run: RunConfig, world: int, gpus_per_node: int) -> tuple[ParallelLayout, list[str], list[str]]:
+def layout_problems(
+    run: RunConfig, world: int, gpus_per_node: int
+) -> tuple[ParallelLayout, list[str], list[str]]:
     """Every violated divisibility rule (one string each) and warnings; the layout with DP set."""
     models = [("student", run.student.description("student"))]
     if run.teacher is not None:
@@ -165,31 +186,46 @@ def layout_problems(run: RunConfig, world: int, gpus_per_node: int) -> tuple[Par
     except LayoutError as error:
         problems += str(error).removeprefix("invalid parallel layout: ").split("; ")
         tp, pp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size
-        layout = ParallelLayout(tp, pp, layout.context_parallel_size,
-                                max(world // max(tp * pp * layout.context_parallel_size, 1), 1))
+        layout = ParallelLayout(
+            tp,
+            pp,
+            layout.context_parallel_size,
+            max(world // max(tp * pp * layout.context_parallel_size, 1), 1),
+        )
     if layout.context_parallel_size != 1:
         problems.append("context_parallel_size > 1 is not modelled by the planner")
     dp, mbs = layout.data_parallel_size, run.schedule.micro_batch_size
     if run.schedule.global_batch_size % (mbs * dp):
-        problems.append(f"global_batch_size {run.schedule.global_batch_size} is not a multiple of "
-                        f"micro_batch_size x DP = {mbs} x {dp}")
+        problems.append(
+            f"global_batch_size {run.schedule.global_batch_size} is not a multiple of "
+            f"micro_batch_size x DP = {mbs} x {dp}"
+        )
     warnings = []
     if layout.tensor_model_parallel_size > gpus_per_node:
-        warnings.append(f"TP={layout.tensor_model_parallel_size} spans nodes ({gpus_per_node} GPUs "
-                        f"per node): tensor-parallel all-reduces would cross the network")
+        warnings.append(
+            f"TP={layout.tensor_model_parallel_size} spans nodes ({gpus_per_node} GPUs "
+            f"per node): tensor-parallel all-reduces would cross the network"
+        )
     return layout, problems, warnings
 
 
-def make_plan(run: RunConfig, nodes: int, gpus_per_node: int, gpu_mem_gib: float,
-              tflops: float = 400.0) -> Plan:
+def make_plan(
+    run: RunConfig, nodes: int, gpus_per_node: int, gpu_mem_gib: float, tflops: float = 400.0
+) -> Plan:
     world = nodes * gpus_per_node
     layout, problems, warnings = layout_problems(run, world, gpus_per_node)
-    tp, pp, dp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size, layout.data_parallel_size
+    tp, pp, dp = (
+        layout.tensor_model_parallel_size,
+        layout.pipeline_model_parallel_size,
+        layout.data_parallel_size,
+    )
     student = run.student.description("student")
     teacher = run.teacher.description("teacher") if run.teacher is not None else None
     vocab = padded_vocab_size(student.vocab_size, tp)
     s_count = count_parameters(student, vocab)
-    t_count = count_parameters(teacher, padded_vocab_size(teacher.vocab_size, tp)) if teacher else None
+    t_count = (
+        count_parameters(teacher, padded_vocab_size(teacher.vocab_size, tp)) if teacher else None
+    )
     mbs, seq = run.schedule.micro_batch_size, run.data.seq_length
     micro_batches = max(run.schedule.global_batch_size // (mbs * dp), 1)
     bf16 = run.params_dtype == "bf16"
@@ -210,15 +246,17 @@ def make_plan(run: RunConfig, nodes: int, gpus_per_node: int, gpu_mem_gib: float
             copies = 3 if teacher else 2  # student logits, its gradient, teacher logits
             logits = copies * mbs * seq * (vocab // tp) * 4
             logits += LOSS_KERNEL_BUFFERS * min(run.loss.chunk_size, mbs * seq) * (vocab // tp) * 4
-        stages.append(StageMemory(
-            stage=stage,
-            teacher_weights=2 * n_teacher / GIB,
-            student_weights=element * n / GIB,
-            student_grads=4 * n / GIB,
-            optimizer=((4 if bf16 else 0) + 8) * n / optimizer_shards / GIB,
-            activations=activations / GIB,
-            logits_and_loss=logits / GIB,
-        ))
+        stages.append(
+            StageMemory(
+                stage=stage,
+                teacher_weights=2 * n_teacher / GIB,
+                student_weights=element * n / GIB,
+                student_grads=4 * n / GIB,
+                optimizer=((4 if bf16 else 0) + 8) * n / optimizer_shards / GIB,
+                activations=activations / GIB,
+                logits_and_loss=logits / GIB,
+            )
+        )
     worst = max(stages, key=lambda m: m.total)
 
     flops = 3 * matmul_flops_per_token(student, s_count, seq)
@@ -228,18 +266,34 @@ def make_plan(run: RunConfig, nodes: int, gpus_per_node: int, gpu_mem_gib: float
     bubble = 1 + (pp - 1) / micro_batches
     step_seconds = tokens * flops / (world * tflops * 1e12) * bubble
     return Plan(
-        layout={"TP": tp, "PP": pp, "DP": dp}, world_size=world, micro_batches_per_step=micro_batches,
-        padded_vocab=vocab, student_parameters=count_parameters(student).total,
+        layout={"TP": tp, "PP": pp, "DP": dp},
+        world_size=world,
+        micro_batches_per_step=micro_batches,
+        padded_vocab=vocab,
+        student_parameters=count_parameters(student).total,
         teacher_parameters=count_parameters(teacher).total if teacher else 0,
-        stages=stages, worst_stage=worst.stage, worst_gib=worst.total, available_gib=gpu_mem_gib,
-        flops_per_token=flops, tokens_per_step=tokens, step_seconds=step_seconds,
-        problems=problems, warnings=warnings,
+        stages=stages,
+        worst_stage=worst.stage,
+        worst_gib=worst.total,
+        available_gib=gpu_mem_gib,
+        flops_per_token=flops,
+        tokens_per_step=tokens,
+        step_seconds=step_seconds,
+        problems=problems,
+        warnings=warnings,
     )
 
 
 def format_table(plan: Plan) -> str:
-    rows = ["teacher_weights", "student_weights", "student_grads", "optimizer", "activations",
-            "logits_and_loss", "overhead"]
+    rows = [
+        "teacher_weights",
+        "student_weights",
+        "student_grads",
+        "optimizer",
+        "activations",
+        "logits_and_loss",
+        "overhead",
+    ]
     lay = plan.layout
     lines = [
         f"world {plan.world_size} GPUs: TP={lay['TP']} PP={lay['PP']} DP={lay['DP']}, "
@@ -261,8 +315,10 @@ def format_table(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hpd_megatron.plan", description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m hpd_megatron.plan", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, as for training")
     parser.add_argument("--nodes", type=int, required=True)
@@ -270,8 +326,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--gpu-mem-gb", type=float, default=80.0, help="usable memory per GPU, GiB")
     parser.add_argument("--tflops", type=float, default=400.0, help="achieved bf16 TFLOP/s per GPU")
     parser.add_argument("--json", help="also write the plan here")
-    parser.add_argument("--check-inputs", action="store_true",
-                        help="also check that the checkpoints and data the run reads exist")
+    parser.add_argument(
+        "--check-inputs",
+        action="store_true",
+        help="also check that the checkpoints and data the run reads exist",
+    )
     args = parser.parse_args(argv)
     try:
         run = load_run_config(args.config, args.overrides)
@@ -283,7 +342,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     print(format_table(plan))
     if args.json:
-        data = asdict(plan) | {"fits": plan.fits, "stage_totals_gib": [m.total for m in plan.stages]}
+        data = asdict(plan) | {
+            "fits": plan.fits,
+            "stage_totals_gib": [m.total for m in plan.stages],
+        }
         with open(args.json, "w") as handle:
             json.dump(data, handle, indent=2)
     if plan.fits:
@@ -291,8 +353,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for problem in plan.problems:
         print(f"error: {problem}", file=sys.stderr)
     if plan.worst_gib > plan.available_gib:
-        print(f"error: does not fit: {plan.worst_gib:.2f} GiB needed on the worst stage "
-              f"(stage {plan.worst_stage}), {plan.available_gib:.2f} GiB available", file=sys.stderr)
+        print(
+            f"error: does not fit: {plan.worst_gib:.2f} GiB needed on the worst stage "
+            f"(stage {plan.worst_stage}), {plan.available_gib:.2f} GiB available",
+            file=sys.stderr,
+        )
     return 1
 
 

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from hpd_megatron.models.builder import build_gpt_model, padded_vocab_size, transformer_config
@@ -41,16 +40,21 @@ def main() -> None:
 
     torch.set_num_threads(1)
     description = ModelDescription.from_yaml(args.model)
-    context = initialize_parallel(ParallelLayout(args.tp, args.pp), seed=1234,
-                                  models=[(str(args.model), description)])
+    context = initialize_parallel(
+        ParallelLayout(args.tp, args.pp), seed=1234, models=[(str(args.model), description)]
+    )
     model = build_gpt_model(description, transformer_config(description))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
 
     # One fixed batch of a learnable pattern (each token is the previous plus one), so
     # the loss must fall if forward, backward and the update are right.
     generator = torch.Generator().manual_seed(0)
-    starts = torch.randint(0, description.vocab_size, (args.micro_batches, args.micro_batch_size, 1),
-                           generator=generator)
+    starts = torch.randint(
+        0,
+        description.vocab_size,
+        (args.micro_batches, args.micro_batch_size, 1),
+        generator=generator,
+    )
     sequences = (starts + torch.arange(args.seq_length + 1)) % description.vocab_size
     positions = torch.arange(args.seq_length).expand(args.micro_batch_size, -1)
     micro_batches = [
@@ -71,16 +75,20 @@ def main() -> None:
         return logits, loss_func
 
     parameters = sum(p.numel() for p in model.parameters())
-    print(f"[rank {context.rank}] {context.layout.describe()} tp_rank={context.tp_rank} "
-          f"pp_rank={context.pp_rank} backend={context.backend} device={context.device} "
-          f"parameters on this rank={parameters:,}", flush=True)
+    print(
+        f"[rank {context.rank}] {context.layout.describe()} tp_rank={context.tp_rank} "
+        f"pp_rank={context.pp_rank} backend={context.backend} device={context.device} "
+        f"parameters on this rank={parameters:,}",
+        flush=True,
+    )
     torch.distributed.barrier()
     losses = []
     for step in range(1, args.steps + 1):
         start = time.perf_counter()
         optimizer.zero_grad()
-        reports = run_schedule(model, micro_batches, forward_step, args.seq_length,
-                               args.micro_batch_size)
+        reports = run_schedule(
+            model, micro_batches, forward_step, args.seq_length, args.micro_batch_size
+        )
         optimizer.step()
         elapsed = time.perf_counter() - start
         if reports and context.tp_rank == 0:
@@ -89,11 +97,14 @@ def main() -> None:
             print(f"step {step}: loss {loss:.4f}  ({elapsed:.2f} s)", flush=True)
     if losses:
         padded = padded_vocab_size(description.vocab_size, args.tp)
-        print(f"done: {args.steps} steps of {args.micro_batches} micro-batches x "
-              f"{args.micro_batch_size} x {args.seq_length} tokens through the "
-              f"{'1F1B pipeline' if args.pp > 1 else 'no-pipeline'} schedule at "
-              f"{context.layout.describe()}; vocab {description.vocab_size} padded to {padded}; "
-              f"loss {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
+        print(
+            f"done: {args.steps} steps of {args.micro_batches} micro-batches x "
+            f"{args.micro_batch_size} x {args.seq_length} tokens through the "
+            f"{'1F1B pipeline' if args.pp > 1 else 'no-pipeline'} schedule at "
+            f"{context.layout.describe()}; vocab {description.vocab_size} padded to {padded}; "
+            f"loss {losses[0]:.4f} -> {losses[-1]:.4f}",
+            flush=True,
+        )
     destroy_parallel()
 
 

@@ -15,14 +15,15 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
 
 import torch
 import yaml
 from megatron.core import parallel_state
 
+from hpd_megatron.checkpoint.signals import STOP_EXIT_CODE, StopRequested, StopSignals
 from hpd_megatron.checkpoint.training_state import (
     CheckpointError,
     iteration_dir,
@@ -31,13 +32,13 @@ from hpd_megatron.checkpoint.training_state import (
     save_checkpoint,
     saved_extra,
 )
-from hpd_megatron.checkpoint.signals import STOP_EXIT_CODE, StopRequested, StopSignals
 from hpd_megatron.checkpoint.weights import export_model_weights
 from hpd_megatron.config import ConfigError
 from hpd_megatron.data import DataError
 from hpd_megatron.data.files import staged_files
 from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.parallel.initialize import ParallelContext, destroy_parallel, initialize_parallel
+from hpd_megatron.tracking import NullTracker, Tracker, start_tracking
 from hpd_megatron.training.components import (
     build_models,
     build_optimizer,
@@ -46,7 +47,6 @@ from hpd_megatron.training.components import (
     make_forward_step,
     reduce_reports,
 )
-from hpd_megatron.tracking import NullTracker, Tracker, start_tracking
 from hpd_megatron.training.config import RunConfig, load_run_config
 from hpd_megatron.training.feed import TrainingFeed
 from hpd_megatron.training.inputs import check_inputs, checkpoint_dir
@@ -69,10 +69,13 @@ def train(run: RunConfig) -> list[dict[str, float]]:
     # 2. Process groups, grid position, seeds.
     context = initialize_parallel(run.parallel, seed=run.seed, models=models_for_layout)
     try:
-        with StopSignals(run.checkpoint.stop_signals) as stop_signals, \
-                _tracking(run, context) as tracker:
-            return _train_on_this_rank(run, context, student_description, teacher_description,
-                                       stop_signals, tracker)
+        with (
+            StopSignals(run.checkpoint.stop_signals) as stop_signals,
+            _tracking(run, context) as tracker,
+        ):
+            return _train_on_this_rank(
+                run, context, student_description, teacher_description, stop_signals, tracker
+            )
     finally:
         destroy_parallel()  # on success, a stop, or an error alike
 
@@ -83,10 +86,13 @@ def _tracking(run: RunConfig, context: ParallelContext) -> Iterator[Tracker]:
     ends FINISHED, KILLED on a stop (signal or exit_interval) or FAILED on an error."""
     tracker: Tracker = NullTracker()
     if context.rank == context.world_size - 1:
-        tracker = start_tracking(run.tracking, Path(run.run_dir), run.to_dict(),
-                                 **_saved_tracking_run(checkpoint_dir(run)),
-                                 tags={"world_size": str(context.world_size),
-                                       "layout": context.layout.describe()})
+        tracker = start_tracking(
+            run.tracking,
+            Path(run.run_dir),
+            run.to_dict(),
+            **_saved_tracking_run(checkpoint_dir(run)),
+            tags={"world_size": str(context.world_size), "layout": context.layout.describe()},
+        )
         sbatch_script = os.environ.get("HPD_SBATCH_SCRIPT")
         if sbatch_script and Path(sbatch_script).is_file():
             tracker.log_artifact(sbatch_script, "slurm")
@@ -101,7 +107,7 @@ def _tracking(run: RunConfig, context: ParallelContext) -> Iterator[Tracker]:
     tracker.finish("FINISHED")  # no-op when the loop already ended the run (exit_interval)
 
 
-def _saved_tracking_run(checkpoint_dir: Path) -> dict[str, Optional[str]]:
+def _saved_tracking_run(checkpoint_dir: Path) -> dict[str, str | None]:
     """start_tracking's run_id and run_token from the latest checkpoint (None: none saved)."""
     try:
         step = latest_step(checkpoint_dir)
@@ -111,10 +117,14 @@ def _saved_tracking_run(checkpoint_dir: Path) -> dict[str, Optional[str]]:
     return {"run_id": extra.get("tracking_run_id"), "run_token": extra.get("tracking_run_token")}
 
 
-def _train_on_this_rank(run: RunConfig, context: ParallelContext,
-                        student_description: ModelDescription,
-                        teacher_description: Optional[ModelDescription],
-                        stop_signals: StopSignals, tracker: Tracker) -> list[dict[str, float]]:
+def _train_on_this_rank(
+    run: RunConfig,
+    context: ParallelContext,
+    student_description: ModelDescription,
+    teacher_description: ModelDescription | None,
+    stop_signals: StopSignals,
+    tracker: Tracker,
+) -> list[dict[str, float]]:
     data_parallel_size = context.layout.data_parallel_size
     run.micro_batches_per_step(data_parallel_size)  # the global batch must split evenly
     run_dir = Path(run.run_dir)
@@ -127,22 +137,30 @@ def _train_on_this_rank(run: RunConfig, context: ParallelContext,
     tracker.log_artifact(run_dir / "config.yaml")
 
     # 3. Data: this data-parallel rank's share of each global batch.
-    feed = TrainingFeed(run, student_description, dp_rank=context.dp_rank,
-                        dp_size=data_parallel_size)
+    feed = TrainingFeed(
+        run, student_description, dp_rank=context.dp_rank, dp_size=data_parallel_size
+    )
 
     # 4. Student (trainable, DDP) and teacher (frozen) stages; optimizer and LR schedule.
     #    A run whose checkpoint directory holds a complete save resumes from it; otherwise
     #    the student starts from checkpoint.load (or a random initialisation).
     checkpoints = checkpoint_dir(run)
     resumed_from = latest_step(checkpoints)
-    models = build_models(run, student_description, teacher_description,
-                          resuming=resumed_from is not None)
+    models = build_models(
+        run, student_description, teacher_description, resuming=resumed_from is not None
+    )
     optimizer, scheduler = build_optimizer(run, models.student)
     models.pair.train()
     first_step = 1
     if resumed_from is not None:
-        extra = load_checkpoint(checkpoints, resumed_from, models.student.module, optimizer,
-                                scheduler, load_optimizer=run.checkpoint.load_optimizer)
+        extra = load_checkpoint(
+            checkpoints,
+            resumed_from,
+            models.student.module,
+            optimizer,
+            scheduler,
+            load_optimizer=run.checkpoint.load_optimizer,
+        )
         feed.load_state_dict(extra["sampler"])
         first_step = resumed_from + 1
         if is_logging_rank:
@@ -159,8 +177,11 @@ def _train_on_this_rank(run: RunConfig, context: ParallelContext,
         models.student.zero_grad_buffer()
         optimizer.zero_grad()
         reports = run_schedule(
-            models.pair, micro_batches, make_forward_step(run, models, step),
-            seq_length=run.data.seq_length, micro_batch_size=run.schedule.micro_batch_size,
+            models.pair,
+            micro_batches,
+            make_forward_step(run, models, step),
+            seq_length=run.data.seq_length,
+            micro_batch_size=run.schedule.micro_batch_size,
             adjust_tensor_shapes_fn=models.pair.adjust_tensor_shapes,
         )
         if gradients_are_finite(models.student):
@@ -210,10 +231,20 @@ def _train_on_this_rank(run: RunConfig, context: ParallelContext,
             tracking_run = [tracker.run_id, tracker.run_token]
             torch.distributed.broadcast_object_list(tracking_run, src=context.world_size - 1)
             saved = save_checkpoint(
-                checkpoints, step, models.student.module, optimizer, scheduler,
-                extra={"sampler": feed.state_dict(), "config": run.to_dict(),
-                       "tracking_run_id": tracking_run[0], "tracking_run_token": tracking_run[1]},
-                keep_last=run.checkpoint.keep_last, optimizer_format=run.checkpoint.optimizer_format)
+                checkpoints,
+                step,
+                models.student.module,
+                optimizer,
+                scheduler,
+                extra={
+                    "sampler": feed.state_dict(),
+                    "config": run.to_dict(),
+                    "tracking_run_id": tracking_run[0],
+                    "tracking_run_token": tracking_run[1],
+                },
+                keep_last=run.checkpoint.keep_last,
+                optimizer_format=run.checkpoint.optimizer_format,
+            )
             if run.tracking.log_checkpoints:
                 tracker.log_artifact(saved, "checkpoints")
         if signalled:
@@ -224,8 +255,12 @@ def _train_on_this_rank(run: RunConfig, context: ParallelContext,
 
     # 6. The trained student, model-only, for evaluation, conversion or the next stage.
     if run.checkpoint.export_dir:
-        export_model_weights(models.student.module, run.checkpoint.export_dir,
-                             description=student_description, hf_files_from=run.checkpoint.load)
+        export_model_weights(
+            models.student.module,
+            run.checkpoint.export_dir,
+            description=student_description,
+            hf_files_from=run.checkpoint.load,
+        )
     return history
 
 
@@ -248,7 +283,7 @@ def _format_step(step: int, total: int, metrics: dict[str, float]) -> str:
     return f"step {step}/{total}: " + "  ".join(parts)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="HPD distillation on Megatron-Core")
     parser.add_argument("--config", required=True, help="recipe YAML")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")

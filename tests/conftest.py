@@ -16,10 +16,18 @@ def prepared_data(tmp_path_factory) -> str:
     from hpd_megatron.data.arithmetic import write_task
 
     root = tmp_path_factory.mktemp("data")
-    write_task(root, num_train=64, num_test=8, seed=0, max_digits=2,
-               tokenizer_vocab_size=STUDENT["vocab_size"])
+    write_task(
+        root,
+        num_train=64,
+        num_test=8,
+        seed=0,
+        max_digits=2,
+        tokenizer_vocab_size=STUDENT["vocab_size"],
+    )
     prefix = root / "train"
-    prepare(root / "train.jsonl", root / "tokenizer.model", prefix, seq_length=SEQ, log=lambda *_: None)
+    prepare(
+        root / "train.jsonl", root / "tokenizer.model", prefix, seq_length=SEQ, log=lambda *_: None
+    )
     return str(prefix)
 
 
@@ -28,20 +36,26 @@ def setup(tmp_path_factory, prepared_data) -> dict:
     root = tmp_path_factory.mktemp("trainer")
     run_on_ranks(save_initial_weights, 1, str(root / "init"))
     recipe = root / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "run_dir": str(root / "run"),
-        "seed": 7,
-        "student": {"model": STUDENT},
-        "teacher": {"model": TEACHER, "checkpoint": str(root / "init" / "teacher")},
-        "checkpoint": {"load": str(root / "init" / "student")},
-        # tests/test_training_tracking.py turns it on against a real server.
-        "tracking": {"enabled": False},
-        "data": {"train": prepared_data, "seq_length": SEQ},
-        "loss": {"method": "hpd"},
-        "optimizer": {"lr": 2.0e-3, "weight_decay": 0.0},
-        "schedule": {"train_steps": STEPS, "warmup_steps": 1, "global_batch_size": 4,
-                     "micro_batch_size": 2},
-    }))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": str(root / "run"),
+                "seed": 7,
+                "student": {"model": STUDENT},
+                "teacher": {"model": TEACHER, "checkpoint": str(root / "init" / "teacher")},
+                "checkpoint": {"load": str(root / "init" / "student")},
+                # tests/test_training_tracking.py turns it on against a real server.
+                "tracking": {"enabled": False},
+                "data": {"train": prepared_data, "seq_length": SEQ},
+                "loss": {"method": "hpd"},
+                "optimizer": {"lr": 2.0e-3, "weight_decay": 0.0},
+                "schedule": {
+                    "train_steps": STEPS,
+                    "warmup_steps": 1,
+                    "global_batch_size": 4,
+                    "micro_batch_size": 2,
+                },
+            }
+        )
+    )
     return {"root": root, "recipe": str(recipe)}
-
-

@@ -26,7 +26,6 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Optional
 
 from tests.multiprocess import free_port
 
@@ -47,23 +46,30 @@ def unused_uri() -> str:
 class MlflowServer:
     """``mlflow server`` in its own process group, with a log file in ``root``."""
 
-    def __init__(self, root: Path, port: Optional[int] = None) -> None:
+    def __init__(self, root: Path, port: int | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log_path = self.root / "server.log"
-        self._process: Optional[subprocess.Popen] = None
+        self._process: subprocess.Popen | None = None
 
-    def start(self) -> "MlflowServer":
+    def start(self) -> MlflowServer:
         if self._process is not None:
             raise RuntimeError("the server is already running")
         command = [
-            mlflow_executable(), "server",
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-            "--artifacts-destination", str(self.root / "artifacts"),
-            "--workers", "1",
+            mlflow_executable(),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+            "--workers",
+            "1",
         ]
         # The server's background job runner (a huey consumer) is not needed for tracking
         # and costs CPU and startup time.
@@ -71,9 +77,14 @@ class MlflowServer:
         environment.pop("MLFLOW_TRACKING_URI", None)
         with self.log_path.open("a") as log:
             # A new session: stop() kills the server and its uvicorn workers together.
-            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                             env=environment, cwd=self.root,
-                                             start_new_session=True)
+            self._process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=environment,
+                cwd=self.root,
+                start_new_session=True,
+            )
         try:
             self._wait_until_healthy()
         except BaseException:
@@ -100,8 +111,9 @@ class MlflowServer:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {self._process.returncode}:\n"
-                                   f"{self._log_tail()}")
+                raise RuntimeError(
+                    f"mlflow server exited with {self._process.returncode}:\n{self._log_tail()}"
+                )
             try:
                 with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
                     if response.status == 200:
@@ -109,13 +121,14 @@ class MlflowServer:
             except OSError:
                 pass
             time.sleep(0.3)
-        raise RuntimeError(f"mlflow server not healthy after {STARTUP_TIMEOUT_S:.0f} s:\n"
-                           f"{self._log_tail()}")
+        raise RuntimeError(
+            f"mlflow server not healthy after {STARTUP_TIMEOUT_S:.0f} s:\n{self._log_tail()}"
+        )
 
     def _log_tail(self) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-30:])
 
-    def __enter__(self) -> "MlflowServer":
+    def __enter__(self) -> MlflowServer:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
@@ -174,8 +187,9 @@ class DroppingProxy:
             return
         # The server's answers flow back on their own thread, unless a drop is armed.
         drop_next = threading.Event()
-        threading.Thread(target=self._pipe_responses, args=(upstream, client, drop_next),
-                         daemon=True).start()
+        threading.Thread(
+            target=self._pipe_responses, args=(upstream, client, drop_next), daemon=True
+        ).start()
         buffer = b""
         try:
             while True:
@@ -205,8 +219,9 @@ class DroppingProxy:
                     pass
 
     @staticmethod
-    def _pipe_responses(upstream: socket.socket, client: socket.socket,
-                        drop_next: threading.Event) -> None:
+    def _pipe_responses(
+        upstream: socket.socket, client: socket.socket, drop_next: threading.Event
+    ) -> None:
         try:
             while True:
                 chunk = upstream.recv(65536)
@@ -228,7 +243,7 @@ class DroppingProxy:
                 pass
 
 
-def _split_request(buffer: bytes) -> tuple[Optional[tuple[str, bytes, bytes]], bytes]:
+def _split_request(buffer: bytes) -> tuple[tuple[str, bytes, bytes] | None, bytes]:
     """One complete HTTP request (line, body, raw bytes) off the front of ``buffer``."""
     head_end = buffer.find(b"\r\n\r\n")
     if head_end < 0:
@@ -242,4 +257,4 @@ def _split_request(buffer: bytes) -> tuple[Optional[tuple[str, bytes, bytes]], b
     end = head_end + 4 + length
     if len(buffer) < end:
         return None, buffer
-    return (head.split("\r\n")[0], buffer[head_end + 4:end], buffer[:end]), buffer[end:]
+    return (head.split("\r\n")[0], buffer[head_end + 4 : end], buffer[:end]), buffer[end:]

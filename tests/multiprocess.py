@@ -19,7 +19,8 @@ import queue
 import socket
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -36,7 +37,7 @@ def _rank_main(
     port: int,
     body: Callable[..., Any],
     args: tuple,
-    results: "mp.Queue[tuple[int, bool, Any]]",
+    results: mp.Queue[tuple[int, bool, Any]],
     threads: int,
 ) -> None:
     os.environ.update(
@@ -108,17 +109,22 @@ def run_on_ranks(
                 process.join()
 
     failures = [
-        f"--- rank {rank} raised:\n{value}" for rank, (ok, value) in sorted(outcomes.items()) if not ok
+        f"--- rank {rank} raised:\n{value}"
+        for rank, (ok, value) in sorted(outcomes.items())
+        if not ok
     ]
     missing = [rank for rank in range(world_size) if rank not in outcomes]
     if missing:
         codes = {rank: processes[rank].exitcode for rank in missing}
         failures.append(
-            f"--- ranks {missing} did not finish within {timeout:.0f}s or died "
-            f"(exit codes {codes})"
+            f"--- ranks {missing} did not finish within {timeout:.0f}s or died (exit codes {codes})"
         )
     if failures:
-        pytest.fail(f"{body.__name__} on {world_size} ranks failed:\n" + "\n".join(failures), pytrace=False)
+        pytest.fail(
+            f"{body.__name__} on {world_size} ranks failed:\n" + "\n".join(failures), pytrace=False
+        )
     import torch
 
-    return [torch.load(io.BytesIO(outcomes[rank][1]), weights_only=False) for rank in range(world_size)]
+    return [
+        torch.load(io.BytesIO(outcomes[rank][1]), weights_only=False) for rank in range(world_size)
+    ]

@@ -17,14 +17,13 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
 
 from tests.multiprocess import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "shellcheck")
 
 
-def _find(name: str) -> Optional[str]:
+def _find(name: str) -> str | None:
     # The daemons live in /usr/sbin, which a non-login PATH may lack.
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
 
@@ -57,8 +56,14 @@ class SlurmCluster:
         key = self.root / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
-        extra = (f"NodeName=hpd-cloud[1-{self.extra_nodes}] CPUs={self.cpus} Gres=gpu:{self.gpus} "
-                 "State=CLOUD Weight=100\n") if self.extra_nodes else ""
+        extra = (
+            (
+                f"NodeName=hpd-cloud[1-{self.extra_nodes}] CPUs={self.cpus} Gres=gpu:{self.gpus} "
+                "State=CLOUD Weight=100\n"
+            )
+            if self.extra_nodes
+            else ""
+        )
         nodes = f"{self.node}" + (f",hpd-cloud[1-{self.extra_nodes}]" if self.extra_nodes else "")
         self.conf.write_text(
             f"ClusterName=hpdtest\n"
@@ -82,8 +87,8 @@ class SlurmCluster:
             "KillWait=10\nMinJobAge=600\n"
             f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=8000 "
             f"Gres=gpu:{self.gpus} State=UNKNOWN\n"
-            + extra +
-            f"PartitionName=debug Nodes={nodes} Default=YES MaxTime=INFINITE State=UP\n"
+            + extra
+            + f"PartitionName=debug Nodes={nodes} Default=YES MaxTime=INFINITE State=UP\n"
         )
         # gres/gpu needs device files: links to /dev/null stand in for /dev/nvidia0..N-1.
         devices = self.root / "dev"
@@ -94,19 +99,39 @@ class SlurmCluster:
             f"AutoDetect=off\nNodeName={self.node} Name=gpu File={devices}/gpu[0-{self.gpus - 1}]\n"
         )
 
-    def start(self, timeout: float = 60.0) -> "SlurmCluster":
+    def start(self, timeout: float = 60.0) -> SlurmCluster:
         self._write_config()
         munge = self.root / "munge"
-        subprocess.run([_program("munged"), "--force", f"--key-file={munge / 'munge.key'}",
-                        f"--socket={self.munge_socket}", f"--pid-file={munge / 'munged.pid'}",
-                        f"--log-file={munge / 'munged.log'}", f"--seed-file={munge / 'seed'}"],
-                       check=True)
+        subprocess.run(
+            [
+                _program("munged"),
+                "--force",
+                f"--key-file={munge / 'munge.key'}",
+                f"--socket={self.munge_socket}",
+                f"--pid-file={munge / 'munged.pid'}",
+                f"--log-file={munge / 'munged.log'}",
+                f"--seed-file={munge / 'seed'}",
+            ],
+            check=True,
+        )
         env = dict(os.environ, **self.env)
         log = open(self.root / "log" / "daemons.out", "ab")
-        self._daemons.append(subprocess.Popen([_program("slurmctld"), "-D", "-i", "-f", str(self.conf)],
-                                              env=env, stdout=log, stderr=log))
-        self._daemons.append(subprocess.Popen([_program("slurmd"), "-D", "-N", self.node, "-f", str(self.conf)],
-                                              env=env, stdout=log, stderr=log))
+        self._daemons.append(
+            subprocess.Popen(
+                [_program("slurmctld"), "-D", "-i", "-f", str(self.conf)],
+                env=env,
+                stdout=log,
+                stderr=log,
+            )
+        )
+        self._daemons.append(
+            subprocess.Popen(
+                [_program("slurmd"), "-D", "-N", self.node, "-f", str(self.conf)],
+                env=env,
+                stdout=log,
+                stderr=log,
+            )
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             state = self.scontrol("show", "node", self.node, check=False)
@@ -126,10 +151,13 @@ class SlurmCluster:
                 parts.append(f"--- {name}\n" + path.read_text(errors="replace")[-4000:])
         return "\n".join(parts)
 
-    def run(self, *command: str, check: bool = True, env: Optional[dict] = None,
-            cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
+    def run(
+        self, *command: str, check: bool = True, env: dict | None = None, cwd: Path | None = None
+    ) -> subprocess.CompletedProcess:
         full_env = dict(os.environ, **self.env, **(env or {}))
-        return subprocess.run(command, env=full_env, cwd=cwd, capture_output=True, text=True, check=check)
+        return subprocess.run(
+            command, env=full_env, cwd=cwd, capture_output=True, text=True, check=check
+        )
 
     def scontrol(self, *args: str, check: bool = True) -> str:
         result = self.run(_program("scontrol"), *args, check=False)
@@ -145,15 +173,29 @@ class SlurmCluster:
             fields[key] = value
         return fields
 
-    def wait(self, job_id: int, timeout: float, until: tuple[str, ...] = ("COMPLETED", "FAILED",
-             "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")) -> dict[str, str]:
+    def wait(
+        self,
+        job_id: int,
+        timeout: float,
+        until: tuple[str, ...] = (
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMEOUT",
+            "NODE_FAIL",
+            "OUT_OF_MEMORY",
+            "BOOT_FAIL",
+        ),
+    ) -> dict[str, str]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             job = self.job(job_id)
             if job.get("JobState") in until:
                 return job
             time.sleep(1.0)
-        raise TimeoutError(f"job {job_id} still {self.job(job_id).get('JobState')} after {timeout} s")
+        raise TimeoutError(
+            f"job {job_id} still {self.job(job_id).get('JobState')} after {timeout} s"
+        )
 
     def stop(self) -> None:
         for daemon in reversed(self._daemons):

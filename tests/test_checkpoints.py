@@ -13,14 +13,29 @@ from tests.training_runs import STUDENT, logged, read_student, train_on_rank
 
 
 def test_stop_and_resume_continues_exactly_at_tp2_pp2(setup):
-    layout = ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
-              "schedule.train_steps=6"]
+    layout = [
+        "parallel.tensor_model_parallel_size=2",
+        "parallel.pipeline_model_parallel_size=2",
+        "schedule.train_steps=6",
+    ]
     straight_dir, resumed_dir = setup["root"] / "straight", setup["root"] / "resumed"
-    straight = logged(run_on_ranks(train_on_rank, 4, setup["recipe"], layout + [
-        f"run_dir={straight_dir}", f"checkpoint.export_dir={straight_dir / 'export'}"]))
-    resumed_run = layout + [f"run_dir={resumed_dir}", "checkpoint.save_interval=3",
-                            f"checkpoint.export_dir={resumed_dir / 'export'}"]
-    first = logged(run_on_ranks(train_on_rank, 4, setup["recipe"], resumed_run + ["schedule.exit_interval=3"]))
+    straight = logged(
+        run_on_ranks(
+            train_on_rank,
+            4,
+            setup["recipe"],
+            layout
+            + [f"run_dir={straight_dir}", f"checkpoint.export_dir={straight_dir / 'export'}"],
+        )
+    )
+    resumed_run = layout + [
+        f"run_dir={resumed_dir}",
+        "checkpoint.save_interval=3",
+        f"checkpoint.export_dir={resumed_dir / 'export'}",
+    ]
+    first = logged(
+        run_on_ranks(train_on_rank, 4, setup["recipe"], resumed_run + ["schedule.exit_interval=3"])
+    )
     assert [h["step"] for h in first] == [1, 2, 3]
     assert (resumed_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "3\n"
     assert not (resumed_dir / "export").exists(), "a stopped run exports nothing"
@@ -44,8 +59,11 @@ def test_tracker_problems_name_the_file(tmp_path):
     with pytest.raises(CheckpointError, match=f"{tracker}: expected a step number, found 'soon'"):
         latest_step(tmp_path)
     tracker.write_text("40\n")
-    with pytest.raises(CheckpointError, match=rf"{tracker}: names step 40 but {tmp_path}/iter_0000040 "
-                                              "is missing or incomplete"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{tracker}: names step 40 but {tmp_path}/iter_0000040 "
+        "is missing or incomplete",
+    ):
         latest_step(tmp_path)
     (tmp_path / "iter_0000040").mkdir()
     (tmp_path / "iter_0000040" / "metadata.json").write_text("{}")
@@ -81,14 +99,25 @@ def _train_until_signal(recipe: str, overrides: list[str], signal_during_step: i
 def test_sigterm_saves_at_the_step_boundary_and_resume_continues(setup):
     run_dir = setup["root"] / "signalled"
     overrides = ["schedule.train_steps=6", f"run_dir={run_dir}"]
-    outcome = run_on_ranks(_train_until_signal, 2, setup["recipe"],
-                           overrides + ["parallel.tensor_model_parallel_size=2"], 2)
+    outcome = run_on_ranks(
+        _train_until_signal,
+        2,
+        setup["recipe"],
+        overrides + ["parallel.tensor_model_parallel_size=2"],
+        2,
+    )
     assert [o["stopped_after"] for o in outcome] == [2, 2], "every rank stops after the same step"
     assert (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "2\n"
     resumed = logged(run_on_ranks(train_on_rank, 1, setup["recipe"], overrides))
     assert [h["step"] for h in resumed] == [3, 4, 5, 6]
-    straight = logged(run_on_ranks(train_on_rank, 1, setup["recipe"], [
-        "schedule.train_steps=6", f"run_dir={setup['root'] / 'unsignalled'}"]))
+    straight = logged(
+        run_on_ranks(
+            train_on_rank,
+            1,
+            setup["recipe"],
+            ["schedule.train_steps=6", f"run_dir={setup['root'] / 'unsignalled'}"],
+        )
+    )
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6], "each step exactly once"
     for expected, got in zip(straight, lines):
@@ -121,19 +150,30 @@ def _train_with_nan_steps(recipe: str, overrides: list[str], nan_steps: list[int
 def test_nonfinite_steps_are_skipped_then_stop_the_run(setup):
     root = setup["root"]
     clean = logged(run_on_ranks(train_on_rank, 1, setup["recipe"], [f"run_dir={root / 'finite'}"]))
-    skipped = run_on_ranks(_train_with_nan_steps, 1, setup["recipe"],
-                           [f"run_dir={root / 'one_nan'}"], [2])[0]["history"]
+    skipped = run_on_ranks(
+        _train_with_nan_steps, 1, setup["recipe"], [f"run_dir={root / 'one_nan'}"], [2]
+    )[0]["history"]
     assert [h["skipped_steps"] for h in skipped] == [0, 1, 1]
     assert skipped[0]["loss"] == clean[0]["loss"]
     # The skipped step 2 did not advance the schedule: step 3 runs at the clean run's step-2 lr.
     assert skipped[2]["lr"] == clean[1]["lr"], "a skipped step does not advance the LR schedule"
-    failed = run_on_ranks(_train_with_nan_steps, 1, setup["recipe"],
-                          [f"run_dir={root / 'nans'}", "optimizer.max_consecutive_nonfinite=2",
-                           "checkpoint.save_interval=1"], [2, 3])[0]
+    failed = run_on_ranks(
+        _train_with_nan_steps,
+        1,
+        setup["recipe"],
+        [
+            f"run_dir={root / 'nans'}",
+            "optimizer.max_consecutive_nonfinite=2",
+            "checkpoint.save_interval=1",
+        ],
+        [2, 3],
+    )[0]
     assert failed["error"].startswith("steps 2..3: loss or gradients not finite 2 times in a row")
     # Step 2 was skipped, so its checkpoint holds good (step-1) weights; the failing step 3
     # saves nothing.
-    assert (root / "nans" / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "2\n"
+    assert (
+        root / "nans" / "checkpoints" / "latest_checkpointed_iteration.txt"
+    ).read_text() == "2\n"
 
 
 def test_sigkill_in_the_middle_of_a_save_keeps_the_previous_checkpoint(setup, tmp_path):
@@ -145,19 +185,38 @@ def test_sigkill_in_the_middle_of_a_save_keeps_the_previous_checkpoint(setup, tm
     from tests.multiprocess import free_port
 
     run_dir = setup["root"] / "killed"
-    overrides = ["schedule.train_steps=6", "checkpoint.save_interval=2",
-                 "parallel.tensor_model_parallel_size=2", f"run_dir={run_dir}"]
+    overrides = [
+        "schedule.train_steps=6",
+        "checkpoint.save_interval=2",
+        "parallel.tensor_model_parallel_size=2",
+        f"run_dir={run_dir}",
+    ]
     root = Path(__file__).resolve().parent.parent
     marker = f"kill-test-{os.getpid()}"
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", HPD_TEST_MARKER=marker)
     log = tmp_path / "killed.log"
     with open(log, "w") as output:
         killed = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-             "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-             str(root / "tests" / "kill_during_save.py"), "4", "--config", setup["recipe"],
-             *overrides],
-            stdout=output, stderr=subprocess.STDOUT, env=env)
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                "2",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(free_port()),
+                str(root / "tests" / "kill_during_save.py"),
+                "4",
+                "--config",
+                setup["recipe"],
+                *overrides,
+            ],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         try:
             killed.wait(timeout=600)
         finally:
@@ -171,9 +230,18 @@ def test_sigkill_in_the_middle_of_a_save_keeps_the_previous_checkpoint(setup, tm
     resumed = logged(run_on_ranks(train_on_rank, 2, setup["recipe"], overrides))
     assert [h["step"] for h in resumed] == [3, 4, 5, 6], "resumed from step 2"
     assert not (checkpoints / "iter_0000004.partial").exists(), "the next save cleans up"
-    straight = logged(run_on_ranks(train_on_rank, 2, setup["recipe"], [
-        "schedule.train_steps=6", "parallel.tensor_model_parallel_size=2",
-        f"run_dir={setup['root'] / 'not_killed'}"]))
+    straight = logged(
+        run_on_ranks(
+            train_on_rank,
+            2,
+            setup["recipe"],
+            [
+                "schedule.train_steps=6",
+                "parallel.tensor_model_parallel_size=2",
+                f"run_dir={setup['root'] / 'not_killed'}",
+            ],
+        )
+    )
     for expected, got in zip(straight[2:], resumed):
         assert got["loss"] == expected["loss"], got["step"]
 
@@ -222,8 +290,11 @@ def test_damaged_or_foreign_checkpoints_name_the_file_and_the_problem(setup, tmp
     size = data_file.stat().st_size
     with open(data_file, "r+b") as handle:
         handle.truncate(size // 2)
-    with pytest.raises(CheckpointError, match=rf"{data_file}: truncated \({size // 2} bytes, "
-                                              rf"the index needs \d+\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{data_file}: truncated \({size // 2} bytes, "
+        rf"the index needs \d+\)",
+    ):
         read_index(copy)
     data_file.unlink()
     with pytest.raises(CheckpointError, match=rf"{data_file}: missing \(the index names it\)"):
@@ -234,12 +305,16 @@ def test_damaged_or_foreign_checkpoints_name_the_file_and_the_problem(setup, tmp
 
     wider = dict(STUDENT, ffn_hidden_size=160)
     message = run_on_ranks(_load_student, 1, str(original), wider)[0]
-    assert message == (f"{original}: tensor 'decoder.layers.mlp.linear_fc1.weight' has shape "
-                       "[2, 256, 64] in the checkpoint but [2, 320, 64] in this model "
-                       "(another model shape)")
+    assert message == (
+        f"{original}: tensor 'decoder.layers.mlp.linear_fc1.weight' has shape "
+        "[2, 256, 64] in the checkpoint but [2, 320, 64] in this model "
+        "(another model shape)"
+    )
     deeper = dict(STUDENT, num_layers=3)
-    assert "has shape [2, 64] in the checkpoint but [3, 64] in this model" in \
-        run_on_ranks(_load_student, 1, str(original), deeper)[0]
+    assert (
+        "has shape [2, 64] in the checkpoint but [3, 64] in this model"
+        in run_on_ranks(_load_student, 1, str(original), deeper)[0]
+    )
     assert run_on_ranks(_load_student, 1, str(original), STUDENT)[0] == ""
 
 
@@ -247,46 +322,74 @@ def test_resume_on_other_layouts_and_optimizers(setup):
     """DP2 with the distributed optimizer stops after step 2; other layouts continue it."""
     root = setup["root"]
     base = ["schedule.train_steps=3", "optimizer.use_distributed_optimizer=true"]
-    straight = logged(run_on_ranks(train_on_rank, 2, setup["recipe"],
-                                   base + [f"run_dir={root / 'dp2_straight'}"]))
+    straight = logged(
+        run_on_ranks(train_on_rank, 2, setup["recipe"], base + [f"run_dir={root / 'dp2_straight'}"])
+    )
     stopped = {}
     for optimizer_format in ("fully_reshardable", "dp_reshardable"):
         stopped[optimizer_format] = root / f"dp2_stopped_{optimizer_format}"
-        logged(run_on_ranks(train_on_rank, 2, setup["recipe"], base + [
-            f"run_dir={stopped[optimizer_format]}", "schedule.exit_interval=2",
-            f"checkpoint.optimizer_format={optimizer_format}"]))
+        logged(
+            run_on_ranks(
+                train_on_rank,
+                2,
+                setup["recipe"],
+                base
+                + [
+                    f"run_dir={stopped[optimizer_format]}",
+                    "schedule.exit_interval=2",
+                    f"checkpoint.optimizer_format={optimizer_format}",
+                ],
+            )
+        )
 
-    def resume(name: str, ranks: int, optimizer_format: str, overrides: list[str], body=train_on_rank):
+    def resume(
+        name: str, ranks: int, optimizer_format: str, overrides: list[str], body=train_on_rank
+    ):
         checkpoints = root / f"resumed_{name}"
         shutil.copytree(stopped[optimizer_format] / "checkpoints", checkpoints)
-        return run_on_ranks(body, ranks, setup["recipe"], base + overrides + [
-            f"run_dir={root / name}", f"checkpoint.dir={checkpoints}"]), checkpoints
+        return run_on_ranks(
+            body,
+            ranks,
+            setup["recipe"],
+            base + overrides + [f"run_dir={root / name}", f"checkpoint.dir={checkpoints}"],
+        ), checkpoints
 
     for name, ranks, optimizer_format, layout in (
-            ("tp2", 2, "fully_reshardable", ["parallel.tensor_model_parallel_size=2"]),
-            ("pp2", 2, "fully_reshardable", ["parallel.pipeline_model_parallel_size=2"]),
-            ("dp1", 1, "dp_reshardable", [])):
+        ("tp2", 2, "fully_reshardable", ["parallel.tensor_model_parallel_size=2"]),
+        ("pp2", 2, "fully_reshardable", ["parallel.pipeline_model_parallel_size=2"]),
+        ("dp1", 1, "dp_reshardable", []),
+    ):
         resumed = logged(resume(name, ranks, optimizer_format, layout)[0])
         assert [h["step"] for h in resumed] == [3]
         assert resumed[0]["loss"] == pytest.approx(straight[2]["loss"], rel=1e-4), name
         assert resumed[0]["grad_norm"] == pytest.approx(straight[2]["grad_norm"], rel=1e-4), name
 
     # What the format cannot do, and another optimizer kind: one clear message each.
-    failed, checkpoints = resume("dp_tp2", 2, "dp_reshardable",
-                                 ["parallel.tensor_model_parallel_size=2"], _train_expecting_error)
-    assert failed[0] == (f"{checkpoints}/iter_0000002: the distributed optimizer's state was saved "
-                         "in the dp_reshardable format at TP1 PP1 and cannot be resharded to TP2 "
-                         "PP1; resume at that TP x PP (any DP), or set checkpoint.load_optimizer="
-                         "false to restart the Adam moments from zero (save with "
-                         "checkpoint.optimizer_format=fully_reshardable to avoid this)")
+    failed, checkpoints = resume(
+        "dp_tp2",
+        2,
+        "dp_reshardable",
+        ["parallel.tensor_model_parallel_size=2"],
+        _train_expecting_error,
+    )
+    assert failed[0] == (
+        f"{checkpoints}/iter_0000002: the distributed optimizer's state was saved "
+        "in the dp_reshardable format at TP1 PP1 and cannot be resharded to TP2 "
+        "PP1; resume at that TP x PP (any DP), or set checkpoint.load_optimizer="
+        "false to restart the Adam moments from zero (save with "
+        "checkpoint.optimizer_format=fully_reshardable to avoid this)"
+    )
     plain = ["optimizer.use_distributed_optimizer=false"]
     failed, checkpoints = resume("plain", 1, "fully_reshardable", plain, _train_expecting_error)
-    assert failed[0] == (f"{checkpoints}/iter_0000002: the optimizer state was saved with "
-                         "optimizer.use_distributed_optimizer=true; resume with that setting, or "
-                         "set checkpoint.load_optimizer=false to keep the weights, schedule and "
-                         "data position and restart the Adam moments from zero")
-    fresh_moments = logged(resume("fresh", 1, "fully_reshardable",
-                                  plain + ["checkpoint.load_optimizer=false"])[0])
+    assert failed[0] == (
+        f"{checkpoints}/iter_0000002: the optimizer state was saved with "
+        "optimizer.use_distributed_optimizer=true; resume with that setting, or "
+        "set checkpoint.load_optimizer=false to keep the weights, schedule and "
+        "data position and restart the Adam moments from zero"
+    )
+    fresh_moments = logged(
+        resume("fresh", 1, "fully_reshardable", plain + ["checkpoint.load_optimizer=false"])[0]
+    )
     assert [h["step"] for h in fresh_moments] == [3]
     # Same weights and data, so the same loss; only the update differs (fresh moments).
     assert fresh_moments[0]["loss"] == pytest.approx(straight[2]["loss"], rel=1e-4)
@@ -309,9 +412,19 @@ def test_load_starts_the_student_from_an_export_or_another_runs_checkpoint(setup
 
     root = setup["root"]
     source = root / "load_source"
-    logged(run_on_ranks(train_on_rank, 1, setup["recipe"], [
-        "schedule.train_steps=2", f"run_dir={source}", "checkpoint.save_interval=2",
-        f"checkpoint.export_dir={source / 'export'}"]))
+    logged(
+        run_on_ranks(
+            train_on_rank,
+            1,
+            setup["recipe"],
+            [
+                "schedule.train_steps=2",
+                f"run_dir={source}",
+                "checkpoint.save_interval=2",
+                f"checkpoint.export_dir={source / 'export'}",
+            ],
+        )
+    )
     description = yaml.safe_load((source / "export" / "model.yaml").read_text())
     assert {key: description[key] for key in STUDENT} == STUDENT
     exported = run_on_ranks(read_student, 1, str(source / "export"))[0]
@@ -322,9 +435,19 @@ def test_load_starts_the_student_from_an_export_or_another_runs_checkpoint(setup
 
     runs = {}
     for name, path in (("export", source / "export"), ("training", source / "checkpoints")):
-        runs[name] = logged(run_on_ranks(train_on_rank, 1, setup["recipe"], [
-            "schedule.train_steps=1", "schedule.warmup_steps=0", f"run_dir={root / ('from_' + name)}",
-            f"checkpoint.load={path}"]))
+        runs[name] = logged(
+            run_on_ranks(
+                train_on_rank,
+                1,
+                setup["recipe"],
+                [
+                    "schedule.train_steps=1",
+                    "schedule.warmup_steps=0",
+                    f"run_dir={root / ('from_' + name)}",
+                    f"checkpoint.load={path}",
+                ],
+            )
+        )
     assert runs["export"][0]["step"] == 1 and runs["training"][0]["step"] == 1
     assert runs["export"][0]["loss"] == runs["training"][0]["loss"]
 
@@ -340,9 +463,19 @@ def test_the_command_line_exits_75_on_sigterm_after_saving(setup, tmp_path):
 
     run_dir = tmp_path / "cli"
     process = subprocess.Popen(
-        [sys.executable, "-m", "hpd_megatron.train", "--config", setup["recipe"],
-         "schedule.train_steps=200", f"run_dir={run_dir}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "hpd_megatron.train",
+            "--config",
+            setup["recipe"],
+            "schedule.train_steps=200",
+            f"run_dir={run_dir}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (metrics.exists() and metrics.read_text().count("\n") >= 1):

@@ -13,8 +13,15 @@ from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.parallel.initialize import initialize_parallel, read_launch_environment
 from hpd_megatron.parallel.layout import LayoutError, ParallelLayout, validate_layout
 
-LLAMA = ModelDescription(family="llama", num_layers=6, hidden_size=96, num_attention_heads=6,
-                         num_query_groups=3, ffn_hidden_size=192, vocab_size=1000)
+LLAMA = ModelDescription(
+    family="llama",
+    num_layers=6,
+    hidden_size=96,
+    num_attention_heads=6,
+    num_query_groups=3,
+    ffn_hidden_size=192,
+    vocab_size=1000,
+)
 
 
 def test_valid_layout_derives_data_parallel_size():
@@ -58,16 +65,38 @@ def test_bad_layout_fails_before_any_process_group_exists():
 
 
 def test_launch_environment_from_torchrun_and_slurm():
-    torchrun = read_launch_environment({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
-                                        "MASTER_ADDR": "node1", "MASTER_PORT": "6000"})
+    torchrun = read_launch_environment(
+        {
+            "RANK": "3",
+            "WORLD_SIZE": "8",
+            "LOCAL_RANK": "1",
+            "MASTER_ADDR": "node1",
+            "MASTER_PORT": "6000",
+        }
+    )
     assert (torchrun.rank, torchrun.world_size, torchrun.local_rank) == (3, 8, 1)
     assert (torchrun.master_addr, torchrun.master_port) == ("node1", 6000)
-    slurm = read_launch_environment({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5",
-                                     "MASTER_ADDR": "node2", "MASTER_PORT": "6001"})
+    slurm = read_launch_environment(
+        {
+            "SLURM_PROCID": "5",
+            "SLURM_NTASKS": "16",
+            "SLURM_LOCALID": "5",
+            "MASTER_ADDR": "node2",
+            "MASTER_PORT": "6001",
+        }
+    )
     assert (slurm.rank, slurm.world_size, slurm.local_rank) == (5, 16, 5)
     # torchrun's variables win when a torchrun runs inside an srun step.
-    both = read_launch_environment({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0",
-                                    "SLURM_NTASKS": "1", "MASTER_ADDR": "a", "MASTER_PORT": "1"})
+    both = read_launch_environment(
+        {
+            "RANK": "1",
+            "WORLD_SIZE": "2",
+            "SLURM_PROCID": "0",
+            "SLURM_NTASKS": "1",
+            "MASTER_ADDR": "a",
+            "MASTER_PORT": "1",
+        }
+    )
     assert (both.rank, both.world_size) == (1, 2)
     single = read_launch_environment({})
     assert (single.rank, single.world_size) == (0, 1)
@@ -77,8 +106,10 @@ def test_launch_environment_from_torchrun_and_slurm():
     "env,expected",
     [
         ({"RANK": "0", "WORLD_SIZE": "2"}, "needs MASTER_ADDR and MASTER_PORT"),
-        ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"},
-         "rank 2 is outside world size 2"),
+        (
+            {"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"},
+            "rank 2 is outside world size 2",
+        ),
         ({"RANK": "0"}, "set both RANK and WORLD_SIZE"),
         ({"RANK": "zero", "WORLD_SIZE": "2"}, "RANK='zero' is not an integer"),
     ],
@@ -89,29 +120,54 @@ def test_launch_environment_errors(env, expected):
 
 
 def test_model_description_defaults_by_family():
-    qwen2 = ModelDescription(family="qwen2", num_layers=2, hidden_size=64, num_attention_heads=4,
-                             ffn_hidden_size=128, vocab_size=100)
+    qwen2 = ModelDescription(
+        family="qwen2",
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        ffn_hidden_size=128,
+        vocab_size=100,
+    )
     assert qwen2.qkv_bias and not qwen2.qk_layernorm
     assert qwen2.num_query_groups == 4 and qwen2.kv_channels == 16
-    qwen3 = ModelDescription(family="qwen3", num_layers=2, hidden_size=64, num_attention_heads=4,
-                             ffn_hidden_size=128, vocab_size=100, kv_channels=32)
+    qwen3 = ModelDescription(
+        family="qwen3",
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        ffn_hidden_size=128,
+        vocab_size=100,
+        kv_channels=32,
+    )
     assert qwen3.qk_layernorm and not qwen3.qkv_bias and qwen3.kv_channels == 32
 
 
 @pytest.mark.parametrize(
     "change,expected",
     [
-        ({"family": "gpt2"}, "model.family: unsupported family 'gpt2' (supported: llama, mistral, qwen2, qwen3)"),
+        (
+            {"family": "gpt2"},
+            "model.family: unsupported family 'gpt2' (supported: llama, mistral, qwen2, qwen3)",
+        ),
         ({"hiden_size": 64}, "model.hiden_size: unknown key"),
         ({"num_layers": "4"}, "model.num_layers: expected an integer, got '4'"),
-        ({"num_query_groups": 3}, "model.num_query_groups: 3 does not divide num_attention_heads 4"),
+        (
+            {"num_query_groups": 3},
+            "model.num_query_groups: 3 does not divide num_attention_heads 4",
+        ),
         ({"rope_scaling": {"type": "yarn"}}, "model.rope_scaling.type: unsupported 'yarn'"),
         ({"rope_scaling": {"factor": "big"}}, "model.rope_scaling.factor: expected a number"),
     ],
 )
 def test_model_description_errors_name_the_key(change, expected):
-    fields = dict(family="llama", num_layers=2, hidden_size=64, num_attention_heads=4,
-                  ffn_hidden_size=128, vocab_size=100)
+    fields = dict(
+        family="llama",
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        ffn_hidden_size=128,
+        vocab_size=100,
+    )
     fields.update(change)
     with pytest.raises(ConfigError) as error:
         ModelDescription.from_dict(fields)
@@ -120,8 +176,15 @@ def test_model_description_errors_name_the_key(change, expected):
 
 def test_missing_required_key():
     with pytest.raises(ConfigError, match="model.vocab_size: required key is missing"):
-        ModelDescription.from_dict(dict(family="llama", num_layers=2, hidden_size=64,
-                                        num_attention_heads=4, ffn_hidden_size=128))
+        ModelDescription.from_dict(
+            dict(
+                family="llama",
+                num_layers=2,
+                hidden_size=64,
+                num_attention_heads=4,
+                ffn_hidden_size=128,
+            )
+        )
 
 
 def test_model_description_yaml_round_trip(tmp_path):
@@ -137,8 +200,14 @@ def test_model_description_yaml_round_trip(tmp_path):
 
 @pytest.mark.parametrize(
     "vocab,tp,expected",
-    [(1000, 1, 1024), (1000, 2, 1024), (1100, 2, 1280), (151665, 8, 152576), (128256, 8, 129024),
-     (256, 2, 256)],
+    [
+        (1000, 1, 1024),
+        (1000, 2, 1024),
+        (1100, 2, 1280),
+        (151665, 8, 152576),
+        (128256, 8, 129024),
+        (256, 2, 256),
+    ],
 )
 def test_vocab_padding_the_megatron_way(vocab, tp, expected):
     assert padded_vocab_size(vocab, tp) == expected

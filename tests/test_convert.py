@@ -30,18 +30,34 @@ SEQ, BATCH, GREEDY = 96, 2, 4
 # tests/test_layout_equivalence.py (each layout here costs a multi-process launch).
 LAYOUTS = [(1, 1), (2, 2)]
 TOKENIZER_TOKENS = 300  # qwen2's tokenizer; its config has 400 embedding rows
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
-COMMON = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=320, max_position_embeddings=128)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=320,
+    max_position_embeddings=128,
+)
 MODELS = {
     "llama2": ("LlamaConfig", dict(COMMON, num_key_value_heads=4, rope_theta=10000.0)),
     "llama31": ("LlamaConfig", dict(COMMON, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE)),
-    "llama32": ("LlamaConfig", dict(COMMON, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE,
-                                    tie_word_embeddings=True)),
+    "llama32": (
+        "LlamaConfig",
+        dict(COMMON, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE, tie_word_embeddings=True),
+    ),
     "mistral": ("MistralConfig", dict(COMMON, rope_theta=1000000.0, sliding_window=None)),
-    "qwen2": ("Qwen2Config", dict(COMMON, vocab_size=400, rope_theta=1000000.0,
-                                  tie_word_embeddings=True)),
+    "qwen2": (
+        "Qwen2Config",
+        dict(COMMON, vocab_size=400, rope_theta=1000000.0, tie_word_embeddings=True),
+    ),
     "qwen3": ("Qwen3Config", dict(COMMON, intermediate_size=96, head_dim=24, rope_theta=1000000.0)),
 }
 SHARDED = "llama31"  # saved in several files with an index
@@ -71,8 +87,15 @@ def _write_tokenizer(directory: Path) -> None:
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>", "unk_token": "<unk>"}))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<eos>",
+                "unk_token": "<unk>",
+            }
+        )
+    )
 
 
 def _make_hf_model(name: str, directory: Path) -> None:
@@ -80,7 +103,9 @@ def _make_hf_model(name: str, directory: Path) -> None:
 
     config_class, kwargs = MODELS[name]
     torch.manual_seed(sorted(MODELS).index(name))
-    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_class)(**kwargs))
+    model = transformers.AutoModelForCausalLM.from_config(
+        getattr(transformers, config_class)(**kwargs)
+    )
     with torch.no_grad():
         # Far from the default init (norms at 1, std 0.02), so that any mapping mistake,
         # swapped norms included, moves the logits by much more than the tolerance.
@@ -93,8 +118,9 @@ def _make_hf_model(name: str, directory: Path) -> None:
                 parameter.copy_(0.15 * torch.randn_like(parameter))
     if name == BF16:
         model = model.to(torch.bfloat16)
-    model.save_pretrained(directory, safe_serialization=True,
-                          max_shard_size="150KB" if name == SHARDED else "1GB")
+    model.save_pretrained(
+        directory, safe_serialization=True, max_shard_size="150KB" if name == SHARDED else "1GB"
+    )
     if name == "qwen2":
         _write_tokenizer(directory)
 
@@ -149,8 +175,14 @@ def _verify_all(tp: int, pp: int, hf_root: str, meg_root: str, export_root: str 
         for name in MODELS:
             meg = Path(meg_root) / name
             description = ModelDescription.from_yaml(meg / "model.yaml")
-            report = verify(Path(hf_root) / name, meg, description, tokens=_tokens(),
-                            greedy_steps=GREEDY, keep_logits=(tp, pp) == (1, 1))
+            report = verify(
+                Path(hf_root) / name,
+                meg,
+                description,
+                tokens=_tokens(),
+                greedy_steps=GREEDY,
+                keep_logits=(tp, pp) == (1, 1),
+            )
             # Keys and global shapes this layout's GPTModel asks for, against the file.
             model = build_gpt_model(description, transformer_config(description))
             stored = _checkpoint_shapes(meg)
@@ -174,8 +206,9 @@ def _verify_all(tp: int, pp: int, hf_root: str, meg_root: str, export_root: str 
             if name == "llama31" and (tp, pp) == (1, 1):
                 # The same weights without the scaling: proves the test can see it.
                 plain = ModelDescription.from_dict(dict(description.to_dict(), rope_scaling=None))
-                report["unscaled"] = verify(Path(hf_root) / name, meg, plain, tokens=_tokens(),
-                                            greedy_steps=0)["max_abs_logit_diff"]
+                report["unscaled"] = verify(
+                    Path(hf_root) / name, meg, plain, tokens=_tokens(), greedy_steps=0
+                )["max_abs_logit_diff"]
             results[name] = report
     return results
 
@@ -207,8 +240,9 @@ def work(tmp_path_factory) -> dict:
     layouts = {}
     for tp, pp in LAYOUTS:
         export = str(export_root) if (tp, pp) == (2, 2) else None
-        reports = run_on_ranks(_verify_all, tp * pp, tp, pp, str(hf_root), str(meg_root), export,
-                               timeout=400)
+        reports = run_on_ranks(
+            _verify_all, tp * pp, tp, pp, str(hf_root), str(meg_root), export, timeout=400
+        )
         layouts[(tp, pp)] = reports[0]
     # Back to HF: from the TP1 conversion (with hf/), from the TP2 PP2 export (padded
     # vocab), and without hf/ (config.json synthesised from model.yaml).
@@ -220,8 +254,14 @@ def work(tmp_path_factory) -> dict:
         shutil.copytree(meg_root / name, synthesised / name, ignore=shutil.ignore_patterns("hf"))
         jobs.append((str(synthesised / name), str(back_root / "synthesised" / name), None))
     run_on_ranks(_reverse_all, 1, jobs)
-    return {"root": root, "hf": hf_root, "meg": meg_root, "back": back_root, "stats": stats,
-            "layouts": layouts}
+    return {
+        "root": root,
+        "hf": hf_root,
+        "meg": meg_root,
+        "back": back_root,
+        "stats": stats,
+        "layouts": layouts,
+    }
 
 
 # ---- logits ---------------------------------------------------------------------------
@@ -233,7 +273,9 @@ def test_logits_match_transformers(work, name, tp, pp):
     report = work["layouts"][(tp, pp)][name]
     assert report["layout"] == {"tp": tp, "pp": pp}
     assert report["prompts"] == [BATCH, SEQ]
-    assert report["max_abs_logit"] > 1.0, "logits are degenerate; the comparison would prove nothing"
+    assert report["max_abs_logit"] > 1.0, (
+        "logits are degenerate; the comparison would prove nothing"
+    )
     assert report["max_abs_logit_diff"] <= 1e-4, report
     assert report["top1_agreement"] == 1.0
     assert report["mean_kl"] < 1e-8
@@ -286,7 +328,9 @@ def test_round_trip_is_bit_exact(work, name, source):
     assert sorted(back) == sorted(original)
     for key, tensor in original.items():
         assert back[key].dtype == tensor.dtype, key
-        assert torch.equal(back[key], tensor), f"{key} differs after HF -> Megatron -> HF ({source})"
+        assert torch.equal(back[key], tensor), (
+            f"{key} differs after HF -> Megatron -> HF ({source})"
+        )
 
 
 @pytest.mark.parametrize("source", ["direct", "synthesised"])
@@ -304,8 +348,9 @@ def test_round_trip_keeps_architecture(work, name, source):
     if name == "qwen2":
         assert (work["back"] / source / name / "generation_config.json").is_file()
         if source == "direct":
-            assert (work["back"] / source / name / "tokenizer.json").read_bytes() == \
-                (work["hf"] / name / "tokenizer.json").read_bytes()
+            assert (work["back"] / source / name / "tokenizer.json").read_bytes() == (
+                work["hf"] / name / "tokenizer.json"
+            ).read_bytes()
 
 
 # ---- the command-line tools under several processes ----------------------------------
@@ -314,9 +359,24 @@ def test_round_trip_keeps_architecture(work, name, source):
 def test_cli_hf_to_megatron_tp2_pp2_streams_and_verifies(work):
     """Four processes, each writing only its TP x PP position; --verify at TP2 PP2."""
     out = work["root"] / "cli_tp2pp2"
-    codes = run_on_ranks(_cli, 4, "convert_hf_to_megatron",
-                         ["--hf-dir", str(work["hf"] / "qwen2"), "--out", str(out), "--tp", "2",
-                          "--pp", "2", "--verify", "--no-progress"], timeout=400)
+    codes = run_on_ranks(
+        _cli,
+        4,
+        "convert_hf_to_megatron",
+        [
+            "--hf-dir",
+            str(work["hf"] / "qwen2"),
+            "--out",
+            str(out),
+            "--tp",
+            "2",
+            "--pp",
+            "2",
+            "--verify",
+            "--no-progress",
+        ],
+        timeout=400,
+    )
     assert codes == [0, 0, 0, 0]
     report = json.loads((out / "verify.json").read_text())
     assert report["layout"] == {"tp": 2, "pp": 2} and report["passed"]
@@ -328,10 +388,24 @@ def test_cli_hf_to_megatron_tp2_pp2_streams_and_verifies(work):
 
 def test_cli_megatron_to_hf_two_processes_sharded_output(work):
     out = work["root"] / "cli_back"
-    codes = run_on_ranks(_cli, 2, "convert_megatron_to_hf",
-                         ["--ckpt", str(work["meg"] / "qwen3"), "--out", str(out),
-                          "--shard-size", "100KB", "--tp", "2", "--verify", "--no-progress"],
-                         timeout=400)
+    codes = run_on_ranks(
+        _cli,
+        2,
+        "convert_megatron_to_hf",
+        [
+            "--ckpt",
+            str(work["meg"] / "qwen3"),
+            "--out",
+            str(out),
+            "--shard-size",
+            "100KB",
+            "--tp",
+            "2",
+            "--verify",
+            "--no-progress",
+        ],
+        timeout=400,
+    )
     assert codes == [0, 0]
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
@@ -373,9 +447,17 @@ def test_error_unsupported_architecture(work, tmp_path, capsys):
     config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
     (source / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
-    _fails("convert_hf_to_megatron", ["--hf-dir", str(source), "--out", str(out)], out, capsys,
-           "GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-           "Qwen3ForCausalLM")
+    _fails(
+        "convert_hf_to_megatron",
+        ["--hf-dir", str(source), "--out", str(out)],
+        out,
+        capsys,
+        "GPT2LMHeadModel",
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+    )
 
 
 def test_error_missing_shard(work, tmp_path, capsys):
@@ -384,15 +466,25 @@ def test_error_missing_shard(work, tmp_path, capsys):
     assert len(shards) >= 2
     shards[1].unlink()
     out = tmp_path / "out"
-    _fails("convert_hf_to_megatron", ["--hf-dir", str(source), "--out", str(out)], out, capsys,
-           shards[1].name, "model.safetensors.index.json")
+    _fails(
+        "convert_hf_to_megatron",
+        ["--hf-dir", str(source), "--out", str(out)],
+        out,
+        capsys,
+        shards[1].name,
+        "model.safetensors.index.json",
+    )
 
 
 def test_error_tp_does_not_divide_kv_heads(work, tmp_path, capsys):
     out = tmp_path / "out"
-    _fails("convert_hf_to_megatron", ["--hf-dir", str(work["hf"] / "qwen3"), "--out", str(out),
-                                      "--tp", "4"], out, capsys,
-           "TP=4 does not divide num_query_groups (KV heads)=2")
+    _fails(
+        "convert_hf_to_megatron",
+        ["--hf-dir", str(work["hf"] / "qwen3"), "--out", str(out), "--tp", "4"],
+        out,
+        capsys,
+        "TP=4 does not divide num_query_groups (KV heads)=2",
+    )
 
 
 def test_error_shape_disagrees_with_config(work, tmp_path, capsys):
@@ -401,10 +493,18 @@ def test_error_shape_disagrees_with_config(work, tmp_path, capsys):
     config["intermediate_size"] = 128
     (source / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
-    err = _fails("convert_hf_to_megatron", ["--hf-dir", str(source), "--out", str(out)], out,
-                 capsys, "tensor model.layers.0.mlp.", "config.json")
+    err = _fails(
+        "convert_hf_to_megatron",
+        ["--hf-dir", str(source), "--out", str(out)],
+        out,
+        capsys,
+        "tensor model.layers.0.mlp.",
+        "config.json",
+    )
     # Both shapes, the file's (160 wide) and the one config.json implies (128).
-    assert re.search(r"has shape \[(160, 64|64, 160)\] but .* implies \[(128, 64|64, 128)\]", err), err
+    assert re.search(
+        r"has shape \[(160, 64|64, 160)\] but .* implies \[(128, 64|64, 128)\]", err
+    ), err
 
 
 def test_error_pickle_weights_only(work, tmp_path, capsys):
@@ -413,23 +513,37 @@ def test_error_pickle_weights_only(work, tmp_path, capsys):
     shutil.copy(work["hf"] / "llama2" / "config.json", source / "config.json")
     torch.save({"model.embed_tokens.weight": torch.zeros(2, 2)}, source / "pytorch_model.bin")
     out = tmp_path / "out"
-    _fails("convert_hf_to_megatron", ["--hf-dir", str(source), "--out", str(out)], out, capsys,
-           "pytorch_model.bin", "safetensors are required", "save_pretrained")
+    _fails(
+        "convert_hf_to_megatron",
+        ["--hf-dir", str(source), "--out", str(out)],
+        out,
+        capsys,
+        "pytorch_model.bin",
+        "safetensors are required",
+        "save_pretrained",
+    )
 
 
 def test_error_reverse_without_model_description(work, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(work["meg"] / "llama2", ckpt, ignore=shutil.ignore_patterns("model.yaml"))
     out = tmp_path / "out"
-    _fails("convert_megatron_to_hf", ["--ckpt", str(ckpt), "--out", str(out)], out, capsys,
-           "model.yaml", "--model")
+    _fails(
+        "convert_megatron_to_hf",
+        ["--ckpt", str(ckpt), "--out", str(out)],
+        out,
+        capsys,
+        "model.yaml",
+        "--model",
+    )
 
 
 def test_error_output_exists(work, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     code = _tool("convert_hf_to_megatron").main(
-        ["--hf-dir", str(work["hf"] / "llama2"), "--out", str(out), "--no-progress"])
+        ["--hf-dir", str(work["hf"] / "llama2"), "--out", str(out), "--no-progress"]
+    )
     assert code == 1 and "already exists" in capsys.readouterr().err
     assert list(out.iterdir()) == []
 
@@ -441,14 +555,46 @@ def test_qkv_layout_is_grouped_per_kv_group():
     from hpd_megatron.convert.mapping import interleave_qkv, split_qkv
     from hpd_megatron.models.description import ModelDescription
 
-    d = ModelDescription(family="llama", num_layers=1, hidden_size=8, num_attention_heads=4,
-                         num_query_groups=2, ffn_hidden_size=8, vocab_size=8, kv_channels=3)
+    d = ModelDescription(
+        family="llama",
+        num_layers=1,
+        hidden_size=8,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=8,
+        vocab_size=8,
+        kv_channels=3,
+    )
     q = torch.arange(12.0).unsqueeze(1) + 100  # 4 heads x 3 rows
     k = torch.arange(6.0).unsqueeze(1) + 200  # 2 groups x 3 rows
     v = torch.arange(6.0).unsqueeze(1) + 300
     qkv = interleave_qkv(q, k, v, groups=2).squeeze(1).tolist()
-    assert qkv == [100, 101, 102, 103, 104, 105, 200, 201, 202, 300, 301, 302,
-                   106, 107, 108, 109, 110, 111, 203, 204, 205, 303, 304, 305]
+    assert qkv == [
+        100,
+        101,
+        102,
+        103,
+        104,
+        105,
+        200,
+        201,
+        202,
+        300,
+        301,
+        302,
+        106,
+        107,
+        108,
+        109,
+        110,
+        111,
+        203,
+        204,
+        205,
+        303,
+        304,
+        305,
+    ]
     for back, original in zip(split_qkv(interleave_qkv(q, k, v, 2), d), (q, k, v)):
         assert torch.equal(back, original)
 
@@ -459,22 +605,35 @@ def test_norm_names_for_local_and_transformer_engine_specs():
     from hpd_megatron.convert.mapping import layer_entries, module_parameter_name
     from hpd_megatron.models.description import ModelDescription
 
-    d = ModelDescription(family="qwen3", num_layers=4, hidden_size=16, num_attention_heads=2,
-                         ffn_hidden_size=32, vocab_size=64)
-    keys_map = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm") \
-        .submodules.sharded_state_dict_keys_map
+    d = ModelDescription(
+        family="qwen3",
+        num_layers=4,
+        hidden_size=16,
+        num_attention_heads=2,
+        ffn_hidden_size=32,
+        vocab_size=64,
+    )
+    keys_map = get_gpt_layer_local_spec(
+        qk_layernorm=True, normalization="RMSNorm"
+    ).submodules.sharded_state_dict_keys_map
     names = {e.hf_names[0]: e for e in layer_entries(d, 3)}
     pre_attention = names["model.layers.3.input_layernorm.weight"]
     pre_mlp = names["model.layers.3.post_attention_layernorm.weight"]
-    assert module_parameter_name(pre_attention, "local") == "decoder.layers.3.input_layernorm.weight"
-    assert module_parameter_name(pre_attention, "te") == \
-        "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight"
+    assert (
+        module_parameter_name(pre_attention, "local") == "decoder.layers.3.input_layernorm.weight"
+    )
+    assert (
+        module_parameter_name(pre_attention, "te")
+        == "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight"
+    )
     assert module_parameter_name(pre_mlp, "local") == "decoder.layers.3.pre_mlp_layernorm.weight"
-    assert module_parameter_name(pre_mlp, "te") == "decoder.layers.3.mlp.linear_fc1.layer_norm_weight"
+    assert (
+        module_parameter_name(pre_mlp, "te") == "decoder.layers.3.mlp.linear_fc1.layer_norm_weight"
+    )
     # The local spec stores its norms under the TE names, i.e. our checkpoint keys.
     for entry in layer_entries(d, 3):
-        local = module_parameter_name(entry, "local")[len("decoder.layers.3."):]
+        local = module_parameter_name(entry, "local")[len("decoder.layers.3.") :]
         for prefix, replacement in keys_map.items():
             if local.startswith(prefix):
-                local = replacement + local[len(prefix):]
+                local = replacement + local[len(prefix) :]
         assert f"decoder.layers.{local}" == entry.key

@@ -28,9 +28,12 @@ def _routing_facts() -> dict:
         "type_name": tensor.type(),
         "type_conversion": str(tensor.type(torch.float64).dtype),
         # Routed factories draw exactly what the originals draw.
-        "randn_same": torch.equal(torch.randn(6, generator=torch.Generator().manual_seed(3)), reference),
+        "randn_same": torch.equal(
+            torch.randn(6, generator=torch.Generator().manual_seed(3)), reference
+        ),
         "randn_cuda_same": torch.equal(
-            torch.randn(6, generator=torch.Generator().manual_seed(3), device="cuda"), reference),
+            torch.randn(6, generator=torch.Generator().manual_seed(3), device="cuda"), reference
+        ),
     }
 
 
@@ -87,20 +90,55 @@ def test_rng_tracker_forks_the_cpu_generator():
 
 SEQ = 24
 DENSE_MODELS = {
-    "llama_gqa": dict(family="llama", num_layers=2, hidden_size=64, num_attention_heads=4,
-                      num_query_groups=2, ffn_hidden_size=96, vocab_size=300, rotary_base=10000.0),
-    "qwen2_bias_tied": dict(family="qwen2", num_layers=2, hidden_size=32, num_attention_heads=4,
-                            ffn_hidden_size=64, vocab_size=300, tie_word_embeddings=True,
-                            norm_epsilon=1e-6, rotary_base=1000000.0),
-    "qwen3_qknorm_headdim": dict(family="qwen3", num_layers=2, hidden_size=32, num_attention_heads=4,
-                                 num_query_groups=2, kv_channels=16, ffn_hidden_size=64,
-                                 vocab_size=300, norm_epsilon=1e-6),
+    "llama_gqa": dict(
+        family="llama",
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=96,
+        vocab_size=300,
+        rotary_base=10000.0,
+    ),
+    "qwen2_bias_tied": dict(
+        family="qwen2",
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        ffn_hidden_size=64,
+        vocab_size=300,
+        tie_word_embeddings=True,
+        norm_epsilon=1e-6,
+        rotary_base=1000000.0,
+    ),
+    "qwen3_qknorm_headdim": dict(
+        family="qwen3",
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        kv_channels=16,
+        ffn_hidden_size=64,
+        vocab_size=300,
+        norm_epsilon=1e-6,
+    ),
     # Llama 3.1 rope scaling with a tiny original context, so positions past it matter.
-    "llama31_rope_scaling": dict(family="llama", num_layers=1, hidden_size=64, num_attention_heads=2,
-                                 ffn_hidden_size=96, vocab_size=300, rotary_base=500000.0,
-                                 rope_scaling=dict(type="llama3", factor=8.0, low_freq_factor=1.0,
-                                                   high_freq_factor=4.0,
-                                                   original_max_position_embeddings=8)),
+    "llama31_rope_scaling": dict(
+        family="llama",
+        num_layers=1,
+        hidden_size=64,
+        num_attention_heads=2,
+        ffn_hidden_size=96,
+        vocab_size=300,
+        rotary_base=500000.0,
+        rope_scaling=dict(
+            type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8,
+        ),
+    ),
 }
 
 
@@ -115,8 +153,10 @@ def _megatron_logits() -> dict[str, tuple[dict[str, torch.Tensor], torch.Tensor,
     positions = torch.arange(SEQ).expand(2, -1)
     out = {}
     for name, kwargs in DENSE_MODELS.items():
-        model = build_gpt_model(ModelDescription.from_dict(kwargs),
-                                transformer_config(ModelDescription.from_dict(kwargs)))
+        model = build_gpt_model(
+            ModelDescription.from_dict(kwargs),
+            transformer_config(ModelDescription.from_dict(kwargs)),
+        )
         with torch.no_grad():
             # Norm weights start at one; randomise them so a misplaced norm shows.
             for key, parameter in model.named_parameters():
@@ -143,11 +183,15 @@ def _inverse_frequencies(kwargs: dict, head_dim: int) -> torch.Tensor:
     low_wavelength = scaling["original_max_position_embeddings"] / scaling["low_freq_factor"]
     high_wavelength = scaling["original_max_position_embeddings"] / scaling["high_freq_factor"]
     wavelength = 2 * torch.pi / inv
-    smooth = (scaling["original_max_position_embeddings"] / wavelength - scaling["low_freq_factor"]) / (
-        scaling["high_freq_factor"] - scaling["low_freq_factor"])
+    smooth = (
+        scaling["original_max_position_embeddings"] / wavelength - scaling["low_freq_factor"]
+    ) / (scaling["high_freq_factor"] - scaling["low_freq_factor"])
     blended = (1 - smooth) * inv / scaling["factor"] + smooth * inv
-    return torch.where(wavelength > low_wavelength, inv / scaling["factor"],
-                       torch.where(wavelength < high_wavelength, inv, blended))
+    return torch.where(
+        wavelength > low_wavelength,
+        inv / scaling["factor"],
+        torch.where(wavelength < high_wavelength, inv, blended),
+    )
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -156,14 +200,18 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
-def _dense_logits(kwargs: dict, state: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+def _dense_logits(
+    kwargs: dict, state: dict[str, torch.Tensor], tokens: torch.Tensor
+) -> torch.Tensor:
     """Llama/Qwen forward written from the architecture, reading Megatron's weight layout."""
     heads = kwargs["num_attention_heads"]
     groups = kwargs.get("num_query_groups") or heads
     head_dim = kwargs.get("kv_channels") or kwargs["hidden_size"] // heads
     eps = kwargs.get("norm_epsilon", 1e-5)
     batch, seq = tokens.shape
-    angles = torch.arange(seq, dtype=torch.float32)[:, None] * _inverse_frequencies(kwargs, head_dim)
+    angles = torch.arange(seq, dtype=torch.float32)[:, None] * _inverse_frequencies(
+        kwargs, head_dim
+    )
     angles = torch.cat([angles, angles], dim=-1)
     cos, sin = angles.cos(), angles.sin()
     causal = torch.ones(seq, seq, dtype=torch.bool).tril()
@@ -171,9 +219,13 @@ def _dense_logits(kwargs: dict, state: dict[str, torch.Tensor], tokens: torch.Te
     x = state["embedding.word_embeddings.weight"][tokens]
     for layer in range(kwargs["num_layers"]):
         p = f"decoder.layers.{layer}."
-        h = _rms_norm(x, state[p + "self_attention.linear_qkv.layer_norm_weight"]
-                      if p + "self_attention.linear_qkv.layer_norm_weight" in state
-                      else state[p + "input_layernorm.weight"], eps)
+        h = _rms_norm(
+            x,
+            state[p + "self_attention.linear_qkv.layer_norm_weight"]
+            if p + "self_attention.linear_qkv.layer_norm_weight" in state
+            else state[p + "input_layernorm.weight"],
+            eps,
+        )
         qkv = h @ state[p + "self_attention.linear_qkv.weight"].t()
         if p + "self_attention.linear_qkv.bias" in state:
             qkv = qkv + state[p + "self_attention.linear_qkv.bias"]

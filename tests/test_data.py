@@ -37,7 +37,9 @@ CHATML = (
 
 
 def write_jsonl(path: Path, lines: list) -> Path:
-    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    path.write_text(
+        "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
+    )
     return path
 
 
@@ -66,14 +68,27 @@ def word_tokenizer(tmp_path_factory) -> Path:
     """A word-level tokenizer with hand-picked ids, so expected ids can be written down."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "User": 4, ":": 5, "Assistant": 6,
-             "hi": 7, "yo": 8, ".": 9, "System": 10, "ok": 11}
+    vocab = {
+        "<unk>": 0,
+        "<s>": 1,
+        "</s>": 2,
+        "<pad>": 3,
+        "User": 4,
+        ":": 5,
+        "Assistant": 6,
+        "hi": 7,
+        "yo": 8,
+        ".": 9,
+        "System": 10,
+        "ok": 11,
+    }
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     directory = tmp_path_factory.mktemp("word")
     tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>"}, "pad_token": "<pad>"}))
+        json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>"}, "pad_token": "<pad>"})
+    )
     return directory / "tokenizer.json"
 
 
@@ -86,13 +101,19 @@ def chatml_tokenizer(tmp_path_factory) -> Path:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(["system user assistant", "Compute 12 + 34. The answer is 46."] * 5, trainer)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(
+        ["system user assistant", "Compute 12 + 34. The answer is 46."] * 5, trainer
+    )
     directory = tmp_path_factory.mktemp("chatml")
     tokenizer.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML}))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML}
+        )
+    )
     return directory
 
 
@@ -101,7 +122,12 @@ def chatml_tokenizer(tmp_path_factory) -> Path:
 
 def test_sentencepiece_is_lossless_with_its_special_ids(sp_model, task):
     tokenizer = load_tokenizer(sp_model)
-    assert (tokenizer.kind, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == ("sentencepiece", 1, 2, 3)
+    assert (tokenizer.kind, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (
+        "sentencepiece",
+        1,
+        2,
+        3,
+    )
     assert tokenizer.vocab_size == 60
     for record in task[:10]:
         text = record["prompt"] + "\n" + record["response"]
@@ -112,10 +138,19 @@ def test_sentencepiece_is_lossless_with_its_special_ids(sp_model, task):
 
 def test_builtin_format_ids_and_mask_by_hand(word_tokenizer):
     tokenizer = load_tokenizer(word_tokenizer)
-    assert (tokenizer.kind, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == ("huggingface", 1, 2, 3)
-    messages = [{"role": "system", "content": "ok"}, {"role": "user", "content": "hi"},
-                {"role": "assistant", "content": "yo ."}, {"role": "user", "content": "hi"},
-                {"role": "assistant", "content": "ok"}]
+    assert (tokenizer.kind, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (
+        "huggingface",
+        1,
+        2,
+        3,
+    )
+    messages = [
+        {"role": "system", "content": "ok"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo ."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "ok"},
+    ]
     template = resolve_chat_template(tokenizer, "auto")
     assert template is None  # no chat_template in its config: builtin
     ids, mask = encode_conversation(tokenizer, messages, template)
@@ -130,7 +165,9 @@ def test_fingerprint_tells_vocabularies_apart(word_tokenizer, sp_model, tmp_path
     same_vocab = tmp_path / "copy"
     same_vocab.mkdir()
     # The same vocabulary saved with different formatting has the same fingerprint.
-    (same_vocab / "tokenizer.json").write_text(json.dumps(json.loads(word_tokenizer.read_text()), indent=4))
+    (same_vocab / "tokenizer.json").write_text(
+        json.dumps(json.loads(word_tokenizer.read_text()), indent=4)
+    )
     assert load_tokenizer(same_vocab).fingerprint() == load_tokenizer(word_tokenizer).fingerprint()
     assert load_tokenizer(sp_model).fingerprint() != load_tokenizer(word_tokenizer).fingerprint()
 
@@ -138,9 +175,13 @@ def test_fingerprint_tells_vocabularies_apart(word_tokenizer, sp_model, tmp_path
 def test_chat_template_masks_only_assistant_turns(chatml_tokenizer):
     tokenizer = load_tokenizer(chatml_tokenizer)  # a directory: finds tokenizer.json
     assert tokenizer.eos_id == tokenizer._tok.token_to_id("<|im_end|>")
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Compute 12 + 34."},
-                {"role": "assistant", "content": "The answer is 46."}, {"role": "user", "content": "Again?"},
-                {"role": "assistant", "content": "46."}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Compute 12 + 34."},
+        {"role": "assistant", "content": "The answer is 46."},
+        {"role": "user", "content": "Again?"},
+        {"role": "assistant", "content": "46."},
+    ]
     template = resolve_chat_template(tokenizer, "auto")
     ids, mask = encode_conversation(tokenizer, messages, template)
     rendered = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
@@ -154,8 +195,10 @@ def test_chat_template_masks_only_assistant_turns(chatml_tokenizer):
             current = []
     assert replies == ["The answer is 46.<|im_end|>\n", "46.<|im_end|>\n"]
     prompt = encode_prompt(tokenizer, messages[:2], template)
-    assert tokenizer.decode(prompt).endswith("<|im_start|>user\nCompute 12 + 34.<|im_end|>\n<|im_start|>assistant\n")
-    assert prompt == ids[:mask.index(1)]
+    assert tokenizer.decode(prompt).endswith(
+        "<|im_start|>user\nCompute 12 + 34.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert prompt == ids[: mask.index(1)]
 
 
 def test_template_rendering_matches_transformers(chatml_tokenizer):
@@ -164,10 +207,14 @@ def test_template_rendering_matches_transformers(chatml_tokenizer):
     from hpd_megatron.data.chat import _render
 
     reference = PreTrainedTokenizerFast(tokenizer_file=str(chatml_tokenizer / "tokenizer.json"))
-    messages = [{"role": "user", "content": "a {{ b }} <c>"}, {"role": "assistant", "content": "  d\n"}]
+    messages = [
+        {"role": "user", "content": "a {{ b }} <c>"},
+        {"role": "assistant", "content": "  d\n"},
+    ]
     for generation_prompt in (False, True):
-        expected = reference.apply_chat_template(messages, chat_template=CHATML, tokenize=False,
-                                                 add_generation_prompt=generation_prompt)
+        expected = reference.apply_chat_template(
+            messages, chat_template=CHATML, tokenize=False, add_generation_prompt=generation_prompt
+        )
         assert _render(CHATML, messages, generation_prompt, {}) == expected
 
 
@@ -185,7 +232,10 @@ def test_prepare_round_trip_sentencepiece(tmp_path, sp_model, task):
     for record, ids, mask in zip(task, tokens, masks):
         ids, mask = ids.tolist(), mask.tolist()
         assert ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id
-        assert tokenizer.decode(ids[1:-1]) == f"User: {record['prompt']}\nAssistant:\n{record['response']}"
+        assert (
+            tokenizer.decode(ids[1:-1])
+            == f"User: {record['prompt']}\nAssistant:\n{record['response']}"
+        )
         start = mask.index(1)
         assert mask == [0] * start + [1] * (len(ids) - start)  # one reply, at the end, EOS included
         assert tokenizer.decode(ids[start:-1]) == record["response"]
@@ -197,16 +247,30 @@ def test_prepare_round_trip_sentencepiece(tmp_path, sp_model, task):
     assert json.loads((tmp_path / "out" / "train.json").read_text()) == sidecar
     assert f"{len(task)} records" in logged[0]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "train.json", "train_loss_mask.bin", "train_loss_mask.idx", "train_tokens.bin", "train_tokens.idx"]
+        "train.json",
+        "train_loss_mask.bin",
+        "train_loss_mask.idx",
+        "train_tokens.bin",
+        "train_tokens.idx",
+    ]
 
 
 def test_prepare_chat_records_with_template(tmp_path, chatml_tokenizer):
-    messages = [{"role": "user", "content": "Compute 1 + 2."}, {"role": "assistant", "content": "3."}]
-    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}, {"prompt": "Compute 1 + 2.", "response": "3."}])
+    messages = [
+        {"role": "user", "content": "Compute 1 + 2."},
+        {"role": "assistant", "content": "3."},
+    ]
+    data = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [{"messages": messages}, {"prompt": "Compute 1 + 2.", "response": "3."}],
+    )
     sidecar = prepare(data, chatml_tokenizer, tmp_path / "chat", seq_length=64, log=lambda _: None)
     assert sidecar["chat_template"] == "tokenizer"
     tokenizer = load_tokenizer(chatml_tokenizer)
-    tokens, masks = indexed(str(tmp_path / "chat"), "_tokens"), indexed(str(tmp_path / "chat"), "_loss_mask")
+    tokens, masks = (
+        indexed(str(tmp_path / "chat"), "_tokens"),
+        indexed(str(tmp_path / "chat"), "_loss_mask"),
+    )
     # Both schemas give the same conversation, hence the same ids.
     assert tokens[0].tolist() == tokens[1].tolist()
     reply = tokens[0][masks[0] == 1]
@@ -214,7 +278,10 @@ def test_prepare_chat_records_with_template(tmp_path, chatml_tokenizer):
 
 
 def test_padding_samples_shift_labels(tmp_path, word_tokenizer):
-    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "hi", "response": "yo ."}, {"prompt": "hi hi", "response": "ok"}])
+    data = write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"prompt": "hi", "response": "yo ."}, {"prompt": "hi hi", "response": "ok"}],
+    )
     prepare(data, word_tokenizer, tmp_path / "d", seq_length=10, log=lambda _: None)
     dataset = DistillationDataset(tmp_path / "d", seq_length=10)
     assert len(dataset) == 2
@@ -231,16 +298,26 @@ def test_padding_samples_shift_labels(tmp_path, word_tokenizer):
 
 
 def test_packing_keeps_records_apart(tmp_path, word_tokenizer):
-    records = [{"prompt": "hi", "response": "yo ."}, {"prompt": "hi hi", "response": "ok"},
-               {"prompt": "hi", "response": "ok ok ok"}]
-    prepare(write_jsonl(tmp_path / "d.jsonl", records), word_tokenizer, tmp_path / "d", seq_length=20,
-            log=lambda _: None)
+    records = [
+        {"prompt": "hi", "response": "yo ."},
+        {"prompt": "hi hi", "response": "ok"},
+        {"prompt": "hi", "response": "ok ok ok"},
+    ]
+    prepare(
+        write_jsonl(tmp_path / "d.jsonl", records),
+        word_tokenizer,
+        tmp_path / "d",
+        seq_length=20,
+        log=lambda _: None,
+    )
     dataset = DistillationDataset(tmp_path / "d", seq_length=20, pack=True)
     # Positions per record: 8, 8, 9 -> next-fit in 20: [8 + 8] [9]
     assert len(dataset) == 2
     first = dataset[0]
     assert first["tokens"].tolist() == [1, 4, 5, 7, 6, 5, 8, 9, 1, 4, 5, 7, 7, 6, 5, 11] + [3] * 4
-    assert first["labels"].tolist() == ([-100] * 5 + [8, 9, 2]) + ([-100] * 6 + [11, 2]) + [-100] * 4
+    assert (
+        first["labels"].tolist() == ([-100] * 5 + [8, 9, 2]) + ([-100] * 6 + [11, 2]) + [-100] * 4
+    )
     assert first["position_ids"].tolist() == list(range(8)) + list(range(8)) + list(range(4))
     second = dataset[1]
     assert second["labels"].tolist() == [-100] * 5 + [11, 11, 11, 2] + [-100] * 11
@@ -252,39 +329,62 @@ def test_packing_keeps_records_apart(tmp_path, word_tokenizer):
 
 def test_overlong_truncate_and_drop(tmp_path, word_tokenizer):
     # lengths 9, 10 and 14 tokens; seq_length 9 admits 10
-    records = [{"prompt": "hi", "response": "yo ."}, {"prompt": "hi hi", "response": "ok ok"},
-               {"prompt": "hi hi hi hi hi hi hi", "response": "ok"}]
+    records = [
+        {"prompt": "hi", "response": "yo ."},
+        {"prompt": "hi hi", "response": "ok ok"},
+        {"prompt": "hi hi hi hi hi hi hi", "response": "ok"},
+    ]
     data = write_jsonl(tmp_path / "d.jsonl", records)
     logged = []
-    kept = prepare(data, word_tokenizer, tmp_path / "t", seq_length=9, overlong="truncate", log=logged.append)
+    kept = prepare(
+        data, word_tokenizer, tmp_path / "t", seq_length=9, overlong="truncate", log=logged.append
+    )
     # The third record's prompt alone fills 10 tokens: no reply left, so it is dropped.
     assert (kept["records"], kept["truncated"], kept["dropped"]) == (2, 0, 1)
     assert "dropped 1 records" in logged[1] and "lines 3" in logged[1]
     records[1] = {"prompt": "hi hi", "response": "ok ok ok ok"}  # 12 tokens: truncated to 10
     write_jsonl(tmp_path / "d.jsonl", records)
-    kept = prepare(data, word_tokenizer, tmp_path / "t", seq_length=9, overlong="truncate", log=logged.append)
+    kept = prepare(
+        data, word_tokenizer, tmp_path / "t", seq_length=9, overlong="truncate", log=logged.append
+    )
     assert (kept["records"], kept["truncated"], kept["dropped"]) == (2, 1, 1)
     assert indexed(str(tmp_path / "t"), "_tokens")[1].tolist() == [1, 4, 5, 7, 7, 6, 5, 11, 11, 11]
     assert indexed(str(tmp_path / "t"), "_loss_mask")[1].tolist() == [0] * 7 + [1] * 3
-    dropped = prepare(data, word_tokenizer, tmp_path / "x", seq_length=9, overlong="drop", log=lambda _: None)
+    dropped = prepare(
+        data, word_tokenizer, tmp_path / "x", seq_length=9, overlong="drop", log=lambda _: None
+    )
     assert (dropped["records"], dropped["truncated"], dropped["dropped"]) == (1, 0, 2)
     # Training at a shorter length than prepared is refused.
-    with pytest.raises(DataError, match=r"record 1 has 10 tokens, more than data.seq_length \+ 1 = 9"):
+    with pytest.raises(
+        DataError, match=r"record 1 has 10 tokens, more than data.seq_length \+ 1 = 9"
+    ):
         DistillationDataset(tmp_path / "t", seq_length=8)
 
 
 # --- bad input: one error naming the file and line, and nothing written ------------------
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"prompt": "hi", "response": ', r"d.jsonl:2: not valid JSON"),
-    ('{"prompt": "hi"}', r'd.jsonl:2: record has a "prompt" but no "response"'),
-    ('{"messages": [{"role": "user", "content": "hi"}]}', r"d.jsonl:2: record has no assistant message"),
-    ('{"text": "hi"}', r"""d.jsonl:2: expected \{"prompt", "response"\} or \{"messages"\}, got keys \['text'\]"""),
-    ('["hi"]', r"d.jsonl:2: expected a JSON object, got list"),
-    ('{"messages": [{"role": "bot", "content": "hi"}]}', r"d.jsonl:2: messages\[0\]: role 'bot' is not one of"),
-    ('{"prompt": "hi", "response": 3}', r'd.jsonl:2: "response" must be a string, got int'),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "hi", "response": ', r"d.jsonl:2: not valid JSON"),
+        ('{"prompt": "hi"}', r'd.jsonl:2: record has a "prompt" but no "response"'),
+        (
+            '{"messages": [{"role": "user", "content": "hi"}]}',
+            r"d.jsonl:2: record has no assistant message",
+        ),
+        (
+            '{"text": "hi"}',
+            r"""d.jsonl:2: expected \{"prompt", "response"\} or \{"messages"\}, got keys \['text'\]""",
+        ),
+        ('["hi"]', r"d.jsonl:2: expected a JSON object, got list"),
+        (
+            '{"messages": [{"role": "bot", "content": "hi"}]}',
+            r"d.jsonl:2: messages\[0\]: role 'bot' is not one of",
+        ),
+        ('{"prompt": "hi", "response": 3}', r'd.jsonl:2: "response" must be a string, got int'),
+    ],
+)
 def test_bad_record_names_file_and_line(tmp_path, word_tokenizer, line, message):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "hi", "response": "yo"}, line])
     out = tmp_path / "out"
@@ -314,8 +414,12 @@ def test_bad_files_and_settings(tmp_path, word_tokenizer):
     with pytest.raises(DataError, match=r"d.jsonl:1: message 1: the chat template renders"):
         prepare(data, word_tokenizer, out, 16, chat_template=str(tmp_path / "last.jinja"), **quiet)
     (tmp_path / "broken.jinja").write_text("{% for m in messages %}")
-    with pytest.raises(DataError, match=r"broken.jinja: the chat template is not valid Jinja \(template line 1"):
-        prepare(data, word_tokenizer, out, 16, chat_template=str(tmp_path / "broken.jinja"), **quiet)
+    with pytest.raises(
+        DataError, match=r"broken.jinja: the chat template is not valid Jinja \(template line 1"
+    ):
+        prepare(
+            data, word_tokenizer, out, 16, chat_template=str(tmp_path / "broken.jinja"), **quiet
+        )
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
     with pytest.raises(DataError, match=r"out/d.json: no such file"):
         DistillationDataset(out, 16)
@@ -338,13 +442,31 @@ def test_failure_keeps_earlier_outputs(tmp_path, word_tokenizer):
 def test_prepare_tool_reports_one_line(tmp_path, word_tokenizer, capsys):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("prepare_data", Path(__file__).parents[1] / "tools" / "prepare_data.py")
+    spec = importlib.util.spec_from_file_location(
+        "prepare_data", Path(__file__).parents[1] / "tools" / "prepare_data.py"
+    )
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     data = write_jsonl(tmp_path / "d.jsonl", ['{"prompt": 1'])
-    assert tool.main(["--input", str(data), "--tokenizer", str(word_tokenizer),
-                      "--output-prefix", str(tmp_path / "d"), "--seq-length", "8"]) == 1
-    assert capsys.readouterr().err.strip() == f"error: {data}:1: not valid JSON (Expecting ',' delimiter at column 13)"
+    assert (
+        tool.main(
+            [
+                "--input",
+                str(data),
+                "--tokenizer",
+                str(word_tokenizer),
+                "--output-prefix",
+                str(tmp_path / "d"),
+                "--seq-length",
+                "8",
+            ]
+        )
+        == 1
+    )
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: {data}:1: not valid JSON (Expecting ',' delimiter at column 13)"
+    )
 
 
 # --- the arithmetic task -------------------------------------------------------------------
@@ -353,11 +475,16 @@ def test_prepare_tool_reports_one_line(tmp_path, word_tokenizer, capsys):
 def test_arithmetic_by_hand():
     assert solve(347, "+", 589) == (
         "7 + 9 = 16, write 6 carry 1.\n4 + 8 + 1 = 13, write 3 carry 1.\n3 + 5 + 1 = 9, write 9.\n"
-        "The answer is 936.")
+        "The answer is 936."
+    )
     assert solve(605, "-", 278) == (
         "5 - 8 < 0, borrow: 15 - 8 = 7, write 7.\n0 - 7 - 1 < 0, borrow: 10 - 7 - 1 = 2, write 2.\n"
-        "6 - 2 - 1 = 3, write 3.\nThe answer is 327.")
-    assert solve(58, "*", 7) == "8 * 7 = 56, write 6 carry 5.\n5 * 7 + 5 = 40, write 0 carry 4.\nWrite the carry 4.\nThe answer is 406."
+        "6 - 2 - 1 = 3, write 3.\nThe answer is 327."
+    )
+    assert (
+        solve(58, "*", 7)
+        == "8 * 7 = 56, write 6 carry 5.\n5 * 7 + 5 = 40, write 0 carry 4.\nWrite the carry 4.\nThe answer is 406."
+    )
     assert extract_answer("... The answer is 12.\nThe answer is 406.") == 406
     assert extract_answer("The answer is") is None
 
@@ -384,10 +511,14 @@ def test_arithmetic_is_deterministic_and_splits_are_disjoint(tmp_path):
     assert generate(num_train=300, num_test=50, seed=12)[1] != test
     prompts = [r["prompt"] for r in train + test]
     assert len(set(prompts)) == 350  # no repeats, hence train and test disjoint
-    assert generate(num_train=10, num_test=50, seed=11)[1] == test  # the test split ignores the train size
+    assert (
+        generate(num_train=10, num_test=50, seed=11)[1] == test
+    )  # the test split ignores the train size
     with pytest.raises(ConfigError, match=r"found only \d+ distinct problems with max_digits=1"):
         generate(num_train=1000, num_test=0, seed=0, max_digits=1)
-    additions, _ = generate(num_train=200, num_test=0, seed=11, min_digits=2, max_digits=2, ops=("+",))
+    additions, _ = generate(
+        num_train=200, num_test=0, seed=11, min_digits=2, max_digits=2, ops=("+",)
+    )
     for record in additions:  # the demo's task: two two-digit numbers added
         a, b = map(int, re.fullmatch(r"Compute (\d+) \+ (\d+)\.", record["prompt"]).groups())
         assert 10 <= a <= 99 and 10 <= b <= 99 and record["answer"] == a + b
@@ -402,4 +533,8 @@ def test_arithmetic_is_deterministic_and_splits_are_disjoint(tmp_path):
     tokenizer = load_tokenizer(paths[2])
     text = builtin_text(conversation(written[0]))
     assert tokenizer.decode(tokenizer.encode(text)) == text
-    assert sorted(p.name for p in (tmp_path / "task").iterdir()) == ["test.jsonl", "tokenizer.model", "train.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "task").iterdir()) == [
+        "test.jsonl",
+        "tokenizer.model",
+        "train.jsonl",
+    ]

@@ -15,14 +15,28 @@ def steps(sampler: DistributedBatchSampler, count: int) -> list[list[list[int]]]
     return list(itertools.islice(iter(sampler), count))
 
 
-def global_batches(num_samples, global_batch_size, micro_batch_size, dp_size, seed, count, consumed=0):
+def global_batches(
+    num_samples, global_batch_size, micro_batch_size, dp_size, seed, count, consumed=0
+):
     """Per step, the concatenation of every rank's micro-batches (rank order)."""
     per_rank = [
-        steps(DistributedBatchSampler(num_samples, global_batch_size, micro_batch_size, rank, dp_size, seed,
-                                      consumed_samples=consumed), count)
+        steps(
+            DistributedBatchSampler(
+                num_samples,
+                global_batch_size,
+                micro_batch_size,
+                rank,
+                dp_size,
+                seed,
+                consumed_samples=consumed,
+            ),
+            count,
+        )
         for rank in range(dp_size)
     ]
-    return [[i for rank in per_rank for micro in rank[step] for i in micro] for step in range(count)]
+    return [
+        [i for rank in per_rank for micro in rank[step] for i in micro] for step in range(count)
+    ]
 
 
 def test_order_is_the_seeded_permutation_stream():
@@ -32,8 +46,16 @@ def test_order_is_the_seeded_permutation_stream():
     assert epoch0 != epoch1  # epochs reshuffle
     sampler = DistributedBatchSampler(10, 4, 2, dp_rank=0, dp_size=1, seed=5)
     assert steps(sampler, 3) == [
-        [epoch0[0:2], epoch0[2:4]], [epoch0[4:6], epoch0[6:8]], [epoch0[8:10], epoch1[0:2]]]
-    assert sampler.state_dict() == {"consumed_samples": 12, "epoch": 1, "seed": 5, "num_samples": 10}
+        [epoch0[0:2], epoch0[2:4]],
+        [epoch0[4:6], epoch0[6:8]],
+        [epoch0[8:10], epoch1[0:2]],
+    ]
+    assert sampler.state_dict() == {
+        "consumed_samples": 12,
+        "epoch": 1,
+        "seed": 5,
+        "num_samples": 10,
+    }
 
 
 def test_every_epoch_visits_every_sample_once():
@@ -62,12 +84,17 @@ def test_resume_continues_exactly():
     resumed.load_state_dict(state)
     assert head + steps(resumed, 7) == uninterrupted
     # ... and at another DP size the union of the ranks continues the same global batches.
-    assert global_batches(23, 6, 1, dp_size=3, seed=9, count=7, consumed=30) == \
-        global_batches(23, 6, 3, dp_size=1, seed=9, count=12)[5:]
+    assert (
+        global_batches(23, 6, 1, dp_size=3, seed=9, count=7, consumed=30)
+        == global_batches(23, 6, 3, dp_size=1, seed=9, count=12)[5:]
+    )
 
 
 def test_sampler_rejects_bad_settings():
-    with pytest.raises(ConfigError, match=r"global_batch_size: 6 is not a multiple of micro_batch_size x DP = 2 x 2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"global_batch_size: 6 is not a multiple of micro_batch_size x DP = 2 x 2",
+    ):
         DistributedBatchSampler(10, 6, 2, 0, 2, seed=0)
     with pytest.raises(ConfigError, match=r"dp_rank 2 is outside \[0, 2\)"):
         DistributedBatchSampler(10, 4, 1, 2, 2, seed=0)
@@ -76,5 +103,7 @@ def test_sampler_rejects_bad_settings():
     sampler = DistributedBatchSampler(10, 4, 1, 0, 1, seed=0)
     with pytest.raises(ConfigError, match=r"written with seed=1, this run has seed=0"):
         sampler.load_state_dict({"consumed_samples": 4, "epoch": 0, "seed": 1, "num_samples": 10})
-    with pytest.raises(ConfigError, match=r"written with num_samples=11, this run has num_samples=10"):
+    with pytest.raises(
+        ConfigError, match=r"written with num_samples=11, this run has num_samples=10"
+    ):
         sampler.load_state_dict({"consumed_samples": 4, "epoch": 0, "seed": 0, "num_samples": 11})

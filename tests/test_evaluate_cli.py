@@ -25,6 +25,7 @@ from hpd_megatron.eval.tracking import tracking_target
 from hpd_megatron.evaluate import main
 from tests.test_generation import TEST_PROBLEMS, write_eval_task
 
+
 @pytest.fixture(scope="module")
 def task(tmp_path_factory) -> Path:
     return write_eval_task(tmp_path_factory.mktemp("evaluate"))
@@ -42,23 +43,53 @@ def _fail(argv: list[str]) -> str:
 def test_malformed_line_names_file_and_line(task):
     bad = task / "bad.jsonl"
     bad.write_text('{"prompt": "Compute 1 + 1.", "answer": 2}\n\n{"prompt": "Compute 2 + 2.", \n')
-    message = _fail(["--ckpt", str(task / "described"), "--data", str(bad),
-                     "--tokenizer", str(task / "data" / "tokenizer.model")])
+    message = _fail(
+        [
+            "--ckpt",
+            str(task / "described"),
+            "--data",
+            str(bad),
+            "--tokenizer",
+            str(task / "data" / "tokenizer.model"),
+        ]
+    )
     assert f"{bad}:3: not valid JSON" in message
 
 
-@pytest.mark.parametrize("record,expected", [
-    ({"prompt": "Compute 1 + 1."}, "no reference answer"),
-    ({"prompt": 7, "answer": 1}, '"prompt" must be a string'),
-    ({"prompt": "a", "messages": [], "answer": 1}, 'expected exactly one of "prompt" or "messages"'),
-    ({"messages": [{"role": "user", "content": "hi"}], "answer": True}, '"answer" must be a string or a number'),
-    ({"messages": [{"role": "assistant", "content": "The answer is 1."}]}, "must end with a user message"),
-])
+@pytest.mark.parametrize(
+    "record,expected",
+    [
+        ({"prompt": "Compute 1 + 1."}, "no reference answer"),
+        ({"prompt": 7, "answer": 1}, '"prompt" must be a string'),
+        (
+            {"prompt": "a", "messages": [], "answer": 1},
+            'expected exactly one of "prompt" or "messages"',
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "answer": True},
+            '"answer" must be a string or a number',
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": "The answer is 1."}]},
+            "must end with a user message",
+        ),
+    ],
+)
 def test_bad_record_names_file_and_line(task, record, expected):
     bad = task / "bad_record.jsonl"
-    bad.write_text(json.dumps({"prompt": "Compute 1 + 1.", "answer": 2}) + "\n" + json.dumps(record) + "\n")
-    message = _fail(["--ckpt", str(task / "described"), "--data", str(bad),
-                     "--tokenizer", str(task / "data" / "tokenizer.model")])
+    bad.write_text(
+        json.dumps({"prompt": "Compute 1 + 1.", "answer": 2}) + "\n" + json.dumps(record) + "\n"
+    )
+    message = _fail(
+        [
+            "--ckpt",
+            str(task / "described"),
+            "--data",
+            str(bad),
+            "--tokenizer",
+            str(task / "data" / "tokenizer.model"),
+        ]
+    )
     assert message.startswith(f"error: {bad}:2: ") and expected in message
 
 
@@ -74,35 +105,59 @@ def test_missing_tokenizer_of_the_training_data_names_it(task):
     run = task / "run"
     (run / "export").mkdir(parents=True)
     shutil.copy(task / "described" / "model.yaml", run / "export")
-    (run / "config.yaml").write_text(yaml.safe_dump({
-        "run_dir": str(run), "checkpoint": {"export_dir": str(run / "export")},
-        "data": {"train": str(run / "train")}}))
+    (run / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": str(run),
+                "checkpoint": {"export_dir": str(run / "export")},
+                "data": {"train": str(run / "train")},
+            }
+        )
+    )
     gone = task / "gone" / "tokenizer.model"
-    (run / "train.json").write_text(json.dumps({"tokenizer": {"path": str(gone)}, "chat_template": "builtin"}))
+    (run / "train.json").write_text(
+        json.dumps({"tokenizer": {"path": str(gone)}, "chat_template": "builtin"})
+    )
     message = _fail(["--ckpt", str(run / "export"), "--data", str(task / "eval.jsonl")])
-    assert f"{gone}: the tokenizer of {run / 'export'}'s training data (named in {run / 'train.json'})" in message
+    assert (
+        f"{gone}: the tokenizer of {run / 'export'}'s training data (named in {run / 'train.json'})"
+        in message
+    )
 
     shutil.copy(task / "data" / "tokenizer.model", run / "tokenizer.model")
-    (run / "train.json").write_text(json.dumps({"tokenizer": {"path": str(run / "tokenizer.model")},
-                                                "chat_template": "builtin"}))
+    (run / "train.json").write_text(
+        json.dumps(
+            {"tokenizer": {"path": str(run / "tokenizer.model")}, "chat_template": "builtin"}
+        )
+    )
     info = inspect_checkpoint(run / "export")
-    assert (info.tokenizer, info.chat_template, info.step) == (run / "tokenizer.model", "builtin", None)
+    assert (info.tokenizer, info.chat_template, info.step) == (
+        run / "tokenizer.model",
+        "builtin",
+        None,
+    )
 
 
 def test_other_bad_input(task):
     ckpt, data = str(task / "described"), str(task / "eval.jsonl")
     tokenizer = str(task / "data" / "tokenizer.model")
     assert f"{task / 'nope.model'}: no such tokenizer file" in _fail(
-        ["--ckpt", ckpt, "--data", data, "--tokenizer", str(task / "nope.model")])
+        ["--ckpt", ckpt, "--data", data, "--tokenizer", str(task / "nope.model")]
+    )
     assert f"{task / 'nope'}: no such checkpoint directory" in _fail(
-        ["--ckpt", str(task / "nope"), "--data", data])
+        ["--ckpt", str(task / "nope"), "--data", data]
+    )
     assert f"{task / 'nope.jsonl'}: no such evaluation file" in _fail(
-        ["--ckpt", ckpt, "--data", str(task / "nope.jsonl"), "--tokenizer", tokenizer])
+        ["--ckpt", ckpt, "--data", str(task / "nope.jsonl"), "--tokenizer", tokenizer]
+    )
     assert "--temperature 0 is greedy" in _fail(["--ckpt", ckpt, "--data", data, "--samples", "4"])
-    assert "--top-p: must be in (0, 1]" in _fail(["--ckpt", ckpt, "--data", data, "--temperature", "1",
-                                                  "--top-p", "0"])
+    assert "--top-p: must be in (0, 1]" in _fail(
+        ["--ckpt", ckpt, "--data", data, "--temperature", "1", "--top-p", "0"]
+    )
     # Every prompt longer than a 10-token context: reported, and nothing is left to run.
-    message = _fail(["--ckpt", ckpt, "--data", data, "--tokenizer", tokenizer, "--context-length", "10"])
+    message = _fail(
+        ["--ckpt", ckpt, "--data", data, "--tokenizer", tokenizer, "--context-length", "10"]
+    )
     assert f"{data}: skipped {TEST_PROBLEMS + 2} prompt(s) of 10 tokens or more" in message
     assert "nothing left to generate" in message
 
@@ -125,10 +180,25 @@ def test_tracking_target(task, monkeypatch):
 
 
 def test_training_records_keep_finished_replies_in_the_prompt_schema(tmp_path):
-    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Compute 2 + 2."}]
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Compute 2 + 2."},
+    ]
     replies = [
-        Reply(EvalRecord(1, "Compute 1 + 1.", [], "2"), 0, 5, Generation([1, 2], [0.1, 0.2], "eos"), "The answer is 2."),
-        Reply(EvalRecord(1, "Compute 1 + 1.", [], "2"), 1, 5, Generation([1, 2], [0.1, 0.2], "eos"), "The answer is 3."),
+        Reply(
+            EvalRecord(1, "Compute 1 + 1.", [], "2"),
+            0,
+            5,
+            Generation([1, 2], [0.1, 0.2], "eos"),
+            "The answer is 2.",
+        ),
+        Reply(
+            EvalRecord(1, "Compute 1 + 1.", [], "2"),
+            1,
+            5,
+            Generation([1, 2], [0.1, 0.2], "eos"),
+            "The answer is 3.",
+        ),
         Reply(EvalRecord(2, chat, chat, "4"), 0, 9, Generation([1], [0.1], "length"), "The answer"),
         Reply(EvalRecord(3, chat, chat, None), 0, 9, Generation([1], [0.1], "eos"), "4"),
     ]
@@ -142,4 +212,7 @@ def test_training_records_keep_finished_replies_in_the_prompt_schema(tmp_path):
     path = tmp_path / "teacher.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in training_records(replies)[0]))
     assert [messages[-1]["content"] for _, messages in read_records(path)] == [
-        "The answer is 2.", "The answer is 3.", "4"]
+        "The answer is 2.",
+        "The answer is 3.",
+        "4",
+    ]

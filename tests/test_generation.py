@@ -75,7 +75,7 @@ def _draw(rank: int, size: int, group) -> dict:
         name, temperature, top_p = case
         padded, vocab = _logits(name)
         width = padded.numel() // size
-        shard = padded[rank * width:(rank + 1) * width].expand(DRAWS, -1).clone()
+        shard = padded[rank * width : (rank + 1) * width].expand(DRAWS, -1).clone()
         ids, entropy = next_tokens(shard, vocab, temperature, top_p, seed=11, tp_group=group)
         greedy, _ = next_tokens(shard[:2], vocab, tp_group=group)
         out[case] = (ids, entropy[0].item(), greedy)
@@ -130,7 +130,9 @@ def test_sampling_matches_softmax(draws, tp, case):
         assert _chi_square(ids, wrong) > _critical(int((wrong > 0).sum()) - 1)
 
     padded, vocab = _logits(name)
-    reference = torch.distributions.Categorical(logits=padded[:vocab].double() / temperature).entropy()
+    reference = torch.distributions.Categorical(
+        logits=padded[:vocab].double() / temperature
+    ).entropy()
     assert entropy == pytest.approx(reference.item(), abs=1e-6)
     assert greedy.tolist() == [int(padded[:vocab].argmax())] * 2
 
@@ -144,8 +146,17 @@ def test_tp2_draws_equal_tp1_draws(draws):
 
 # --- generation with a model ---------------------------------------------------------------
 
-MODEL = dict(family="llama", num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-             ffn_hidden_size=128, vocab_size=128, max_position_embeddings=64, init_method_std=0.1)
+MODEL = dict(
+    family="llama",
+    num_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=128,
+    vocab_size=128,
+    max_position_embeddings=64,
+    init_method_std=0.1,
+)
 TEST_PROBLEMS = 5
 LONG_LINE = TEST_PROBLEMS + 1  # the prompt longer than the context
 
@@ -153,23 +164,55 @@ LONG_LINE = TEST_PROBLEMS + 1  # the prompt longer than the context
 def write_eval_task(root: Path) -> Path:
     """The arithmetic task with its tokenizer, an evaluation file (one prompt too long for the
     context, one in the messages schema) and a model.yaml-only directory, under ``root``."""
-    write_task(root / "data", num_train=64, num_test=TEST_PROBLEMS, seed=0, max_digits=2,
-               tokenizer_vocab_size=MODEL["vocab_size"])
+    write_task(
+        root / "data",
+        num_train=64,
+        num_test=TEST_PROBLEMS,
+        seed=0,
+        max_digits=2,
+        tokenizer_vocab_size=MODEL["vocab_size"],
+    )
     lines = (root / "data" / "test.jsonl").read_text().splitlines()
-    lines.append(json.dumps({"prompt": "Compute " + "9" * 80 + " + 1.", "answer": 10 ** 80}))
-    lines.append(json.dumps({"messages": [{"role": "user", "content": "Compute 2 + 2."},
-                                          {"role": "assistant", "content": "The answer is 4."}]}))
+    lines.append(json.dumps({"prompt": "Compute " + "9" * 80 + " + 1.", "answer": 10**80}))
+    lines.append(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "Compute 2 + 2."},
+                    {"role": "assistant", "content": "The answer is 4."},
+                ]
+            }
+        )
+    )
     (root / "eval.jsonl").write_text("\n".join(lines) + "\n")
     (root / "described").mkdir()
     (root / "described" / "model.yaml").write_text(yaml.safe_dump(MODEL))
     return root
 
 
-PROMPTS = [[5, 17, 99, 3], [120, 2], [7, 7, 7, 7, 7, 7, 7, 9, 110], [64, 1, 33], [88, 40, 12, 60, 2]]
+PROMPTS = [
+    [5, 17, 99, 3],
+    [120, 2],
+    [7, 7, 7, 7, 7, 7, 7, 9, 110],
+    [64, 1, 33],
+    [88, 40, 12, 60, 2],
+]
 NEW_TOKENS = 8
 CONTEXT = 10  # for the context-limit case: leaves 1 to 8 tokens of room
-SAMPLING = ["--samples", "2", "--temperature", "0.8", "--top-p", "0.9", "--max-new-tokens", "6",
-            "--batch-size", "4", "--seed", "3"]
+SAMPLING = [
+    "--samples",
+    "2",
+    "--temperature",
+    "0.8",
+    "--top-p",
+    "0.9",
+    "--max-new-tokens",
+    "6",
+    "--batch-size",
+    "4",
+    "--seed",
+    "3",
+]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -193,8 +236,15 @@ def _generate_on_layouts(root: str, ports: list[int]) -> dict:
     sampled = SamplingSettings(temperature=0.9, top_p=0.8, max_new_tokens=NEW_TOKENS)
 
     def run(model, prompts, settings, eos_id=None, context_length=64):
-        return generate(model, prompts, settings, vocab_size=MODEL["vocab_size"], eos_id=eos_id,
-                        context_length=context_length, seed=5)
+        return generate(
+            model,
+            prompts,
+            settings,
+            vocab_size=MODEL["vocab_size"],
+            eos_id=eos_id,
+            context_length=context_length,
+            seed=5,
+        )
 
     out = {}
     initialize_parallel(ParallelLayout(1, 1), seed=3, models=[("model", description)])
@@ -210,8 +260,11 @@ def _generate_on_layouts(root: str, ports: list[int]) -> dict:
     for prompt, generation in zip(PROMPTS, out["greedy_11"]):
         sequence = torch.tensor([list(prompt) + generation.tokens])
         with torch.no_grad():
-            logits = model(input_ids=sequence, position_ids=torch.arange(sequence.shape[1])[None],
-                           attention_mask=None)
+            logits = model(
+                input_ids=sequence,
+                position_ids=torch.arange(sequence.shape[1])[None],
+                attention_mask=None,
+            )
         predicted = logits[0, len(prompt) - 1 : -1, : MODEL["vocab_size"]].argmax(-1)
         out["full_forward_argmax"].append(predicted.tolist())
     out["eos_id"] = eos_id = out["greedy_11"][0].tokens[2]
@@ -228,15 +281,30 @@ def _generate_on_layouts(root: str, ports: list[int]) -> dict:
     parallel_state.destroy_model_parallel()
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    common = ["--ckpt", str(root_path / "export"), "--data", str(root_path / "eval.jsonl"), *SAMPLING]
-    evaluate([*common, "--tp", "2", "--pp", "2", "--out", str(root_path / "tp2pp2")])  # no store: no tracking
+    common = [
+        "--ckpt",
+        str(root_path / "export"),
+        "--data",
+        str(root_path / "eval.jsonl"),
+        *SAMPLING,
+    ]
+    evaluate(
+        [*common, "--tp", "2", "--pp", "2", "--out", str(root_path / "tp2pp2")]
+    )  # no store: no tracking
     os.environ["MASTER_PORT"] = str(ports[0])  # the last run tore the process group down
     evaluate([*common, "--out", str(root_path / "dp4"), "--no-tracking"])
     os.environ["MASTER_PORT"] = str(ports[1])
-    spec = importlib.util.spec_from_file_location("generate_data", ROOT / "tools" / "generate_data.py")
+    spec = importlib.util.spec_from_file_location(
+        "generate_data", ROOT / "tools" / "generate_data.py"
+    )
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    assert tool.main([*common, "--pp", "2", "--keep-unfinished", "--out", str(root_path / "teacher.jsonl")]) == 0
+    assert (
+        tool.main(
+            [*common, "--pp", "2", "--keep-unfinished", "--out", str(root_path / "teacher.jsonl")]
+        )
+        == 0
+    )
     return out
 
 
@@ -258,7 +326,9 @@ def test_greedy_tp2_pp2_equals_tp1_pp1(generated):
     reference = _tokens(generated[0]["greedy_11"])
     assert all(len(t) == NEW_TOKENS for t in reference)
     assert len({tuple(t) for t in reference}) == len(PROMPTS), "prompts should continue differently"
-    assert len({token for t in reference for token in t}) > 5, "degenerate model: the test would prove little"
+    assert len({token for t in reference for token in t}) > 5, (
+        "degenerate model: the test would prove little"
+    )
     for rank, result in enumerate(generated):
         assert _tokens(result["greedy_22"]) == reference, f"rank {rank}"
         assert _tokens(result["greedy_11"]) == reference, f"rank {rank} (TP1 replica)"
@@ -269,7 +339,9 @@ def test_greedy_tp2_pp2_equals_tp1_pp1(generated):
 
 def test_sampled_tp2_pp2_equals_tp1_pp1(generated):
     reference = _tokens(generated[0]["sampled_11"])
-    assert reference != _tokens(generated[0]["greedy_11"]), "sampling at T=0.9 should leave the greedy path"
+    assert reference != _tokens(generated[0]["greedy_11"]), (
+        "sampling at T=0.9 should leave the greedy path"
+    )
     for result in generated:
         assert _tokens(result["sampled_22"]) == reference
 
@@ -309,13 +381,21 @@ def _read(directory: Path) -> tuple[list[dict], dict]:
 
 def test_evaluate_command_outputs(task, generated):
     rows, summary = _read(task / "tp2pp2")
-    assert sorted(p.name for p in (task / "tp2pp2").iterdir()) == ["generations.jsonl", "summary.json"]
+    assert sorted(p.name for p in (task / "tp2pp2").iterdir()) == [
+        "generations.jsonl",
+        "summary.json",
+    ]
     kept_lines = [line for line in range(1, TEST_PROBLEMS + 3) if line != LONG_LINE]
-    assert [(r["line"], r["sample"]) for r in rows] == [(line, s) for line in kept_lines for s in (0, 1)]
+    assert [(r["line"], r["sample"]) for r in rows] == [
+        (line, s) for line in kept_lines for s in (0, 1)
+    ]
     assert summary["skipped_overlong"] == 1 and summary["skipped_lines"] == [LONG_LINE]
     assert summary["records"] == TEST_PROBLEMS + 2 and summary["sequences"] == len(rows)
     assert summary["layout"].startswith("TP=2 PP=2")
-    assert rows[-1]["prompt"] == [{"role": "user", "content": "Compute 2 + 2."}] and rows[-1]["reference"] == "4"
+    assert (
+        rows[-1]["prompt"] == [{"role": "user", "content": "Compute 2 + 2."}]
+        and rows[-1]["reference"] == "4"
+    )
     for row in rows:
         assert 1 <= row["response_tokens"] <= 6 and row["finish"] in ("eos", "length")
         assert row["finish"] == "eos" or row["response_tokens"] == 6
@@ -323,9 +403,13 @@ def test_evaluate_command_outputs(task, generated):
     for row in rows:
         by_line.setdefault(row["line"], []).append(row["correct"])
     assert summary["avg@2"] == pytest.approx(avg_at_k(list(by_line.values())))
-    assert summary["mean_response_tokens"] == pytest.approx(sum(r["response_tokens"] for r in rows) / len(rows))
+    assert summary["mean_response_tokens"] == pytest.approx(
+        sum(r["response_tokens"] for r in rows) / len(rows)
+    )
     # Token-weighted mean of the per-reply means.
-    weighted = sum(r["entropy"] * r["response_tokens"] for r in rows) / sum(r["response_tokens"] for r in rows)
+    weighted = sum(r["entropy"] * r["response_tokens"] for r in rows) / sum(
+        r["response_tokens"] for r in rows
+    )
     assert summary["token_entropy"] == pytest.approx(weighted)
     assert 0.5 < summary["token_entropy"] < 4.86  # an untrained model: near log(128) = 4.85
 

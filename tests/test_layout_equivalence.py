@@ -19,13 +19,28 @@ VOCAB = 1000  # pads to 1024 at TP1 and TP2 alike, so the checkpoints have one s
 SEQ, BATCH = 16, 2
 MODELS = {
     # Llama-like grouped-query attention: 4 heads sharing 2 KV groups.
-    "llama_gqa": dict(family="llama", num_layers=4, hidden_size=64, num_attention_heads=4,
-                      num_query_groups=2, ffn_hidden_size=160, vocab_size=VOCAB,
-                      rotary_base=500000.0),
+    "llama_gqa": dict(
+        family="llama",
+        num_layers=4,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=160,
+        vocab_size=VOCAB,
+        rotary_base=500000.0,
+    ),
     # Qwen2-like: QKV bias and tied input/output embeddings.
-    "qwen2_bias": dict(family="qwen2", num_layers=2, hidden_size=48, num_attention_heads=4,
-                       num_query_groups=4, ffn_hidden_size=96, vocab_size=VOCAB,
-                       tie_word_embeddings=True, norm_epsilon=1e-6),
+    "qwen2_bias": dict(
+        family="qwen2",
+        num_layers=2,
+        hidden_size=48,
+        num_attention_heads=4,
+        num_query_groups=4,
+        ffn_hidden_size=96,
+        vocab_size=VOCAB,
+        tie_word_embeddings=True,
+        norm_epsilon=1e-6,
+    ),
 }
 
 
@@ -38,8 +53,9 @@ def _inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tokens, positions, logit_weights
 
 
-def _run(tp: int, pp: int, seed: int, load_dir: str | None, save_dir: str | None,
-         grad_dir: str | None) -> dict[str, dict[str, torch.Tensor]]:
+def _run(
+    tp: int, pp: int, seed: int, load_dir: str | None, save_dir: str | None, grad_dir: str | None
+) -> dict[str, dict[str, torch.Tensor]]:
     """Build both models at TP x PP, optionally load weights, run forward+backward.
 
     Returns, on the last pipeline stage's TP rank 0, the real-vocabulary logits and
@@ -76,14 +92,21 @@ def _run(tp: int, pp: int, seed: int, load_dir: str | None, save_dir: str | None
 
             return output, loss_func
 
-        reports = run_schedule(model, [{"tokens": tokens, "position_ids": positions}],
-                               forward_step, seq_length=SEQ, micro_batch_size=BATCH)
+        reports = run_schedule(
+            model,
+            [{"tokens": tokens, "position_ids": positions}],
+            forward_step,
+            seq_length=SEQ,
+            micro_batch_size=BATCH,
+        )
         if description.tie_word_embeddings and pp > 1:
             # The first and last stage each hold a copy of the tied weight; training
             # sums their gradients (finalize_model_grads); here we do it by hand.
             if parallel_state.is_rank_in_embedding_group():
                 shared = model.shared_embedding_or_output_weight()
-                torch.distributed.all_reduce(shared.grad, group=parallel_state.get_embedding_group())
+                torch.distributed.all_reduce(
+                    shared.grad, group=parallel_state.get_embedding_group()
+                )
         if grad_dir is not None:
             # Write gradients in place of weights so the checkpoint format gathers them.
             with torch.no_grad():
@@ -110,8 +133,11 @@ def _read_weights(directory: str) -> dict[str, dict[str, torch.Tensor]]:
         description = ModelDescription.from_dict(kwargs)
         model = build_gpt_model(description, transformer_config(description))
         load_model_weights(model, Path(directory) / name)
-        weights[name] = {k: v.detach().clone() for k, v in model.state_dict().items()
-                         if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+        weights[name] = {
+            k: v.detach().clone()
+            for k, v in model.state_dict().items()
+            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
+        }
     destroy_parallel()
     return weights
 
@@ -158,5 +184,6 @@ def test_gradients_equal_at_tp2_pp2(layouts, name):
         assert grad.abs().max() > 0, f"{key}: zero gradient, the comparison would prove nothing"
         # fp32 sums in a different order: tolerate rounding relative to the tensor's scale.
         scale = grad.abs().max().item()
-        torch.testing.assert_close(other[key], grad, atol=1e-5 * max(scale, 1.0), rtol=1e-4,
-                                   msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(
+            other[key], grad, atol=1e-5 * max(scale, 1.0), rtol=1e-4, msg=lambda m: f"{key}: {m}"
+        )

@@ -10,15 +10,19 @@ The tensor-parallel tests are in test_losses_tp.py.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from hpd_megatron.losses import FULL_VOCAB_METHODS, METHODS, TOKEN_METHODS, distillation_loss, sample_student_tokens
+from hpd_megatron.losses import (
+    FULL_VOCAB_METHODS,
+    METHODS,
+    TOKEN_METHODS,
+    distillation_loss,
+    sample_student_tokens,
+)
 from hpd_megatron.losses.methods import PointLogProbs, TokenMethod, TokenWeights, hpd_token_weights
-
 
 # ---------------------------------------------------------------- dense reference
 
@@ -30,13 +34,13 @@ def _kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def dense_loss(
     student: torch.Tensor,
-    teacher: Optional[torch.Tensor],
+    teacher: torch.Tensor | None,
     labels: torch.Tensor,
     method: str,
     vocab_size: int,
     alpha: float = 0.1,
     beta: float = 0.5,
-    sampled: Optional[torch.Tensor] = None,
+    sampled: torch.Tensor | None = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """The reference: token mean (or sum) of the method's per-token value."""
@@ -49,7 +53,9 @@ def dense_loss(
         logp = torch.log_softmax(teacher[..., :vocab_size].to(dtype), dim=-1)
         p = logp.exp()
     if method == "sft":
-        per_token = F.nll_loss(logq.reshape(-1, vocab_size), y.reshape(-1), reduction="none").view(y.shape)
+        per_token = F.nll_loss(logq.reshape(-1, vocab_size), y.reshape(-1), reduction="none").view(
+            y.shape
+        )
     elif method == "fkl":
         per_token = _kl(p, q)
     elif method == "rkl":
@@ -83,7 +89,7 @@ def dense_loss(
 
 # ---------------------------------------------------------------- inputs
 
-VOCAB = 37          # real vocabulary
+VOCAB = 37  # real vocabulary
 STUDENT_WIDTH = 40  # padded widths differ between the models
 TEACHER_WIDTH = 45
 
@@ -104,7 +110,9 @@ def make_inputs(shape=(5, 3), dtype=torch.float64, seed=0, scale=2.0):
 
 def run(method, student, teacher, labels, sampled=None, **kw):
     kw.setdefault("tp_group", None)
-    return distillation_loss(student, teacher, labels, method, vocab_size=VOCAB, sampled_tokens=sampled, **kw)
+    return distillation_loss(
+        student, teacher, labels, method, vocab_size=VOCAB, sampled_tokens=sampled, **kw
+    )
 
 
 def grads(loss, student):
@@ -147,7 +155,9 @@ def test_sum_reduction_and_layouts(method):
     s_t = student.detach().transpose(0, 1).contiguous().requires_grad_()
     mean_t, _ = run(method, s_t, teacher.transpose(0, 1), labels.t(), sampled.t(), chunk_size=3)
     torch.testing.assert_close(mean_t, mean, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grads(mean_t, s_t).transpose(0, 1), grads(mean, student), rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(
+        grads(mean_t, s_t).transpose(0, 1), grads(mean, student), rtol=1e-10, atol=1e-13
+    )
 
 
 def test_chunk_size_does_not_change_results():
@@ -170,7 +180,10 @@ def test_gradcheck(method):
     student, teacher, labels, _ = make_inputs(shape=(3, 2), scale=1.0)
     torch.autograd.gradcheck(
         lambda s: run(method, s, teacher, labels, chunk_size=2, alpha=0.25, beta=0.7)[0],
-        (student,), eps=1e-6, atol=1e-7, rtol=1e-5,
+        (student,),
+        eps=1e-6,
+        atol=1e-7,
+        rtol=1e-5,
     )
 
 
@@ -185,12 +198,17 @@ def test_gradcheck_token_path_with_new_method():
         value = -(coef_y * point.logq_y + coef_s * point.logq_s)
         return TokenWeights(coef_y, coef_s, value, {})
 
-    TOKEN_METHODS["_teacher_weighted"] = TokenMethod("_teacher_weighted", teacher_weighted, True, True, "")
+    TOKEN_METHODS["_teacher_weighted"] = TokenMethod(
+        "_teacher_weighted", teacher_weighted, True, True, ""
+    )
     try:
         student, teacher, labels, sampled = make_inputs(shape=(3, 2), scale=1.0)
         torch.autograd.gradcheck(
             lambda s: run("_teacher_weighted", s, teacher, labels, sampled, chunk_size=2)[0],
-            (student,), eps=1e-6, atol=1e-7, rtol=1e-5,
+            (student,),
+            eps=1e-6,
+            atol=1e-7,
+            rtol=1e-5,
         )
     finally:
         del TOKEN_METHODS["_teacher_weighted"]
@@ -232,8 +250,15 @@ def _point(p_y, q_y, p_s=0.5, q_s=0.5, same=False):
 
 @pytest.mark.parametrize(
     "p_y, q_y, m2, expected",
-    [(0.6, 0.3, False, 0.808), (0.6, 0.3, True, 1.408), (0.3, 0.6, False, -0.416),
-     (0.3, 0.6, True, -0.416), (0.9, 0.1, False, 1.12), (0.9, 0.1, True, 2.02), (0.01, 0.9, False, -4.05)],
+    [
+        (0.6, 0.3, False, 0.808),
+        (0.6, 0.3, True, 1.408),
+        (0.3, 0.6, False, -0.416),
+        (0.3, 0.6, True, -0.416),
+        (0.9, 0.1, False, 1.12),
+        (0.9, 0.1, True, 2.02),
+        (0.01, 0.9, False, -4.05),
+    ],
 )
 def test_hpd_worked_values_of_a(p_y, q_y, m2, expected):
     # m2 = [q(yh) > p(yh)]: a sample with q 0.5 against p 0.05 (on) or 0.9 (off).
@@ -254,8 +279,15 @@ def test_hpd_worked_example_end_to_end():
     """Two-token vocabulary: q = (0.3, 0.7), p = (0.6, 0.4), y = 0, yh = 1 (m1 and m2 on)."""
     student = torch.log(torch.tensor([[0.3, 0.7, 0.0]], dtype=torch.float64)).requires_grad_()
     teacher = torch.log(torch.tensor([[0.6, 0.4]], dtype=torch.float64))
-    loss, diag = distillation_loss(student, teacher, torch.tensor([0]), "hpd", vocab_size=2,
-                                   sampled_tokens=torch.tensor([1]), tp_group=None)
+    loss, diag = distillation_loss(
+        student,
+        teacher,
+        torch.tensor([0]),
+        "hpd",
+        vocab_size=2,
+        sampled_tokens=torch.tensor([1]),
+        tp_group=None,
+    )
     a = 0.3 * math.log(2) + 0.6 + 0.6  # 1.408
     b = 0.7 * math.log(0.4 / 0.7)
     assert a == pytest.approx(1.408, abs=5e-4)
@@ -308,7 +340,9 @@ def test_underflowing_probabilities_stay_finite(method):
     grad = grads(loss, student)
     assert math.isfinite(float(loss)) and torch.isfinite(grad).all()
     s64 = student.detach().double().requires_grad_()
-    ref = dense_loss(s64, teacher.double(), labels, method, VOCAB, alpha=0.3, beta=0.4, sampled=sampled)
+    ref = dense_loss(
+        s64, teacher.double(), labels, method, VOCAB, alpha=0.3, beta=0.4, sampled=sampled
+    )
     torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-4)
     ref_grad = grads(ref, s64)
     # Log-ratios of hundreds of nats in fp32 carry ~1e-5 absolute error.
@@ -326,7 +360,9 @@ def test_errors_name_the_tensor():
     with pytest.raises(ValueError, match="sampled_tokens"):
         run("hpd", student, teacher, labels, torch.full_like(sampled, VOCAB + 3))
     with pytest.raises(ValueError, match="student_logits.*cover only"):
-        distillation_loss(student, teacher, labels, "fkl", vocab_size=STUDENT_WIDTH + 1, tp_group=None)
+        distillation_loss(
+            student, teacher, labels, "fkl", vocab_size=STUDENT_WIDTH + 1, tp_group=None
+        )
     with pytest.raises(ValueError, match="teacher_logits: shape"):
         run("fkl", student, teacher[:1], labels)
     with pytest.raises(ValueError, match="method"):
@@ -338,7 +374,9 @@ def test_errors_name_the_tensor():
 def test_sft_needs_no_teacher():
     student, _, labels, _ = make_inputs(shape=(4, 3))
     loss, _ = run("sft", student, None, labels)
-    ref = F.cross_entropy(student[..., :VOCAB].reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
+    ref = F.cross_entropy(
+        student[..., :VOCAB].reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100
+    )
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grads(loss, student), grads(ref, student), rtol=1e-10, atol=1e-14)
 
@@ -363,17 +401,22 @@ def _chi_square(samples: torch.Tensor, probs: torch.Tensor) -> float:
 @pytest.mark.parametrize("sampler", ["inverse_cdf", "gumbel"])
 def test_sampler_matches_softmax_single_rank(sampler):
     """20,000 draws from one row: chi-square (9 dof) below 27.9 (p = 0.001)."""
-    row = torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0, -1.0, 0.7, 1.5, -0.3, 0.4, 9.0, 9.0])  # 2 padding columns
+    row = torch.tensor(
+        [1.0, 0.2, -0.5, 2.0, 0.0, -1.0, 0.7, 1.5, -0.3, 0.4, 9.0, 9.0]
+    )  # 2 padding columns
     logits = row.expand(20000, -1).contiguous()
     labels = torch.zeros(20000, dtype=torch.long)
-    samples = sample_student_tokens(logits, labels, vocab_size=10, seed=3, sampler=sampler, tp_group=None,
-                                    chunk_size=3000)
+    samples = sample_student_tokens(
+        logits, labels, vocab_size=10, seed=3, sampler=sampler, tp_group=None, chunk_size=3000
+    )
     assert samples.max() < 10
     assert _chi_square(samples, torch.softmax(row[:10], -1)) < 27.9
-    again = sample_student_tokens(logits, labels, vocab_size=10, seed=3, sampler=sampler, tp_group=None,
-                                  chunk_size=3000)
-    other = sample_student_tokens(logits, labels, vocab_size=10, seed=4, sampler=sampler, tp_group=None,
-                                  chunk_size=3000)
+    again = sample_student_tokens(
+        logits, labels, vocab_size=10, seed=3, sampler=sampler, tp_group=None, chunk_size=3000
+    )
+    other = sample_student_tokens(
+        logits, labels, vocab_size=10, seed=4, sampler=sampler, tp_group=None, chunk_size=3000
+    )
     assert torch.equal(samples, again) and not torch.equal(samples, other)
 
 
@@ -381,8 +424,9 @@ def test_sampler_matches_softmax_single_rank(sampler):
 def test_hpd_draws_the_sampler_tokens(sampler):
     """HPD with a seed equals HPD given sample_student_tokens(seed) explicitly."""
     student, teacher, labels, _ = make_inputs(shape=(6, 3), dtype=torch.float32)
-    drawn = sample_student_tokens(student, labels, vocab_size=VOCAB, seed=11, sampler=sampler,
-                                  tp_group=None, chunk_size=5)
+    drawn = sample_student_tokens(
+        student, labels, vocab_size=VOCAB, seed=11, sampler=sampler, tp_group=None, chunk_size=5
+    )
     assert torch.equal(drawn == -100, labels == -100)
     loss, diag = run("hpd", student, teacher, labels, seed=11, sampler=sampler, chunk_size=5)
     explicit, _ = run("hpd", student, teacher, labels, drawn, chunk_size=5)
@@ -396,19 +440,36 @@ def test_given_uniforms_make_each_sequence_draw_on_its_own():
     """uniforms= replaces the seeded draw exactly, and rows sampled together or alone agree."""
     student, teacher, labels, _ = make_inputs(shape=(6, 3), dtype=torch.float64)
     seeded, _ = run("hpd", student, teacher, labels, seed=5, chunk_size=4)
-    u = torch.rand(labels.numel(), dtype=torch.float64,
-                   generator=torch.Generator().manual_seed(5)).view(labels.shape)
+    u = torch.rand(
+        labels.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(5)
+    ).view(labels.shape)
     given, _ = run("hpd", student, teacher, labels, chunk_size=4, uniforms=u)
     assert torch.equal(seeded, given)
     # Columns are sequences here ([seq, batch] layout): the sum over all of them equals the
     # sum of each sequence's loss computed alone with its own uniforms.
     alone = sum(
-        distillation_loss(student[:, b], teacher[:, b], labels[:, b], "hpd", vocab_size=VOCAB,
-                          reduction="sum", tp_group=None, uniforms=u[:, b])[0]
+        distillation_loss(
+            student[:, b],
+            teacher[:, b],
+            labels[:, b],
+            "hpd",
+            vocab_size=VOCAB,
+            reduction="sum",
+            tp_group=None,
+            uniforms=u[:, b],
+        )[0]
         for b in range(labels.shape[1])
     )
-    together = distillation_loss(student, teacher, labels, "hpd", vocab_size=VOCAB,
-                                 reduction="sum", tp_group=None, uniforms=u)[0]
+    together = distillation_loss(
+        student,
+        teacher,
+        labels,
+        "hpd",
+        vocab_size=VOCAB,
+        reduction="sum",
+        tp_group=None,
+        uniforms=u,
+    )[0]
     torch.testing.assert_close(together, alone, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match=r"uniforms: shape \(3,\) != labels \(6, 3\)"):
         run("hpd", student, teacher, labels, uniforms=u[0])

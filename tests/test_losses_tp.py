@@ -56,25 +56,48 @@ def _tp_body(tp: int) -> dict:
 
     def one(method, student_full, teacher_full, labels, **kw):
         student = _shard(student_full, rank, tp).requires_grad_()
-        loss, diag = distillation_loss(student, _shard(teacher_full, rank, tp), labels, method,
-                                       vocab_size=VOCAB, alpha=0.3, beta=0.4, chunk_size=5, **kw)
+        loss, diag = distillation_loss(
+            student,
+            _shard(teacher_full, rank, tp),
+            labels,
+            method,
+            vocab_size=VOCAB,
+            alpha=0.3,
+            beta=0.4,
+            chunk_size=5,
+            **kw,
+        )
         loss.backward()
         return loss.detach(), student.grad, {k: v.double() for k, v in diag.items()}
 
     for method in METHODS:
-        out["methods"][method] = one(method, student_full, teacher_full, labels, sampled_tokens=sampled)
+        out["methods"][method] = one(
+            method, student_full, teacher_full, labels, sampled_tokens=sampled
+        )
     # HPD drawing its own samples (fp32), with an explicit group argument for once.
     for sampler in ("inverse_cdf", "gumbel"):
-        out["drawn"][sampler] = one("hpd", student_full.float(), teacher_full.float(), labels, seed=7,
-                                    sampler=sampler, tp_group=parallel_state.get_tensor_model_parallel_group())
+        out["drawn"][sampler] = one(
+            "hpd",
+            student_full.float(),
+            teacher_full.float(),
+            labels,
+            seed=7,
+            sampler=sampler,
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
+        )
     out["masked"] = one("hpd", student_full, teacher_full, torch.full_like(labels, -100), seed=7)
 
     row = torch.tensor(SAMPLER_ROW + [30.0, 30.0])
     logits = _shard(row.expand(SAMPLER_DRAWS, -1), rank, tp)
     for sampler in ("inverse_cdf", "gumbel"):
         out["sampler"][sampler] = sample_student_tokens(
-            logits, torch.zeros(SAMPLER_DRAWS, dtype=torch.long), vocab_size=len(SAMPLER_ROW),
-            seed=3, sampler=sampler, chunk_size=3000)
+            logits,
+            torch.zeros(SAMPLER_DRAWS, dtype=torch.long),
+            vocab_size=len(SAMPLER_ROW),
+            seed=3,
+            sampler=sampler,
+            chunk_size=3000,
+        )
     destroy_parallel()
     return out
 
@@ -103,7 +126,9 @@ def test_every_tp_size_matches_tp1_and_the_reference(by_tp, method):
             loss, _, diag = r["methods"][method]
             torch.testing.assert_close(loss, tp1_loss, rtol=1e-10, atol=1e-12, msg=f"TP={tp} loss")
             for name, value in tp1_diag.items():
-                torch.testing.assert_close(diag[name], value, rtol=1e-6, atol=1e-7, msg=f"TP={tp} {name}")
+                torch.testing.assert_close(
+                    diag[name], value, rtol=1e-6, atol=1e-7, msg=f"TP={tp} {name}"
+                )
         grad = _full_grad(ranks, "methods", method)
         torch.testing.assert_close(grad, tp1_grad, rtol=1e-9, atol=1e-12, msg=f"TP={tp} gradient")
 
@@ -119,8 +144,12 @@ def test_hpd_with_its_own_samples_is_consistent_across_ranks(by_tp, sampler):
             assert r["drawn"][sampler][2] == ranks[0]["drawn"][sampler][2]
         if sampler == "inverse_cdf":
             # Vocabulary order is rank order: the same uniforms pick the same tokens at any TP.
-            torch.testing.assert_close(ranks[0]["drawn"][sampler][0], tp1_loss, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(_full_grad(ranks, "drawn", sampler), tp1_grad, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(
+                ranks[0]["drawn"][sampler][0], tp1_loss, rtol=1e-5, atol=1e-6
+            )
+            torch.testing.assert_close(
+                _full_grad(ranks, "drawn", sampler), tp1_grad, rtol=1e-4, atol=1e-6
+            )
 
 
 def test_all_masked_batch_under_tp(by_tp):

@@ -17,10 +17,16 @@ from hpd_megatron.training.config import load_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE_70B = "recipes/llama3.1_70b_to_8b_hpd.yaml"
-RECIPES = [RECIPE_70B, "recipes/qwen2.5_7b_to_1.5b_math_hpd.yaml",
-           "recipes/qwen2.5_7b_to_1.5b_code_hpd.yaml"]
-VARIABLES = {"HPD_TEACHER_CKPT": "/ckpt/teacher", "HPD_STUDENT_CKPT": "/ckpt/student",
-             "HPD_DATA": "/data/train"}
+RECIPES = [
+    RECIPE_70B,
+    "recipes/qwen2.5_7b_to_1.5b_math_hpd.yaml",
+    "recipes/qwen2.5_7b_to_1.5b_code_hpd.yaml",
+]
+VARIABLES = {
+    "HPD_TEACHER_CKPT": "/ckpt/teacher",
+    "HPD_STUDENT_CKPT": "/ckpt/student",
+    "HPD_DATA": "/data/train",
+}
 
 
 @pytest.fixture
@@ -61,13 +67,15 @@ def test_memory_components_of_the_70b_to_8b_recipe(site_env):
     # Stage 0 per TP rank: 16 layers and the (129,024-row) embedding split 8 ways, norms whole.
     student = (16 * (4096 * 6144 + 4096 * 4096 + 3 * 4096 * 14336) + 129024 * 4096) // 8 + 16 * 8192
     assert student == 502_398_976
-    teacher = (40 * (8192 * 10240 + 8192 * 8192 + 3 * 8192 * 28672) + 129024 * 8192) // 8 + 40 * 16384
+    teacher = (
+        40 * (8192 * 10240 + 8192 * 8192 + 3 * 8192 * 28672) + 129024 * 8192
+    ) // 8 + 40 * 16384
     assert teacher == 4_410_966_016
     first = plan.stages[0]
     assert first.teacher_weights * GIB == pytest.approx(2 * teacher)
-    assert first.student_weights * GIB == pytest.approx(2 * student)      # bf16
-    assert first.student_grads * GIB == pytest.approx(4 * student)        # fp32 grad buffer
-    assert first.optimizer * GIB == pytest.approx(12 * student / 2)       # master + Adam over DP=2
+    assert first.student_weights * GIB == pytest.approx(2 * student)  # bf16
+    assert first.student_grads * GIB == pytest.approx(4 * student)  # fp32 grad buffer
+    assert first.optimizer * GIB == pytest.approx(12 * student / 2)  # master + Adam over DP=2
     # 2 micro-batches in flight x 16 layers x 2 B x 8192 tokens x (4 x 4096 + (8192 + 2048 +
     # 3 x 14336) / 8), plus the embedding output.
     layer = 2 * 8192 * (4 * 4096 + (8192 + 2048 + 3 * 14336) // 8)
@@ -79,10 +87,16 @@ def test_memory_components_of_the_70b_to_8b_recipe(site_env):
     assert first.total == pytest.approx(29.21, abs=0.01)
     # 6 x student + 2 x teacher matmul parameters (output layer included, input embedding not)
     # plus attention 4 x s x 4096 (8B) / 8192 (70B) per layer, x3 for the student.
-    flops = (3 * (2 * (32 * (layer_params := 4096 * 6144 + 4096 * 4096 + 3 * 4096 * 14336) + 129024 * 4096)
-                  + 4 * 8192 * 4096 * 32)
-             + 2 * (80 * (8192 * 10240 + 8192 * 8192 + 3 * 8192 * 28672) + 129024 * 8192)
-             + 4 * 8192 * 8192 * 80)
+    flops = (
+        3
+        * (
+            2
+            * (32 * (layer_params := 4096 * 6144 + 4096 * 4096 + 3 * 4096 * 14336) + 129024 * 4096)
+            + 4 * 8192 * 4096 * 32
+        )
+        + 2 * (80 * (8192 * 10240 + 8192 * 8192 + 3 * 8192 * 28672) + 129024 * 8192)
+        + 4 * 8192 * 8192 * 80
+    )
     assert layer_params == 218_103_808
     assert plan.flops_per_token == flops
 
@@ -94,16 +108,23 @@ def test_stage_split_puts_embedding_first_and_output_last():
 
 
 def test_single_gpu_cannot_hold_the_70b_pair(site_env):
-    plan = make_plan(load_run_config(RECIPE_70B, ["parallel.tensor_model_parallel_size=1",
-                                                  "parallel.pipeline_model_parallel_size=1"]),
-                     nodes=1, gpus_per_node=1, gpu_mem_gib=80)
+    plan = make_plan(
+        load_run_config(
+            RECIPE_70B,
+            ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1"],
+        ),
+        nodes=1,
+        gpus_per_node=1,
+        gpu_mem_gib=80,
+    )
     assert not plan.fits and plan.problems == []
     assert plan.stages[0].teacher_weights == pytest.approx(2 * 70_553_706_496 / GIB)
 
 
 def test_divisibility_violations_are_each_listed(site_env):
-    run = load_run_config(RECIPE_70B, ["parallel.tensor_model_parallel_size=3",
-                                       "schedule.global_batch_size=102"])
+    run = load_run_config(
+        RECIPE_70B, ["parallel.tensor_model_parallel_size=3", "schedule.global_batch_size=102"]
+    )
     plan = make_plan(run, nodes=3, gpus_per_node=8, gpu_mem_gib=80)
     assert not plan.fits
     text = "\n".join(plan.problems)
@@ -116,19 +137,38 @@ def test_cli_prints_table_writes_json_and_refuses(site_env, tmp_path):
     env = {**os.environ, **VARIABLES, "PYTHONWARNINGS": "ignore"}
     base = [sys.executable, "-m", "hpd_megatron.plan", "--config", RECIPE_70B]
     out = tmp_path / "plan.json"
-    ok = subprocess.run(base + ["--nodes", "4", "--json", str(out)], cwd=ROOT, env=env,
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        base + ["--nodes", "4", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "teacher_weights" in ok.stdout and "worst stage 0: 29.21 GiB of 80.00 GiB" in ok.stdout
     data = json.loads(out.read_text())
     assert data["fits"] and data["layout"] == {"TP": 8, "PP": 2, "DP": 2}
     assert data["student_parameters"] == 8_030_261_248
-    refused = subprocess.run(base + ["parallel.tensor_model_parallel_size=1",
-                                     "parallel.pipeline_model_parallel_size=1",
-                                     "--nodes", "1", "--gpus-per-node", "1"],
-                             cwd=ROOT, env=env, capture_output=True, text=True)
+    refused = subprocess.run(
+        base
+        + [
+            "parallel.tensor_model_parallel_size=1",
+            "parallel.pipeline_model_parallel_size=1",
+            "--nodes",
+            "1",
+            "--gpus-per-node",
+            "1",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert refused.returncode == 1
-    assert "does not fit: 318.77 GiB needed on the worst stage (stage 0), 80.00 GiB available" in refused.stderr
+    assert (
+        "does not fit: 318.77 GiB needed on the worst stage (stage 0), 80.00 GiB available"
+        in refused.stderr
+    )
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -141,7 +181,11 @@ def test_recipes_load_with_variables_set(site_env, recipe):
 
 def test_math_recipe_has_the_papers_settings(site_env):
     run = load_run_config(RECIPES[1])
-    assert (run.optimizer.lr, run.schedule.warmup_steps, run.optimizer.min_lr_ratio) == (1e-4, 10, 0.1)
+    assert (run.optimizer.lr, run.schedule.warmup_steps, run.optimizer.min_lr_ratio) == (
+        1e-4,
+        10,
+        0.1,
+    )
     assert (run.optimizer.weight_decay, run.optimizer.clip_grad) == (0.1, 1.0)
     assert (run.schedule.global_batch_size, run.data.seq_length) == (256, 10240)
 
@@ -151,13 +195,20 @@ def test_unset_variable_names_file_key_and_variable(site_env, monkeypatch):
     with pytest.raises(ConfigError) as error:
         load_run_config(RECIPE_70B)
     message = str(error.value)
-    assert RECIPE_70B in message and "teacher.checkpoint" in message and "HPD_TEACHER_CKPT" in message
+    assert (
+        RECIPE_70B in message and "teacher.checkpoint" in message and "HPD_TEACHER_CKPT" in message
+    )
 
 
 def test_expansion_defaults_and_nesting(monkeypatch):
     monkeypatch.setenv("A", "x")
     monkeypatch.delenv("B", raising=False)
     data = {"k": "${A}/${B:-d}/${B:-}", "n": 3, "l": ["${A}"], "s": {"t": "$A plain"}}
-    assert expand_variables(data, "f.yaml") == {"k": "x/d/", "n": 3, "l": ["x"], "s": {"t": "$A plain"}}
+    assert expand_variables(data, "f.yaml") == {
+        "k": "x/d/",
+        "n": 3,
+        "l": ["x"],
+        "s": {"t": "$A plain"},
+    }
     with pytest.raises(ConfigError, match=r"f.yaml: l\[0\]: environment variable B is not set"):
         expand_variables({"l": ["${B}"]}, "f.yaml")

@@ -8,8 +8,14 @@ import yaml
 from hpd_megatron.config import ConfigError
 from hpd_megatron.training.config import apply_overrides, load_run_config
 
-TINY = dict(family="llama", num_layers=2, hidden_size=32, num_attention_heads=2,
-            ffn_hidden_size=64, vocab_size=100)
+TINY = dict(
+    family="llama",
+    num_layers=2,
+    hidden_size=32,
+    num_attention_heads=2,
+    ffn_hidden_size=64,
+    vocab_size=100,
+)
 
 
 @pytest.fixture
@@ -25,9 +31,16 @@ def recipe(tmp_path):
 
 
 def test_overrides_reach_nested_sections(recipe):
-    run = load_run_config(recipe(), ["loss.method=fkl", "schedule.train_steps=17",
-                                     "parallel.tensor_model_parallel_size=2", "optimizer.lr=3e-4",
-                                     "teacher.checkpoint=/ckpt/teacher"])
+    run = load_run_config(
+        recipe(),
+        [
+            "loss.method=fkl",
+            "schedule.train_steps=17",
+            "parallel.tensor_model_parallel_size=2",
+            "optimizer.lr=3e-4",
+            "teacher.checkpoint=/ckpt/teacher",
+        ],
+    )
     assert run.loss.method == "fkl" and run.schedule.train_steps == 17
     assert run.parallel.tensor_model_parallel_size == 2 and run.optimizer.lr == 3e-4
     assert run.teacher.checkpoint == "/ckpt/teacher"
@@ -47,8 +60,10 @@ def test_overrides_reach_nested_sections(recipe):
         (["lossmethod"], "expected dotted.key=value"),
         (["student.model.family.x=1"], "student.model.family is not a section"),
         (["optimizer.lr=fast"], "optimizer.lr: expected a number, got 'fast'"),
-        (["schedule.train_steps=4", "schedule.warmup_steps=4"],
-         "schedule.warmup_steps: must be in [0, schedule.train_steps), got 4 with train_steps 4"),
+        (
+            ["schedule.train_steps=4", "schedule.warmup_steps=4"],
+            "schedule.warmup_steps: must be in [0, schedule.train_steps), got 4 with train_steps 4",
+        ),
     ],
 )
 def test_errors_name_the_key(recipe, overrides, expected):

@@ -70,19 +70,38 @@ def teacher(tmp_path_factory) -> str:
 
 
 def _overrides(run_dir: Path, teacher: str, data: str) -> list[str]:
-    return [f"run_dir={run_dir}", f"teacher.checkpoint={teacher}", f"data.train={data}",
-            f"schedule.train_steps={STEPS}", "schedule.global_batch_size=8",
-            "schedule.micro_batch_size=2", "logging.log_interval=1",
-            f"checkpoint.export_dir={run_dir}/export"]
+    return [
+        f"run_dir={run_dir}",
+        f"teacher.checkpoint={teacher}",
+        f"data.train={data}",
+        f"schedule.train_steps={STEPS}",
+        "schedule.global_batch_size=8",
+        "schedule.micro_batch_size=2",
+        "logging.log_interval=1",
+        f"checkpoint.export_dir={run_dir}/export",
+    ]
 
 
-def _submit(cluster: SlurmCluster, workdir: Path, script: str, *args: str,
-            flags: tuple[str, ...] = (), env: dict | None = None) -> int:
+def _submit(
+    cluster: SlurmCluster,
+    workdir: Path,
+    script: str,
+    *args: str,
+    flags: tuple[str, ...] = (),
+    env: dict | None = None,
+) -> int:
     """sbatch from ``workdir`` (so logs/ is there); the checkout comes from HPD_HOME."""
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
-    result = cluster.run("sbatch", "--parsable", *flags, str(ROOT / "slurm" / script), *args,
-                         cwd=workdir, check=False,
-                         env={"HPD_HOME": str(ROOT), "PYTHONWARNINGS": "ignore", **(env or {})})
+    result = cluster.run(
+        "sbatch",
+        "--parsable",
+        *flags,
+        str(ROOT / "slurm" / script),
+        *args,
+        cwd=workdir,
+        check=False,
+        env={"HPD_HOME": str(ROOT), "PYTHONWARNINGS": "ignore", **(env or {})},
+    )
     assert result.returncode == 0, result.stderr
     return int(result.stdout.strip().split(";")[0])
 
@@ -105,21 +124,26 @@ def _mlflow_runs(run_dir: Path) -> tuple[list, Any]:
 
 
 def test_templates_pass_shellcheck():
-    result = subprocess.run(["shellcheck", "-x", *map(str, TEMPLATES)], cwd=ROOT,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["shellcheck", "-x", *map(str, TEMPLATES)], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert {t.name for t in TEMPLATES} >= set(JOB_TEMPLATES) | {"common.sh"}
 
 
-@pytest.mark.parametrize("script,args", [
-    ("hpd_70b_to_8b.sh", ()),
-    ("train.sh", ("recipes/tiny_cpu.yaml",)),
-    ("convert.sh", ("hf-to-megatron", "--hf-dir", "in", "--out", "out")),
-])
+@pytest.mark.parametrize(
+    "script,args",
+    [
+        ("hpd_70b_to_8b.sh", ()),
+        ("train.sh", ("recipes/tiny_cpu.yaml",)),
+        ("convert.sh", ("hf-to-megatron", "--hf-dir", "in", "--out", "out")),
+    ],
+)
 def test_sbatch_test_only_accepts_every_template(cluster, tmp_path, script, args):
     (tmp_path / "logs").mkdir()
-    result = cluster.run("sbatch", "--test-only", str(ROOT / "slurm" / script), *args,
-                         cwd=tmp_path, check=False)
+    result = cluster.run(
+        "sbatch", "--test-only", str(ROOT / "slurm" / script), *args, cwd=tmp_path, check=False
+    )
     assert result.returncode == 0, result.stderr
     assert "to start at" in result.stderr
     if script == "hpd_70b_to_8b.sh":  # the header's own 4 nodes x 8 tasks
@@ -131,8 +155,14 @@ def straight_run(cluster, teacher, prepared_data, tmp_path_factory) -> dict:
     """slurm/hpd_70b_to_8b.sh itself, pointed at the tiny CPU recipe: one uninterrupted job."""
     workdir = tmp_path_factory.mktemp("straight")
     run_dir = workdir / "run"
-    job_id = _submit(cluster, workdir, "hpd_70b_to_8b.sh", *_overrides(run_dir, teacher, prepared_data),
-                     flags=tuple(ONE_NODE), env={"HPD_RECIPE": "recipes/tiny_cpu.yaml"})
+    job_id = _submit(
+        cluster,
+        workdir,
+        "hpd_70b_to_8b.sh",
+        *_overrides(run_dir, teacher, prepared_data),
+        flags=tuple(ONE_NODE),
+        env={"HPD_RECIPE": "recipes/tiny_cpu.yaml"},
+    )
     job = cluster.wait(job_id, timeout=600)
     return {"job": job, "log": _log(workdir, job), "run_dir": run_dir}
 
@@ -151,15 +181,26 @@ def test_the_70b_template_runs_the_tiny_recipe_to_completion(straight_run):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     history = {p.step: p.value for p in client.get_metric_history(runs[0].info.run_id, "loss")}
     assert history == {m["step"]: m["loss"] for m in metrics}
-    script = Path(client.download_artifacts(runs[0].info.run_id, "slurm", str(run_dir / "artifacts")))
-    assert (ROOT / "slurm" / "hpd_70b_to_8b.sh").read_text() in [p.read_text() for p in script.iterdir()]
+    script = Path(
+        client.download_artifacts(runs[0].info.run_id, "slurm", str(run_dir / "artifacts"))
+    )
+    assert (ROOT / "slurm" / "hpd_70b_to_8b.sh").read_text() in [
+        p.read_text() for p in script.iterdir()
+    ]
 
 
-def test_a_stop_signal_requeues_the_same_job_which_resumes(cluster, teacher, prepared_data, tmp_path,
-                                                           straight_run):
+def test_a_stop_signal_requeues_the_same_job_which_resumes(
+    cluster, teacher, prepared_data, tmp_path, straight_run
+):
     run_dir = tmp_path / "run"
-    job_id = _submit(cluster, tmp_path, "train.sh", "recipes/tiny_cpu.yaml",
-                     *_overrides(run_dir, teacher, prepared_data), flags=tuple(ONE_NODE))
+    job_id = _submit(
+        cluster,
+        tmp_path,
+        "train.sh",
+        "recipes/tiny_cpu.yaml",
+        *_overrides(run_dir, teacher, prepared_data),
+        flags=tuple(ONE_NODE),
+    )
     # What --signal=B:USR1@300 does before the time limit: signal the batch shell only.
     deadline = time.monotonic() + 300
     while len(_metrics(run_dir)) < 3:
@@ -177,7 +218,9 @@ def test_a_stop_signal_requeues_the_same_job_which_resumes(cluster, teacher, pre
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1)), log
     straight = _metrics(straight_run["run_dir"])
     for resumed, reference in zip(metrics, straight):
-        assert resumed["loss"] == pytest.approx(reference["loss"], rel=1e-6, abs=1e-7), resumed["step"]
+        assert resumed["loss"] == pytest.approx(reference["loss"], rel=1e-6, abs=1e-7), resumed[
+            "step"
+        ]
     # The tracking run continued: one run, every step once.
     runs, client = _mlflow_runs(run_dir)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
@@ -186,8 +229,12 @@ def test_a_stop_signal_requeues_the_same_job_which_resumes(cluster, teacher, pre
 
 
 def test_missing_inputs_fail_the_job_before_any_rank_starts(cluster, tmp_path):
-    missing = {"HPD_TEACHER_CKPT": str(tmp_path / "no-teacher"), "HPD_STUDENT_CKPT": str(tmp_path / "no-student"),
-               "HPD_DATA": str(tmp_path / "no-data" / "train"), "HPD_RUN_DIR": str(tmp_path / "run")}
+    missing = {
+        "HPD_TEACHER_CKPT": str(tmp_path / "no-teacher"),
+        "HPD_STUDENT_CKPT": str(tmp_path / "no-student"),
+        "HPD_DATA": str(tmp_path / "no-data" / "train"),
+        "HPD_RUN_DIR": str(tmp_path / "run"),
+    }
     job_id = _submit(cluster, tmp_path, "hpd_70b_to_8b.sh", flags=tuple(ONE_NODE), env=missing)
     job = cluster.wait(job_id, timeout=300)
     log = _log(tmp_path, job)
@@ -201,16 +248,28 @@ def test_missing_inputs_fail_the_job_before_any_rank_starts(cluster, tmp_path):
 
 @pytest.mark.parametrize("image", ["", "nvcr.io/nvidia/pytorch:25.01-py3"])
 def test_environment_rendezvous_and_container_flags(cluster, tmp_path, image):
-    script = ('source slurm/common.sh; hpd_environment >/dev/null; '
-              'echo "$MASTER_ADDR $MASTER_PORT $HPD_PYTHON"; printf "%s\\n" "${HPD_SRUN_ARGS[@]}"')
-    env = {"SLURM_JOB_NODELIST": "gpu-[017-018,020]", "SLURM_JOB_ID": "123456", "SLURM_JOB_NUM_NODES": "3",
-           "HPD_HOME": str(ROOT), "CONTAINER_IMAGE": image, "CONTAINER_MOUNTS": "/data:/data"}
+    script = (
+        "source slurm/common.sh; hpd_environment >/dev/null; "
+        'echo "$MASTER_ADDR $MASTER_PORT $HPD_PYTHON"; printf "%s\\n" "${HPD_SRUN_ARGS[@]}"'
+    )
+    env = {
+        "SLURM_JOB_NODELIST": "gpu-[017-018,020]",
+        "SLURM_JOB_ID": "123456",
+        "SLURM_JOB_NUM_NODES": "3",
+        "HPD_HOME": str(ROOT),
+        "CONTAINER_IMAGE": image,
+        "CONTAINER_MOUNTS": "/data:/data",
+    }
     result = cluster.run("bash", "-c", script, cwd=ROOT, env=env)
     first, *flags = result.stdout.splitlines()
     python = "python" if image else str(ROOT / ".venv" / "bin" / "python")
     assert first == f"gpu-017 {20000 + 123456 % 20000} {python}"
     if image:
-        assert flags == [f"--container-image={image}", f"--container-mounts={ROOT}:{ROOT},/data:/data",
-                         f"--container-workdir={ROOT}", "--no-container-mount-home"]
+        assert flags == [
+            f"--container-image={image}",
+            f"--container-mounts={ROOT}:{ROOT},/data:/data",
+            f"--container-workdir={ROOT}",
+            "--no-container-mount-home",
+        ]
     else:
         assert flags == [""]  # printf's one empty line: no container flag at all

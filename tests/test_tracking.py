@@ -45,8 +45,14 @@ def server(tmp_path_factory):
 
 def fast_retries(uri: str, experiment: str, **overrides) -> TrackingConfig:
     """Short waits, so a restarted server is noticed quickly."""
-    settings = dict(tracking_uri=uri, experiment=experiment, retry_initial_s=0.1,
-                    retry_max_s=1.0, request_timeout_s=5, flush_timeout_s=60.0)
+    settings = dict(
+        tracking_uri=uri,
+        experiment=experiment,
+        retry_initial_s=0.1,
+        retry_max_s=1.0,
+        request_timeout_s=5,
+        flush_timeout_s=60.0,
+    )
     return TrackingConfig(**{**settings, **overrides})
 
 
@@ -55,8 +61,9 @@ def log_steps(tracker: Tracker, steps, offset: float = 0.0) -> list[float]:
     durations = []
     for step in steps:
         start = time.perf_counter()
-        tracker.log_metrics({"loss": 10.0 / step + offset, "lr": 1e-3 * step,
-                             "grad_norm": float(step)}, step=step)
+        tracker.log_metrics(
+            {"loss": 10.0 / step + offset, "lr": 1e-3 * step, "grad_norm": float(step)}, step=step
+        )
         durations.append(time.perf_counter() - start)
     return durations
 
@@ -115,7 +122,9 @@ def test_params_tags_metrics_artifacts_and_finished(server, tmp_path):
         assert tags[key] == value
     for key in KEYS:
         assert recorded_steps(client, run.info.run_id, key) == list(range(1, 31)), key
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "loss") if m.step == 30] == [10.0 / 30]
+    assert [
+        m.value for m in client.get_metric_history(run.info.run_id, "loss") if m.step == 30
+    ] == [10.0 / 30]
     assert recorded_steps(client, run.info.run_id, "eval/loss") == [30]
     nonfinite = client.get_metric_history(run.info.run_id, "nonfinite")
     assert [m.step for m in nonfinite] == [1, 2] and math.isnan(nonfinite[0].value)
@@ -183,7 +192,9 @@ def test_lost_responses_are_not_resent(server, tmp_path):
     client = MlflowClient(server.uri)
     proxy = DroppingProxy(server.port)
     try:
-        tracker = start_tracking(fast_retries(proxy.uri, "lost-responses"), tmp_path / "run", {"a": 1})
+        tracker = start_tracking(
+            fast_retries(proxy.uri, "lost-responses"), tmp_path / "run", {"a": 1}
+        )
         log_steps(tracker, range(1, 4))
         wait_until_sent(tracker, 3 * len(KEYS))
         proxy.drop_responses("/runs/log-batch", 2)
@@ -194,8 +205,11 @@ def test_lost_responses_are_not_resent(server, tmp_path):
     finally:
         proxy.close()
     assert proxy.dropped >= 1  # two are armed; a slow tracker may batch all into one
-    sent = Counter((m["key"], int(m["step"])) for body in proxy.bodies("/runs/log-batch")
-                   for m in body.get("metrics", []))
+    sent = Counter(
+        (m["key"], int(m["step"]))
+        for body in proxy.bodies("/runs/log-batch")
+        for m in body.get("metrics", [])
+    )
     assert sent and max(sent.values()) == 1, [k for k, n in sent.items() if n > 1]
     run = only_run(client, "lost-responses")
     assert run.info.status == "FINISHED"
@@ -251,7 +265,9 @@ def test_server_never_reachable(tmp_path, capfd):
 @pytest.mark.parametrize("status", ["FAILED", "KILLED"])
 def test_terminal_status(server, tmp_path, status):
     client = MlflowClient(server.uri)
-    tracker = start_tracking(fast_retries(server.uri, f"status-{status}"), tmp_path / "run", {"a": 1})
+    tracker = start_tracking(
+        fast_retries(server.uri, f"status-{status}"), tmp_path / "run", {"a": 1}
+    )
     log_steps(tracker, range(1, 3))
     with pytest.raises(ValueError, match="status"):
         tracker.finish("DONE")
@@ -264,8 +280,9 @@ def test_terminal_status(server, tmp_path, status):
 def test_system_metrics(server, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     client = MlflowClient(server.uri)
-    tracker = start_tracking(fast_retries(server.uri, "system", system_metrics=True),
-                             tmp_path / "run", {"a": 1})
+    tracker = start_tracking(
+        fast_retries(server.uri, "system", system_metrics=True), tmp_path / "run", {"a": 1}
+    )
     log_steps(tracker, range(1, 3))
     wait_until_sent(tracker, 2 * len(KEYS))
     time.sleep(1.0)
@@ -316,7 +333,12 @@ def test_disabled_tracking_is_a_null_tracker(tmp_path):
 
 def test_flatten_params_and_config_errors():
     assert flatten_params({"a": {"b": {"c": 1}, "d": []}, "e": {}, "f": None, "g": math.inf}) == {
-        "a.b.c": "1", "a.d": "[]", "e": "{}", "f": "None", "g": "inf"}
+        "a.b.c": "1",
+        "a.d": "[]",
+        "e": "{}",
+        "f": "None",
+        "g": "inf",
+    }
     assert from_dict(TrackingConfig, {"flush_timeout_s": 5, "run_name": "x"}).flush_timeout_s == 5.0
     with pytest.raises(ConfigError, match="tracking.request_timeout_s"):
         from_dict(TrackingConfig, {"request_timeout_s": 0.5})

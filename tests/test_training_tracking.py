@@ -29,9 +29,13 @@ def server(tmp_path_factory):
 
 
 def _tracked(server: MlflowServer, experiment: str, run_dir: Path) -> list[str]:
-    return ["tracking.enabled=true", f"tracking.tracking_uri={server.uri}",
-            f"tracking.experiment={experiment}", f"run_dir={run_dir}",
-            "tracking.flush_timeout_s=90"]
+    return [
+        "tracking.enabled=true",
+        f"tracking.tracking_uri={server.uri}",
+        f"tracking.experiment={experiment}",
+        f"run_dir={run_dir}",
+        "tracking.flush_timeout_s=90",
+    ]
 
 
 def _runs(server: MlflowServer, experiment: str) -> list:
@@ -66,7 +70,10 @@ def test_a_multi_rank_run_is_one_mlflow_run_with_everything(setup, server):
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "hpd/sample_differs"):
         points = MlflowClient(server.uri).get_metric_history(run.info.run_id, key)
         assert sorted(p.step for p in points) == [h["step"] for h in history], key
-    losses = {p.step: p.value for p in MlflowClient(server.uri).get_metric_history(run.info.run_id, "loss")}
+    losses = {
+        p.step: p.value
+        for p in MlflowClient(server.uri).get_metric_history(run.info.run_id, "loss")
+    }
     assert all(losses[h["step"]] == pytest.approx(h["loss"], rel=1e-6) for h in history)
     artifacts = [a.path for a in MlflowClient(server.uri).list_artifacts(run.info.run_id)]
     assert "config.yaml" in artifacts
@@ -115,10 +122,23 @@ def test_a_server_killed_and_restarted_mid_run_loses_nothing(setup, server):
 def test_an_unreachable_server_does_not_stop_training(setup):
     uri = unused_uri()
     result = subprocess.run(
-        [sys.executable, "-m", "hpd_megatron.train", "--config", setup["recipe"],
-         "schedule.train_steps=2", f"run_dir={setup['root'] / 'unreachable'}",
-         "tracking.enabled=true", f"tracking.tracking_uri={uri}", "tracking.flush_timeout_s=3"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "hpd_megatron.train",
+            "--config",
+            setup["recipe"],
+            "schedule.train_steps=2",
+            f"run_dir={setup['root'] / 'unreachable'}",
+            "tracking.enabled=true",
+            f"tracking.tracking_uri={uri}",
+            "tracking.flush_timeout_s=3",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 2/2" in result.stdout
     assert f"cannot reach the tracking server at {uri}" in result.stderr

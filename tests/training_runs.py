@@ -12,10 +12,24 @@ import torch
 
 STEPS = 3
 SEQ = 96
-STUDENT = dict(family="llama", num_layers=2, hidden_size=64, num_attention_heads=4,
-               num_query_groups=2, ffn_hidden_size=128, vocab_size=128)
-TEACHER = dict(family="qwen2", num_layers=4, hidden_size=96, num_attention_heads=4,
-               num_query_groups=2, ffn_hidden_size=192, vocab_size=128)
+STUDENT = dict(
+    family="llama",
+    num_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=128,
+    vocab_size=128,
+)
+TEACHER = dict(
+    family="qwen2",
+    num_layers=4,
+    hidden_size=96,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=192,
+    vocab_size=128,
+)
 
 
 def save_initial_weights(directory: str) -> None:
@@ -28,8 +42,9 @@ def save_initial_weights(directory: str) -> None:
     initialize_parallel(ParallelLayout(1, 1), seed=3)
     for name, kwargs in (("student", STUDENT), ("teacher", TEACHER)):
         description = ModelDescription.from_dict(kwargs)
-        save_model_weights(build_gpt_model(description, transformer_config(description)),
-                           Path(directory) / name)
+        save_model_weights(
+            build_gpt_model(description, transformer_config(description)), Path(directory) / name
+        )
     destroy_parallel()
 
 
@@ -43,15 +58,20 @@ def train_on_rank(recipe: str, overrides: list[str]) -> dict:
     def build_and_capture(*args, **kwargs):
         models = build_models(*args, **kwargs)
         captured["models"] = models
-        captured["teacher_before"] = {k: v.detach().clone()
-                                      for k, v in models.pair.teacher.state_dict().items()
-                                      if isinstance(v, torch.Tensor)}
+        captured["teacher_before"] = {
+            k: v.detach().clone()
+            for k, v in models.pair.teacher.state_dict().items()
+            if isinstance(v, torch.Tensor)
+        }
         return models
 
     trainer.build_models = build_and_capture
     history = trainer.train(trainer.load_run_config(recipe, overrides))
-    after = {k: v for k, v in captured["models"].pair.teacher.state_dict().items()
-             if isinstance(v, torch.Tensor)}
+    after = {
+        k: v
+        for k, v in captured["models"].pair.teacher.state_dict().items()
+        if isinstance(v, torch.Tensor)
+    }
     unchanged = all(torch.equal(after[k], v) for k, v in captured["teacher_before"].items())
     return {"history": history, "teacher_unchanged": unchanged}
 
@@ -74,7 +94,10 @@ def read_student(directory: str) -> dict[str, torch.Tensor]:
     description = ModelDescription.from_dict(STUDENT)
     model = build_gpt_model(description, transformer_config(description))
     load_model_weights(model, directory)
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()
-               if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    weights = {
+        k: v.detach().clone()
+        for k, v in model.state_dict().items()
+        if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
+    }
     destroy_parallel()
     return weights

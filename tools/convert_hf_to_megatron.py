@@ -22,10 +22,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hf-dir", required=True, help="config.json + safetensors (+ tokenizer)")
     parser.add_argument("--out", required=True, help="new directory for the checkpoint")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (processes: 1 or TP x PP)")
+    parser.add_argument(
+        "--tp", type=int, default=1, help="tensor-parallel size (processes: 1 or TP x PP)"
+    )
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    parser.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default=None,
-                        help="weights' dtype (default: config.json's torch_dtype)")
+    parser.add_argument(
+        "--dtype",
+        choices=("bf16", "fp32", "fp16"),
+        default=None,
+        help="weights' dtype (default: config.json's torch_dtype)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     from hpd_megatron.convert import hf_to_megatron, verify
 
@@ -40,18 +46,26 @@ def main(argv: list[str] | None = None) -> int:
         hf_to_megatron.resolve_dtype(args.dtype, source.dtype)
         world_layout(args.tp, args.pp)
         if Path(args.out).exists():
-            raise hf_to_megatron.ConversionError(f"{args.out}: already exists; remove it or choose another --out")
+            raise hf_to_megatron.ConversionError(
+                f"{args.out}: already exists; remove it or choose another --out"
+            )
         with conversion_processes(args.tp, args.pp):
             import torch.distributed as dist
 
-            hf_to_megatron.convert(args.hf_dir, args.out, args.tp, args.pp, args.dtype,
-                                   progress=not args.no_progress)
+            hf_to_megatron.convert(
+                args.hf_dir, args.out, args.tp, args.pp, args.dtype, progress=not args.no_progress
+            )
             if dist.get_rank() == 0:
                 print(f"wrote {args.out}", flush=True)
             if args.verify:
-                return verify.verify_for_cli(args, args.hf_dir, args.out,
-                                             hf_to_megatron.read_output_description(args.out),
-                                             "hf_to_megatron", args.out)
+                return verify.verify_for_cli(
+                    args,
+                    args.hf_dir,
+                    args.out,
+                    hf_to_megatron.read_output_description(args.out),
+                    "hf_to_megatron",
+                    args.out,
+                )
     except ValueError as error:  # ConversionError, ConfigError: one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 1

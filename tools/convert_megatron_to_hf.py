@@ -19,12 +19,22 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", required=True, help="Megatron-Core distributed checkpoint directory")
+    parser.add_argument(
+        "--ckpt", required=True, help="Megatron-Core distributed checkpoint directory"
+    )
     parser.add_argument("--out", required=True, help="new Hugging Face model directory")
-    parser.add_argument("--model", default=None, help="model description YAML (default: CKPT/model.yaml)")
-    parser.add_argument("--shard-size", default="5GB", help="largest safetensors file (default 5GB)")
-    parser.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default=None,
-                        help="output dtype (default: hf/config.json's dtype, else the checkpoint's)")
+    parser.add_argument(
+        "--model", default=None, help="model description YAML (default: CKPT/model.yaml)"
+    )
+    parser.add_argument(
+        "--shard-size", default="5GB", help="largest safetensors file (default 5GB)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("bf16", "fp32", "fp16"),
+        default=None,
+        help="output dtype (default: hf/config.json's dtype, else the checkpoint's)",
+    )
     parser.add_argument("--tp", type=int, default=1, help="layout the --verify model runs at")
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--no-progress", action="store_true")
@@ -44,13 +54,20 @@ def main(argv: list[str] | None = None) -> int:
         with conversion_processes(args.tp, args.pp):
             import torch.distributed as dist
 
-            megatron_to_hf.convert(args.ckpt, args.out, args.model, args.shard_size, dtype,
-                                   progress=not args.no_progress)
+            megatron_to_hf.convert(
+                args.ckpt,
+                args.out,
+                args.model,
+                args.shard_size,
+                dtype,
+                progress=not args.no_progress,
+            )
             if dist.get_rank() == 0:
                 print(f"wrote {args.out}", flush=True)
             if args.verify:
-                return verify.verify_for_cli(args, args.out, args.ckpt, checked.description,
-                                             "megatron_to_hf", args.out)
+                return verify.verify_for_cli(
+                    args, args.out, args.ckpt, checked.description, "megatron_to_hf", args.out
+                )
     except ValueError as error:  # ConversionError, ConfigError: one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -26,10 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_generation_arguments(parser)
     parser.add_argument("--out", required=True, help="output JSONL")
-    parser.add_argument("--only-correct", action="store_true",
-                        help="keep only replies whose extracted answer matches the reference")
-    parser.add_argument("--keep-unfinished", action="store_true",
-                        help="also keep replies cut off before EOS")
+    parser.add_argument(
+        "--only-correct",
+        action="store_true",
+        help="keep only replies whose extracted answer matches the reference",
+    )
+    parser.add_argument(
+        "--keep-unfinished", action="store_true", help="also keep replies cut off before EOS"
+    )
     args = parser.parse_args(argv)
     try:
         run = run_generation(job_from_arguments(args, require_answer=args.only_correct))
@@ -40,9 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         records, dropped = training_records(run.replies, args.only_correct, args.keep_unfinished)
         with staged_files([args.out]) as (out,):
             out.write_text("".join(json.dumps(record) + "\n" for record in records))
-        print(f"wrote {len(records)} records to {args.out} (of {len(run.replies)} replies; dropped "
-              f"{dropped['unfinished']} unfinished, {dropped['incorrect']} incorrect; "
-              f"{len(run.skipped)} prompts skipped for length)")
+        print(
+            f"wrote {len(records)} records to {args.out} (of {len(run.replies)} replies; dropped "
+            f"{dropped['unfinished']} unfinished, {dropped['incorrect']} incorrect; "
+            f"{len(run.skipped)} prompts skipped for length)"
+        )
     return 0
 
 

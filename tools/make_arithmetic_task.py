@@ -21,11 +21,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test", type=int, required=True, help="held-out problems (disjoint)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-digits", type=int, default=3)
-    parser.add_argument("--tokenizer-vocab-size", type=int, default=0,
-                        help="also train OUT/tokenizer.model (SentencePiece) of this size on the training split")
+    parser.add_argument(
+        "--tokenizer-vocab-size",
+        type=int,
+        default=0,
+        help="also train OUT/tokenizer.model (SentencePiece) of this size on the training split",
+    )
     args = parser.parse_args(argv)
     try:
-        paths = write_task(args.out, args.train, args.test, args.seed, args.max_digits, args.tokenizer_vocab_size)
+        paths = write_task(
+            args.out, args.train, args.test, args.seed, args.max_digits, args.tokenizer_vocab_size
+        )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -18,17 +18,35 @@ from hpd_megatron.data.prepare import OVERLONG, prepare
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", required=True, help="JSONL: {prompt, response} or {messages} per line")
-    parser.add_argument("--tokenizer", required=True, help="SentencePiece .model, tokenizer.json, or a directory")
+    parser.add_argument(
+        "--input", required=True, help="JSONL: {prompt, response} or {messages} per line"
+    )
+    parser.add_argument(
+        "--tokenizer", required=True, help="SentencePiece .model, tokenizer.json, or a directory"
+    )
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--seq-length", type=int, required=True, help="training sequence length")
-    parser.add_argument("--overlong", choices=OVERLONG, default="truncate",
-                        help="records longer than seq-length + 1 tokens (default: truncate)")
-    parser.add_argument("--chat-template", default="auto",
-                        help="auto (the tokenizer's, else builtin), builtin, or a Jinja file")
+    parser.add_argument(
+        "--overlong",
+        choices=OVERLONG,
+        default="truncate",
+        help="records longer than seq-length + 1 tokens (default: truncate)",
+    )
+    parser.add_argument(
+        "--chat-template",
+        default="auto",
+        help="auto (the tokenizer's, else builtin), builtin, or a Jinja file",
+    )
     args = parser.parse_args(argv)
     try:
-        prepare(args.input, args.tokenizer, args.output_prefix, args.seq_length, args.overlong, args.chat_template)
+        prepare(
+            args.input,
+            args.tokenizer,
+            args.output_prefix,
+            args.seq_length,
+            args.overlong,
+            args.chat_template,
+        )
     except ValueError as error:  # DataError and ConfigError: one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 1

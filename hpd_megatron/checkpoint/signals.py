@@ -10,7 +10,7 @@ at the same step.
 from __future__ import annotations
 
 import signal
-from typing import Sequence
+from collections.abc import Sequence
 
 from hpd_megatron.config import ConfigError
 from hpd_megatron.parallel.collectives import any_rank
@@ -48,7 +48,7 @@ class StopSignals:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         return self
 
     def __exit__(self, *_exc: object) -> None:

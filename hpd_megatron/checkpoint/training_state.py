@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,7 +33,7 @@ def iteration_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"iter_{step:07d}"
 
 
-def latest_step(root: str | Path) -> Optional[int]:
+def latest_step(root: str | Path) -> int | None:
     """The step named by the tracker, or None when there is no tracker."""
     tracker = Path(root) / TRACKER
     if not tracker.is_file():
@@ -44,8 +44,9 @@ def latest_step(root: str | Path) -> Optional[int]:
     except ValueError:
         raise CheckpointError(f"{tracker}: expected a step number, found {text!r}") from None
     if not (iteration_dir(root, step) / "metadata.json").is_file():
-        raise CheckpointError(f"{tracker}: names step {step} but {iteration_dir(root, step)} "
-                              "is missing or incomplete")
+        raise CheckpointError(
+            f"{tracker}: names step {step} but {iteration_dir(root, step)} is missing or incomplete"
+        )
     return step
 
 
@@ -55,8 +56,10 @@ def saved_extra(root: str | Path, step: int) -> dict[str, Any]:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -70,9 +73,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _grid() -> list[int]:
-    return [parallel_state.get_tensor_model_parallel_world_size(),
-            parallel_state.get_pipeline_model_parallel_world_size(),
-            parallel_state.get_data_parallel_world_size()]
+    return [
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_data_parallel_world_size(),
+    ]
 
 
 def _uses_distributed_optimizer(optimizer: Any) -> bool:
@@ -107,15 +112,23 @@ def _load_optimizer_state(optimizer: Any, state: dict[str, Any]) -> None:
         return
     chunk, param_state = chunks[0], state.pop("param_state")
     chunk.load_state_dict(state)  # param groups, step, scheduler-free parts
-    steps = {param: entry.pop("step") for param, entry in chunk.optimizer.state.items()
-             if "step" in entry}
+    steps = {
+        param: entry.pop("step")
+        for param, entry in chunk.optimizer.state.items()
+        if "step" in entry
+    }
     chunk.load_parameter_state_from_fully_reshardable(param_state)
     for param, step in steps.items():
         chunk.optimizer.state[param]["step"] = step
 
 
-def _sharded_state(model: torch.nn.Module, optimizer: Optional[Any], is_loading: bool,
-                   optimizer_format: str, with_rng: bool = True) -> dict[str, Any]:
+def _sharded_state(
+    model: torch.nn.Module,
+    optimizer: Any | None,
+    is_loading: bool,
+    optimizer_format: str,
+    with_rng: bool = True,
+) -> dict[str, Any]:
     model_state = model.sharded_state_dict()
     rank, world = dist.get_rank(), dist.get_world_size()
     state: dict[str, Any] = {"model": model_state}
@@ -124,17 +137,26 @@ def _sharded_state(model: torch.nn.Module, optimizer: Optional[Any], is_loading:
             _materialise_distributed_optimizer_state(optimizer)
         # The format only concerns the distributed optimizer; the plain one ignores it.
         state["optimizer"] = optimizer.sharded_state_dict(
-            model_state, is_loading=is_loading,
-            metadata={"distrib_optim_sharding_type": optimizer_format})
+            model_state,
+            is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": optimizer_format},
+        )
     if with_rng:
         # Every rank's generators differ (TP-rank seeds), so each keeps its own.
         state["rng"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
     return state
 
 
-def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: Any,
-                    scheduler: Any, extra: dict[str, Any], keep_last: int = 2,
-                    optimizer_format: str = "dp_reshardable") -> Path:
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    extra: dict[str, Any],
+    keep_last: int = 2,
+    optimizer_format: str = "dp_reshardable",
+) -> Path:
     """Collectively save the state after ``step``; returns the iteration directory.
 
     ``optimizer_format`` is Megatron's sharding type for the distributed optimizer:
@@ -153,9 +175,14 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     dist.barrier()
     state = _sharded_state(model, optimizer, is_loading=False, optimizer_format=optimizer_format)
     # Plain (non-sharded) entries are written once, by rank 0, into common.pt.
-    state.update(step=step, scheduler=scheduler.state_dict(), extra=extra, grid=_grid(),
-                 distributed_optimizer=_uses_distributed_optimizer(optimizer),
-                 optimizer_format=optimizer_format)
+    state.update(
+        step=step,
+        scheduler=scheduler.state_dict(),
+        extra=extra,
+        grid=_grid(),
+        distributed_optimizer=_uses_distributed_optimizer(optimizer),
+        optimizer_format=optimizer_format,
+    )
     save_sharded(state, str(partial))
     dist.barrier()
     if dist.get_rank() == 0:
@@ -173,8 +200,14 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     return final
 
 
-def load_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: Any,
-                    scheduler: Any, load_optimizer: bool = True) -> dict[str, Any]:
+def load_checkpoint(
+    root: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    load_optimizer: bool = True,
+) -> dict[str, Any]:
     """Collectively restore the state saved after ``step``; returns its ``extra`` dict.
 
     Weights, schedule and data position load at any TP/PP/DP. The optimizer's moments
@@ -194,8 +227,12 @@ def load_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
             "and restart the Adam moments from zero"
         )
     saved_format, saved_grid = common.get("optimizer_format"), common.get("grid")
-    if (load_optimizer and saved_distributed and saved_format == "dp_reshardable"
-            and saved_grid[:2] != _grid()[:2]):
+    if (
+        load_optimizer
+        and saved_distributed
+        and saved_format == "dp_reshardable"
+        and saved_grid[:2] != _grid()[:2]
+    ):
         raise CheckpointError(
             f"{directory}: the distributed optimizer's state was saved in the dp_reshardable "
             f"format at TP{saved_grid[0]} PP{saved_grid[1]} and cannot be resharded to "
@@ -206,14 +243,20 @@ def load_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     # Per-rank RNG states only mean something on the same grid; on another layout the
     # generators keep the seeds initialize_parallel derived.
     same_grid = saved_grid == _grid()
-    template = _sharded_state(model, optimizer if load_optimizer else None, is_loading=True,
-                              optimizer_format=saved_format, with_rng=same_grid)
+    template = _sharded_state(
+        model,
+        optimizer if load_optimizer else None,
+        is_loading=True,
+        optimizer_format=saved_format,
+        with_rng=same_grid,
+    )
     check_shapes(directory, template, index)
     try:
         state = dist_checkpointing.load(template, str(directory))
     except Exception as error:  # noqa: BLE001 - re-raised with the directory named
-        raise CheckpointError(f"{directory}: cannot be loaded into this model "
-                              f"({type(error).__name__}: {error})") from error
+        raise CheckpointError(
+            f"{directory}: cannot be loaded into this model ({type(error).__name__}: {error})"
+        ) from error
     model.load_state_dict(state["model"])
     if load_optimizer:
         # Some of Megatron's loaders copy into fp32 master weights (leaves that require

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
@@ -27,15 +27,18 @@ def read_index(directory: str | Path) -> Metadata:
     """The checkpoint's tensor index, after checking that every file it names is whole."""
     directory = Path(directory)
     if not (directory / "metadata.json").is_file():
-        raise CheckpointError(f"{directory}: not a Megatron-Core distributed checkpoint "
-                              "(no metadata.json)")
+        raise CheckpointError(
+            f"{directory}: not a Megatron-Core distributed checkpoint (no metadata.json)"
+        )
     index_file = directory / ".metadata"
     if not index_file.is_file():
         raise CheckpointError(f"{index_file}: missing (the checkpoint's tensor index)")
     try:
         index = FileSystemReader(str(directory)).read_metadata()
     except Exception as error:  # noqa: BLE001 - any unpickling failure means a damaged file
-        raise CheckpointError(f"{index_file}: unreadable ({type(error).__name__}: {error})") from None
+        raise CheckpointError(
+            f"{index_file}: unreadable ({type(error).__name__}: {error})"
+        ) from None
     needed: dict[str, int] = {}
     for item in index.storage_data.values():
         end = item.offset + item.length
@@ -58,8 +61,11 @@ def _sharded_tensors(sharded_state: dict[str, Any]) -> list[ShardedTensor]:
     for value in nested_values(sharded_state):
         if isinstance(value, ShardedTensorFactory):
             built = value.build()
-            tensors += [t for t in (nested_values(built) if isinstance(built, (dict, list)) else [built])
-                        if isinstance(t, ShardedTensor)]
+            tensors += [
+                t
+                for t in (nested_values(built) if isinstance(built, (dict, list)) else [built])
+                if isinstance(t, ShardedTensor)
+            ]
         elif isinstance(value, ShardedTensor):
             tensors.append(value)
     return tensors
@@ -79,20 +85,35 @@ def check_shapes(directory: str | Path, sharded_state: dict[str, Any], index: Me
     everyone: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
     dist.all_gather_object(everyone, expected)
     merged = {key: value for part in everyone for key, value in part.items()}
-    stored = {key: tuple(item.size) for key, item in index.state_dict_metadata.items()
-              if isinstance(item, TensorStorageMetadata)}
+    stored = {
+        key: tuple(item.size)
+        for key, item in index.state_dict_metadata.items()
+        if isinstance(item, TensorStorageMetadata)
+    }
     for key in sorted(merged):
         shape, rows_may_differ = merged[key]
         if key not in stored:
-            raise CheckpointError(f"{directory}: has no tensor {key!r} (a checkpoint of "
-                                  "another model, or saved without this state)")
+            raise CheckpointError(
+                f"{directory}: has no tensor {key!r} (a checkpoint of "
+                "another model, or saved without this state)"
+            )
         saved = stored[key]
-        same = saved[1:] == shape[1:] and len(saved) == len(shape) if rows_may_differ else saved == shape
+        same = (
+            saved[1:] == shape[1:] and len(saved) == len(shape)
+            if rows_may_differ
+            else saved == shape
+        )
         if not same:
-            raise CheckpointError(f"{directory}: tensor {key!r} has shape {list(saved)} in the "
-                                  f"checkpoint but {list(shape)} in this model (another model shape)")
+            raise CheckpointError(
+                f"{directory}: tensor {key!r} has shape {list(saved)} in the "
+                f"checkpoint but {list(shape)} in this model (another model shape)"
+            )
     model_keys = {key for key in merged if not key.startswith("optimizer.")}
-    extra = sorted(key for key in stored if key not in model_keys and not key.startswith("optimizer."))
+    extra = sorted(
+        key for key in stored if key not in model_keys and not key.startswith("optimizer.")
+    )
     if extra and model_keys:
-        raise CheckpointError(f"{directory}: tensor {extra[0]!r} is not part of this model "
-                              f"({len(extra)} such tensors; a checkpoint of another model shape)")
+        raise CheckpointError(
+            f"{directory}: tensor {extra[0]!r} is not part of this model "
+            f"({len(extra)} such tensors; a checkpoint of another model shape)"
+        )

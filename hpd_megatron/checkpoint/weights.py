@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -36,9 +35,12 @@ def save_model_weights(model: torch.nn.Module, directory: str | Path) -> None:
     save_sharded(model.sharded_state_dict(), str(directory))
 
 
-def export_model_weights(model: torch.nn.Module, directory: str | Path,
-                         description: Optional[ModelDescription] = None,
-                         hf_files_from: Optional[str | Path] = None) -> None:
+def export_model_weights(
+    model: torch.nn.Module,
+    directory: str | Path,
+    description: ModelDescription | None = None,
+    hf_files_from: str | Path | None = None,
+) -> None:
     """Save into ``directory`` all or nothing: write beside it, then rename (all ranks call it).
 
     ``description`` is written as ``model.yaml``; ``hf_files_from`` names a checkpoint whose
@@ -54,7 +56,9 @@ def export_model_weights(model: torch.nn.Module, directory: str | Path,
     dist.barrier()
     if dist.get_rank() == 0:
         if description is not None:
-            (partial / "model.yaml").write_text(yaml.safe_dump(description.to_dict(), sort_keys=False))
+            (partial / "model.yaml").write_text(
+                yaml.safe_dump(description.to_dict(), sort_keys=False)
+            )
         if hf_files_from is not None and (Path(hf_files_from) / HF_FILES).is_dir():
             shutil.copytree(Path(hf_files_from) / HF_FILES, partial / HF_FILES)
         previous = directory.with_name(directory.name + ".previous")

@@ -10,7 +10,7 @@ embedding rows, dtype, special token ids) travel in ``ModelDescription.extra``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -62,25 +62,30 @@ def detect_family(config: dict[str, Any], where: str = "config.json") -> str:
     return family
 
 
-def config_dtype(config: dict[str, Any]) -> Optional[torch.dtype]:
+def config_dtype(config: dict[str, Any]) -> torch.dtype | None:
     """The checkpoint's dtype as config.json records it (``dtype`` or the older ``torch_dtype``)."""
     name = config.get("dtype") or config.get("torch_dtype")
     return DTYPES.get(name) if isinstance(name, str) else None
 
 
-def _rope(config: dict[str, Any], where: str) -> tuple[float, Optional[RopeScaling]]:
+def _rope(config: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
     # transformers >= 5 writes rope_parameters (theta included); older configs have
     # rope_theta plus an optional rope_scaling whose kind is "rope_type" or "type".
     parameters = config.get("rope_parameters")
-    if isinstance(parameters, dict) and "rope_theta" not in parameters and all(
-        isinstance(v, dict) for v in parameters.values()
+    if (
+        isinstance(parameters, dict)
+        and "rope_theta" not in parameters
+        and all(isinstance(v, dict) for v in parameters.values())
     ):
         raise ConversionError(f"{where}: rope_parameters per layer type are not supported")
     if not isinstance(parameters, dict):
         parameters = dict(config.get("rope_scaling") or {})
     theta = float(parameters.get("rope_theta", config.get("rope_theta", DEFAULT_ROPE_THETA)))
     kind = parameters.get("rope_type", parameters.get("type", "default"))
-    if float(parameters.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))) != 1.0:
+    if (
+        float(parameters.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)))
+        != 1.0
+    ):
         raise ConversionError(f"{where}: partial_rotary_factor != 1 is not supported")
     if kind in (None, "default"):
         return theta, None
@@ -95,7 +100,9 @@ def _rope(config: dict[str, Any], where: str) -> tuple[float, Optional[RopeScali
         low_freq_factor=float(parameters.get("low_freq_factor", defaults.low_freq_factor)),
         high_freq_factor=float(parameters.get("high_freq_factor", defaults.high_freq_factor)),
         original_max_position_embeddings=int(
-            parameters.get("original_max_position_embeddings", defaults.original_max_position_embeddings)
+            parameters.get(
+                "original_max_position_embeddings", defaults.original_max_position_embeddings
+            )
         ),
     )
 
@@ -107,7 +114,7 @@ def _require(config: dict[str, Any], key: str, where: str) -> Any:
 
 
 def description_from_hf(
-    config: dict[str, Any], tokenizer_vocab_size: Optional[int] = None, where: str = "config.json"
+    config: dict[str, Any], tokenizer_vocab_size: int | None = None, where: str = "config.json"
 ) -> ModelDescription:
     """The ModelDescription of a Hugging Face config.
 
@@ -117,13 +124,19 @@ def description_from_hf(
     """
     family = detect_family(config, where)
     if config.get("hidden_act", "silu") != "silu":
-        raise ConversionError(f"{where}: hidden_act {config['hidden_act']!r} is not supported (only silu)")
+        raise ConversionError(
+            f"{where}: hidden_act {config['hidden_act']!r} is not supported (only silu)"
+        )
     if config.get("attention_bias"):
-        raise ConversionError(f"{where}: attention_bias=true (a bias on the output projection) is not supported")
+        raise ConversionError(
+            f"{where}: attention_bias=true (a bias on the output projection) is not supported"
+        )
     if config.get("mlp_bias"):
         raise ConversionError(f"{where}: mlp_bias=true is not supported")
     if config.get("use_sliding_window"):
-        raise ConversionError(f"{where}: use_sliding_window=true is not supported (Megatron attends to the full context)")
+        raise ConversionError(
+            f"{where}: use_sliding_window=true is not supported (Megatron attends to the full context)"
+        )
     layer_types = config.get("layer_types") or []
     if any(kind != "full_attention" for kind in layer_types):
         raise ConversionError(f"{where}: layer_types other than full_attention are not supported")
@@ -191,8 +204,10 @@ def hf_config_from_description(description: ModelDescription) -> dict[str, Any]:
         "eos_token_id": extra.get("eos_token_id"),
         "torch_dtype": extra.get("hf_dtype") or "float32",
     }
-    if family != "qwen2" or description.kv_channels * description.num_attention_heads != \
-            description.hidden_size:
+    if (
+        family != "qwen2"
+        or description.kv_channels * description.num_attention_heads != description.hidden_size
+    ):
         config["head_dim"] = description.kv_channels  # Qwen2's config class has no head_dim
     if description.rope_scaling is not None:
         scaling = description.rope_scaling
@@ -217,7 +232,17 @@ def hf_config_from_description(description: ModelDescription) -> dict[str, Any]:
 
 # The fields that define the network; a round trip must reproduce them.
 ARCHITECTURE_FIELDS = (
-    "model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
-    "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "hidden_act",
+    "model_type",
+    "architectures",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "hidden_act",
 )

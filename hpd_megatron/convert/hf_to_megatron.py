@@ -19,7 +19,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import yaml
@@ -34,12 +34,29 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Files copied verbatim into OUT/hf/ (the way back needs them; the trainer reads the tokenizer).
-HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
-                 "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                 "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+HF_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 # Megatron's linear layers carry an (empty, on the local spec) extra state per layer.
-EXTRA_STATE_KEYS = tuple(f"decoder.layers.{name}._extra_state" for name in (
-    "self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2"))
+EXTRA_STATE_KEYS = tuple(
+    f"decoder.layers.{name}._extra_state"
+    for name in (
+        "self_attention.linear_qkv",
+        "self_attention.linear_proj",
+        "mlp.linear_fc1",
+        "mlp.linear_fc2",
+    )
+)
 
 
 @dataclass
@@ -68,7 +85,9 @@ def weight_files(hf_dir: Path) -> dict[str, Path]:
         files = {name: hf_dir / file for name, file in weight_map.items()}
         missing = sorted({str(p.name) for p in files.values() if not p.is_file()})
         if missing:
-            raise ConversionError(f"{index}: names shard(s) missing from {hf_dir}: {', '.join(missing)}")
+            raise ConversionError(
+                f"{index}: names shard(s) missing from {hf_dir}: {', '.join(missing)}"
+            )
         return files
     single = hf_dir / SINGLE_FILE
     if single.is_file():
@@ -84,7 +103,7 @@ def weight_files(hf_dir: Path) -> dict[str, Path]:
     raise ConversionError(f"{hf_dir}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
-def tokenizer_vocab_size(hf_dir: Path) -> Optional[int]:
+def tokenizer_vocab_size(hf_dir: Path) -> int | None:
     """The tokenizer's vocabulary (added tokens included), when the directory has one."""
     if not any((hf_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         return None
@@ -113,8 +132,10 @@ def open_hf_checkpoint(hf_dir: str | Path) -> HFCheckpoint:
     expected = mapping.hf_shapes(description, rows)
     for name in expected:
         if name not in files:
-            raise ConversionError(f"{hf_dir}: tensor {name} is missing (a {description.family} "
-                                  f"model with this config.json has it)")
+            raise ConversionError(
+                f"{hf_dir}: tensor {name} is missing (a {description.family} "
+                f"model with this config.json has it)"
+            )
     by_file: dict[Path, list[str]] = {}
     for name, path in files.items():
         by_file.setdefault(path, []).append(name)
@@ -123,18 +144,22 @@ def open_hf_checkpoint(hf_dir: str | Path) -> HFCheckpoint:
             for name in names:
                 if name not in expected:
                     if name.endswith("rotary_emb.inv_freq") or (
-                            name == "lm_head.weight" and description.tie_word_embeddings):
+                        name == "lm_head.weight" and description.tie_word_embeddings
+                    ):
                         continue  # recomputed / the tied copy of the embedding
-                    raise ConversionError(f"{path}: unexpected tensor {name} for a "
-                                          f"{description.family} model with this config.json")
+                    raise ConversionError(
+                        f"{path}: unexpected tensor {name} for a "
+                        f"{description.family} model with this config.json"
+                    )
                 shape = tuple(handle.get_slice(name).get_shape())
                 if shape != expected[name]:
                     raise ConversionError(
                         f"{path}: tensor {name} has shape {list(shape)} but {where} implies "
                         f"{list(expected[name])}"
                     )
-    return HFCheckpoint(hf_dir, config, description, rows, files,
-                        hf_config.config_dtype(config) or torch.float32)
+    return HFCheckpoint(
+        hf_dir, config, description, rows, files, hf_config.config_dtype(config) or torch.float32
+    )
 
 
 def check_layout(description: ModelDescription, tp: int, pp: int) -> None:
@@ -144,7 +169,7 @@ def check_layout(description: ModelDescription, tp: int, pp: int) -> None:
         raise ConversionError(f"--tp {tp} --pp {pp}: {error}") from None
 
 
-def resolve_dtype(name: Optional[str], default: torch.dtype) -> torch.dtype:
+def resolve_dtype(name: str | None, default: torch.dtype) -> torch.dtype:
     if name is None:
         return default
     if name not in DTYPE_NAMES:
@@ -183,8 +208,9 @@ def positions_of_rank(tp: int, pp: int, rank: int, world_size: int) -> list[tupl
     return [(rank % tp, rank // tp)]
 
 
-def position_entries(description: ModelDescription, rows: int, pp: int, pp_rank: int
-                     ) -> list[mapping.Entry]:
+def position_entries(
+    description: ModelDescription, rows: int, pp: int, pp_rank: int
+) -> list[mapping.Entry]:
     entries = mapping.embedding_entries(description, rows) if pp_rank == 0 else []
     for layer in stage_layers(description, pp, pp_rank):
         entries += mapping.layer_entries(description, layer)
@@ -203,17 +229,28 @@ def sharded_tensor(entry: mapping.Entry, piece: mapping.Piece, num_layers: int):
         shape, offset, prepend = (num_layers, *shape), (entry.layer, *offset), 1
         fragmentations = None if fragmentations is None else (num_layers, *fragmentations)
     return ShardedTensor(
-        key=entry.key, data=piece.data, dtype=piece.data.dtype,
-        local_shape=tuple(piece.data.shape), global_shape=tuple(shape),
-        global_offset=tuple(offset), axis_fragmentations=fragmentations,
-        replica_id=0, prepend_axis_num=prepend,
+        key=entry.key,
+        data=piece.data,
+        dtype=piece.data.dtype,
+        local_shape=tuple(piece.data.shape),
+        global_shape=tuple(shape),
+        global_offset=tuple(offset),
+        axis_fragmentations=fragmentations,
+        replica_id=0,
+        prepend_axis_num=prepend,
         # Megatron's own vocab tensors allow it: a model padded for any TP loads the rows.
         allow_shape_mismatch=entry.kind == mapping.VOCAB,
     )
 
 
-def build_sharded_state(source: HFCheckpoint, positions: list[tuple[int, int]], tp: int, pp: int,
-                        dtype: torch.dtype, progress: bool) -> tuple[dict[str, Any], SliceReader]:
+def build_sharded_state(
+    source: HFCheckpoint,
+    positions: list[tuple[int, int]],
+    tp: int,
+    pp: int,
+    dtype: torch.dtype,
+    progress: bool,
+) -> tuple[dict[str, Any], SliceReader]:
     """This process's pieces, read from the safetensors files."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from tqdm import tqdm
@@ -228,20 +265,29 @@ def build_sharded_state(source: HFCheckpoint, positions: list[tuple[int, int]], 
                 work.append((tp_rank, entry))
     total = sum(_piece_bytes(entry, tp, dtype) for _, entry in work)
     state: dict[str, Any] = {}
-    with tqdm(total=total, unit="B", unit_scale=True, desc="reading safetensors slices",
-              disable=not progress) as bar:
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc="reading safetensors slices",
+        disable=not progress,
+    ) as bar:
         for tp_rank, entry in work:
-            for index, piece in enumerate(mapping.tp_pieces(entry, description, tp_rank, tp, reader)):
+            for index, piece in enumerate(
+                mapping.tp_pieces(entry, description, tp_rank, tp, reader)
+            ):
                 state[f"{entry.key}/{entry.layer}/{tp_rank}/{index}"] = sharded_tensor(
-                    entry, piece, description.num_layers)
+                    entry, piece, description.num_layers
+                )
                 bar.update(piece.data.numel() * piece.data.element_size())
     for tp_rank, pp_rank in positions:
         if tp_rank != 0:
             continue
         for layer in stage_layers(description, pp, pp_rank):
             for key in EXTRA_STATE_KEYS:
-                state[f"{key}/{layer}"] = ShardedObject(key, None, (description.num_layers,),
-                                                        (layer,), replica_id=0)
+                state[f"{key}/{layer}"] = ShardedObject(
+                    key, None, (description.num_layers,), (layer,), replica_id=0
+                )
     return state, reader
 
 
@@ -256,7 +302,8 @@ def _piece_bytes(entry: mapping.Entry, tp: int, dtype: torch.dtype) -> int:
 def write_side_files(source: HFCheckpoint, directory: Path) -> None:
     """model.yaml and hf/ (rank 0, after the weights)."""
     (directory / "model.yaml").write_text(
-        yaml.safe_dump(source.description.to_dict(), sort_keys=False))
+        yaml.safe_dump(source.description.to_dict(), sort_keys=False)
+    )
     side = directory / "hf"
     side.mkdir()
     for name in HF_SIDE_FILES:
@@ -264,8 +311,14 @@ def write_side_files(source: HFCheckpoint, directory: Path) -> None:
             shutil.copy2(source.directory / name, side / name)
 
 
-def convert(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
-            dtype: Optional[str] = None, progress: bool = True) -> dict[str, Any]:
+def convert(
+    hf_dir: str | Path,
+    out: str | Path,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Collective (every process of the launch calls it) HF -> Megatron conversion.
 
     torch.distributed must be initialised (see launch.conversion_processes). Returns
@@ -287,21 +340,31 @@ def convert(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
         raise ConversionError(f"launched with {world} processes; use 1 or TP x PP = {tp * pp}")
     with staged_directory(out) as partial:
         positions = positions_of_rank(tp, pp, rank, world)
-        state, reader = build_sharded_state(source, positions, tp, pp, target_dtype,
-                                            progress and rank == 0)
+        state, reader = build_sharded_state(
+            source, positions, tp, pp, target_dtype, progress and rank == 0
+        )
         import psutil
 
         rss_before_save = psutil.Process().memory_info().rss  # reported by the benchmark
         if progress and rank == 0:
             print(f"writing the distributed checkpoint to {partial}", flush=True)
         save_sharded(state, str(partial))
-        shard_bytes = sum(t.data.numel() * t.data.element_size() for t in state.values()
-                          if hasattr(t, "global_shape") and t.data is not None)
+        shard_bytes = sum(
+            t.data.numel() * t.data.element_size()
+            for t in state.values()
+            if hasattr(t, "global_shape") and t.data is not None
+        )
         del state
         if rank == 0:
             write_side_files(source, partial)
-    return {"rank": rank, "positions": positions, "bytes_read": reader.bytes_read,
-            "shard_bytes": shard_bytes, "rss_before_save": rss_before_save, "dtype": str(target_dtype).replace("torch.", "")}
+    return {
+        "rank": rank,
+        "positions": positions,
+        "bytes_read": reader.bytes_read,
+        "shard_bytes": shard_bytes,
+        "rss_before_save": rss_before_save,
+        "dtype": str(target_dtype).replace("torch.", ""),
+    }
 
 
 def read_output_description(out: str | Path) -> ModelDescription:

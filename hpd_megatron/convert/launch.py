@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from hpd_megatron.convert.errors import ConversionError
 from hpd_megatron.parallel.layout import ParallelLayout

@@ -23,8 +23,8 @@ decoder tensors gain a leading layer axis (key ``decoder.layers.<name>``, global
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -42,7 +42,7 @@ class Entry:
     """One Megatron checkpoint tensor; for decoder tensors, one layer of it."""
 
     key: str
-    layer: Optional[int]
+    layer: int | None
     kind: str
     hf_names: tuple[str, ...]
     shape: tuple[int, ...]
@@ -55,7 +55,7 @@ class Piece:
 
     data: torch.Tensor
     offset: tuple[int, ...]
-    fragmentations: Optional[tuple[int, ...]]
+    fragmentations: tuple[int, ...] | None
     """Pieces per axis on a regular grid; None when the pieces are unequal (vocab rows)."""
 
 
@@ -64,49 +64,106 @@ def _qkv_rows(d: ModelDescription) -> int:
 
 
 def embedding_entries(d: ModelDescription, rows: int) -> list[Entry]:
-    return [Entry("embedding.word_embeddings.weight", None, VOCAB, ("model.embed_tokens.weight",),
-                  (rows, d.hidden_size))]
+    return [
+        Entry(
+            "embedding.word_embeddings.weight",
+            None,
+            VOCAB,
+            ("model.embed_tokens.weight",),
+            (rows, d.hidden_size),
+        )
+    ]
 
 
 def layer_entries(d: ModelDescription, layer: int) -> list[Entry]:
     hf = f"model.layers.{layer}."
     attention = [hf + f"self_attn.{p}_proj" for p in "qkv"]
     entries = [
-        Entry("decoder.layers.self_attention.linear_qkv.layer_norm_weight", layer, REPLICATED,
-              (hf + "input_layernorm.weight",), (d.hidden_size,)),
-        Entry("decoder.layers.self_attention.linear_qkv.weight", layer, QKV,
-              tuple(n + ".weight" for n in attention), (_qkv_rows(d), d.hidden_size)),
+        Entry(
+            "decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+            layer,
+            REPLICATED,
+            (hf + "input_layernorm.weight",),
+            (d.hidden_size,),
+        ),
+        Entry(
+            "decoder.layers.self_attention.linear_qkv.weight",
+            layer,
+            QKV,
+            tuple(n + ".weight" for n in attention),
+            (_qkv_rows(d), d.hidden_size),
+        ),
     ]
     if d.qkv_bias:
-        entries.append(Entry("decoder.layers.self_attention.linear_qkv.bias", layer, QKV,
-                             tuple(n + ".bias" for n in attention), (_qkv_rows(d),)))
+        entries.append(
+            Entry(
+                "decoder.layers.self_attention.linear_qkv.bias",
+                layer,
+                QKV,
+                tuple(n + ".bias" for n in attention),
+                (_qkv_rows(d),),
+            )
+        )
     if d.qk_layernorm:
         for which in "qk":
-            entries.append(Entry(f"decoder.layers.self_attention.{which}_layernorm.weight", layer,
-                                 REPLICATED, (hf + f"self_attn.{which}_norm.weight",), (d.kv_channels,)))
+            entries.append(
+                Entry(
+                    f"decoder.layers.self_attention.{which}_layernorm.weight",
+                    layer,
+                    REPLICATED,
+                    (hf + f"self_attn.{which}_norm.weight",),
+                    (d.kv_channels,),
+                )
+            )
     entries += [
-        Entry("decoder.layers.self_attention.linear_proj.weight", layer, ROW_SPLIT_INPUT,
-              (hf + "self_attn.o_proj.weight",),
-              (d.hidden_size, d.num_attention_heads * d.kv_channels)),
-        Entry("decoder.layers.mlp.linear_fc1.layer_norm_weight", layer, REPLICATED,
-              (hf + "post_attention_layernorm.weight",), (d.hidden_size,)),
-        Entry("decoder.layers.mlp.linear_fc1.weight", layer, FC1,
-              (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"),
-              (2 * d.ffn_hidden_size, d.hidden_size)),
-        Entry("decoder.layers.mlp.linear_fc2.weight", layer, ROW_SPLIT_INPUT,
-              (hf + "mlp.down_proj.weight",), (d.hidden_size, d.ffn_hidden_size)),
+        Entry(
+            "decoder.layers.self_attention.linear_proj.weight",
+            layer,
+            ROW_SPLIT_INPUT,
+            (hf + "self_attn.o_proj.weight",),
+            (d.hidden_size, d.num_attention_heads * d.kv_channels),
+        ),
+        Entry(
+            "decoder.layers.mlp.linear_fc1.layer_norm_weight",
+            layer,
+            REPLICATED,
+            (hf + "post_attention_layernorm.weight",),
+            (d.hidden_size,),
+        ),
+        Entry(
+            "decoder.layers.mlp.linear_fc1.weight",
+            layer,
+            FC1,
+            (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"),
+            (2 * d.ffn_hidden_size, d.hidden_size),
+        ),
+        Entry(
+            "decoder.layers.mlp.linear_fc2.weight",
+            layer,
+            ROW_SPLIT_INPUT,
+            (hf + "mlp.down_proj.weight",),
+            (d.hidden_size, d.ffn_hidden_size),
+        ),
     ]
     return entries
 
 
 def final_entries(d: ModelDescription, rows: int) -> list[Entry]:
-    entries = [Entry("decoder.final_layernorm.weight", None, REPLICATED, ("model.norm.weight",),
-                     (d.hidden_size,))]
+    entries = [
+        Entry(
+            "decoder.final_layernorm.weight",
+            None,
+            REPLICATED,
+            ("model.norm.weight",),
+            (d.hidden_size,),
+        )
+    ]
     if not d.tie_word_embeddings:
         # Tied models have no lm_head (transformers drops it on save) and Megatron's
         # output layer reads the embedding's key.
-        entries.append(Entry("output_layer.weight", None, VOCAB, ("lm_head.weight",),
-                             (rows, d.hidden_size)))
+        entries.append(
+            Entry("output_layer.weight", None, VOCAB, ("lm_head.weight",), (rows, d.hidden_size))
+        )
     return entries
 
 
@@ -120,29 +177,42 @@ def all_entries(d: ModelDescription, rows: int) -> list[Entry]:
 def hf_shapes(d: ModelDescription, rows: int) -> dict[str, tuple[int, ...]]:
     """Every tensor a Hugging Face checkpoint of ``d`` holds, with its shape."""
     q, kv = d.num_attention_heads * d.kv_channels, d.num_query_groups * d.kv_channels
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (rows, d.hidden_size),
-                                          "model.norm.weight": (d.hidden_size,)}
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (rows, d.hidden_size),
+        "model.norm.weight": (d.hidden_size,),
+    }
     if not d.tie_word_embeddings:
         shapes["lm_head.weight"] = (rows, d.hidden_size)
     for layer in range(d.num_layers):
         hf = f"model.layers.{layer}."
-        shapes.update({
-            hf + "input_layernorm.weight": (d.hidden_size,),
-            hf + "post_attention_layernorm.weight": (d.hidden_size,),
-            hf + "self_attn.q_proj.weight": (q, d.hidden_size),
-            hf + "self_attn.k_proj.weight": (kv, d.hidden_size),
-            hf + "self_attn.v_proj.weight": (kv, d.hidden_size),
-            hf + "self_attn.o_proj.weight": (d.hidden_size, q),
-            hf + "mlp.gate_proj.weight": (d.ffn_hidden_size, d.hidden_size),
-            hf + "mlp.up_proj.weight": (d.ffn_hidden_size, d.hidden_size),
-            hf + "mlp.down_proj.weight": (d.hidden_size, d.ffn_hidden_size),
-        })
+        shapes.update(
+            {
+                hf + "input_layernorm.weight": (d.hidden_size,),
+                hf + "post_attention_layernorm.weight": (d.hidden_size,),
+                hf + "self_attn.q_proj.weight": (q, d.hidden_size),
+                hf + "self_attn.k_proj.weight": (kv, d.hidden_size),
+                hf + "self_attn.v_proj.weight": (kv, d.hidden_size),
+                hf + "self_attn.o_proj.weight": (d.hidden_size, q),
+                hf + "mlp.gate_proj.weight": (d.ffn_hidden_size, d.hidden_size),
+                hf + "mlp.up_proj.weight": (d.ffn_hidden_size, d.hidden_size),
+                hf + "mlp.down_proj.weight": (d.hidden_size, d.ffn_hidden_size),
+            }
+        )
         if d.qkv_bias:
-            shapes.update({hf + "self_attn.q_proj.bias": (q,), hf + "self_attn.k_proj.bias": (kv,),
-                           hf + "self_attn.v_proj.bias": (kv,)})
+            shapes.update(
+                {
+                    hf + "self_attn.q_proj.bias": (q,),
+                    hf + "self_attn.k_proj.bias": (kv,),
+                    hf + "self_attn.v_proj.bias": (kv,),
+                }
+            )
         if d.qk_layernorm:
-            shapes.update({hf + "self_attn.q_norm.weight": (d.kv_channels,),
-                           hf + "self_attn.k_norm.weight": (d.kv_channels,)})
+            shapes.update(
+                {
+                    hf + "self_attn.q_norm.weight": (d.kv_channels,),
+                    hf + "self_attn.k_norm.weight": (d.kv_channels,),
+                }
+            )
     return shapes
 
 
@@ -153,7 +223,9 @@ def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: in
     return torch.cat(parts, dim=1).reshape(-1, *rest)
 
 
-def split_qkv(qkv: torch.Tensor, d: ModelDescription) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_qkv(
+    qkv: torch.Tensor, d: ModelDescription
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of ``interleave_qkv`` for the whole tensor."""
     groups, per_group = d.num_query_groups, d.num_attention_heads // d.num_query_groups
     rest = qkv.shape[1:]
@@ -170,29 +242,46 @@ def _split(size: int, parts: int, index: int) -> tuple[int, int]:
     return min(index * step, size), min((index + 1) * step, size)
 
 
-def tp_pieces(entry: Entry, d: ModelDescription, tp_rank: int, tp_size: int,
-              read: SliceReader) -> list[Piece]:
+def tp_pieces(
+    entry: Entry, d: ModelDescription, tp_rank: int, tp_size: int, read: SliceReader
+) -> list[Piece]:
     """What TP rank ``tp_rank`` of ``tp_size`` writes for ``entry``, read slice by slice."""
     everything = slice(None)
     if entry.kind == REPLICATED:
-        return [Piece(read(entry.hf_names[0], (everything,)), (0,) * len(entry.shape),
-                      (1,) * len(entry.shape))]
+        return [
+            Piece(
+                read(entry.hf_names[0], (everything,)),
+                (0,) * len(entry.shape),
+                (1,) * len(entry.shape),
+            )
+        ]
     if entry.kind == QKV:
         groups = d.num_query_groups // tp_size
         first = tp_rank * groups
         per_group = d.num_attention_heads // d.num_query_groups
         q_rows = groups * per_group * d.kv_channels
         kv_rows = groups * d.kv_channels
-        q = read(entry.hf_names[0], (slice(first * per_group * d.kv_channels,
-                                           first * per_group * d.kv_channels + q_rows),))
-        k, v = (read(name, (slice(first * d.kv_channels, first * d.kv_channels + kv_rows),))
-                for name in entry.hf_names[1:])
+        q = read(
+            entry.hf_names[0],
+            (slice(first * per_group * d.kv_channels, first * per_group * d.kv_channels + q_rows),),
+        )
+        k, v = (
+            read(name, (slice(first * d.kv_channels, first * d.kv_channels + kv_rows),))
+            for name in entry.hf_names[1:]
+        )
         data = interleave_qkv(q, k, v, groups)
-        return [Piece(data, (tp_rank * data.shape[0],) + (0,) * (len(entry.shape) - 1),
-                      (tp_size,) + (1,) * (len(entry.shape) - 1))]
+        return [
+            Piece(
+                data,
+                (tp_rank * data.shape[0],) + (0,) * (len(entry.shape) - 1),
+                (tp_size,) + (1,) * (len(entry.shape) - 1),
+            )
+        ]
     if entry.kind == ROW_SPLIT_INPUT:
         columns = entry.shape[1] // tp_size
-        data = read(entry.hf_names[0], (everything, slice(tp_rank * columns, (tp_rank + 1) * columns)))
+        data = read(
+            entry.hf_names[0], (everything, slice(tp_rank * columns, (tp_rank + 1) * columns))
+        )
         return [Piece(data.contiguous(), (0, tp_rank * columns), (1, tp_size))]
     if entry.kind == FC1:
         # Global [gate; up]: gate's TP piece r is piece r of 2T, up's is piece T + r.
@@ -236,7 +325,7 @@ def module_parameter_name(entry: Entry, spec: str = "local") -> str:
         raise ValueError(f"spec must be 'local' or 'te', got {spec!r}")
     if entry.layer is None:
         return entry.key
-    name = entry.key[len("decoder.layers."):]
+    name = entry.key[len("decoder.layers.") :]
     if spec == "local":
         name = {te: local for local, te in _LOCAL_TO_TE.items()}.get(name, name)
     return f"decoder.layers.{entry.layer}.{name}"

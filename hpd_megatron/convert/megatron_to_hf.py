@@ -22,22 +22,44 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from hpd_megatron.convert import hf_config, mapping
 from hpd_megatron.convert.errors import ConversionError
-from hpd_megatron.convert.launch import staged_directory
 from hpd_megatron.convert.hf_to_megatron import DTYPE_NAMES, HF_SIDE_FILES, INDEX_FILE, SINGLE_FILE
+from hpd_megatron.convert.launch import staged_directory
 from hpd_megatron.models.description import ModelDescription
 
 # Fields both a description and config.json define; they must agree.
-_CHECKED_FIELDS = ("family", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
-                   "num_query_groups", "kv_channels", "tie_word_embeddings", "qkv_bias",
-                   "qk_layernorm", "rotary_base", "rope_scaling", "norm_epsilon")
-_UNITS = {"kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "B": 1}
+_CHECKED_FIELDS = (
+    "family",
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "ffn_hidden_size",
+    "num_query_groups",
+    "kv_channels",
+    "tie_word_embeddings",
+    "qkv_bias",
+    "qk_layernorm",
+    "rotary_base",
+    "rope_scaling",
+    "norm_epsilon",
+)
+_UNITS = {
+    "kB": 10**3,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KiB": 2**10,
+    "MiB": 2**20,
+    "GiB": 2**30,
+    "TiB": 2**40,
+    "B": 1,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -50,7 +72,7 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS.get(match.group(2) or "B", 1))
 
 
-def read_description(ckpt: Path, model_yaml: Optional[str | Path]) -> ModelDescription:
+def read_description(ckpt: Path, model_yaml: str | Path | None) -> ModelDescription:
     path = Path(model_yaml) if model_yaml else ckpt / "model.yaml"
     if not path.is_file():
         raise ConversionError(f"{ckpt}: no model.yaml next to the checkpoint; pass --model YAML")
@@ -81,15 +103,20 @@ def stored_dtypes(ckpt: Path) -> dict[str, torch.dtype]:
     from torch.distributed.checkpoint import FileSystemReader
 
     metadata = FileSystemReader(str(ckpt)).read_metadata()
-    return {key: value.properties.dtype for key, value in metadata.state_dict_metadata.items()
-            if hasattr(value, "properties")}
+    return {
+        key: value.properties.dtype
+        for key, value in metadata.state_dict_metadata.items()
+        if hasattr(value, "properties")
+    }
 
 
 def units(description: ModelDescription, rows: int) -> list[list[mapping.Entry]]:
     """The work, in Hugging Face file order: embedding, each layer, final norm + output layer."""
-    return ([mapping.embedding_entries(description, rows)]
-            + [mapping.layer_entries(description, layer) for layer in range(description.num_layers)]
-            + [mapping.final_entries(description, rows)])
+    return (
+        [mapping.embedding_entries(description, rows)]
+        + [mapping.layer_entries(description, layer) for layer in range(description.num_layers)]
+        + [mapping.final_entries(description, rows)]
+    )
 
 
 def request(entry: mapping.Entry, num_layers: int, dtype: torch.dtype):
@@ -102,13 +129,21 @@ def request(entry: mapping.Entry, num_layers: int, dtype: torch.dtype):
 
     if entry.layer is not None:
         data = torch.empty((1, *entry.shape), dtype=dtype)
-        return ShardedTensor(key=entry.key, data=data, dtype=dtype, local_shape=tuple(data.shape),
-                             global_shape=(num_layers, *entry.shape),
-                             global_offset=(entry.layer,) + (0,) * len(entry.shape),
-                             axis_fragmentations=None)
+        return ShardedTensor(
+            key=entry.key,
+            data=data,
+            dtype=dtype,
+            local_shape=tuple(data.shape),
+            global_shape=(num_layers, *entry.shape),
+            global_offset=(entry.layer,) + (0,) * len(entry.shape),
+            axis_fragmentations=None,
+        )
     # Vocab tensors: exactly config.json's rows; rows the checkpoint lacks stay zero.
-    return ShardedTensor.from_rank_offsets(entry.key, torch.zeros(entry.shape, dtype=dtype),
-                                           allow_shape_mismatch=entry.kind == mapping.VOCAB)
+    return ShardedTensor.from_rank_offsets(
+        entry.key,
+        torch.zeros(entry.shape, dtype=dtype),
+        allow_shape_mismatch=entry.kind == mapping.VOCAB,
+    )
 
 
 class ShardWriter:
@@ -136,8 +171,14 @@ class ShardWriter:
             return
         name = f"rank{self.rank:05d}-{len(self.written):05d}.safetensors"
         save_file(self.pending, str(self.directory / name), metadata={"format": "pt"})
-        self.written.append({"file": name, "order": self.order, "names": list(self.pending),
-                             "bytes": self.pending_bytes})
+        self.written.append(
+            {
+                "file": name,
+                "order": self.order,
+                "names": list(self.pending),
+                "bytes": self.pending_bytes,
+            }
+        )
         self.pending, self.pending_bytes = {}, 0
 
 
@@ -147,8 +188,11 @@ def _name_files(directory: Path, written: list[dict[str, Any]]) -> None:
     total = sum(item["bytes"] for item in written)
     weight_map = {}
     for number, item in enumerate(written, start=1):
-        final = SINGLE_FILE if len(written) == 1 else \
-            f"model-{number:05d}-of-{len(written):05d}.safetensors"
+        final = (
+            SINGLE_FILE
+            if len(written) == 1
+            else f"model-{number:05d}-of-{len(written):05d}.safetensors"
+        )
         os.replace(directory / item["file"], directory / final)
         weight_map.update({name: final for name in item["names"]})
     if len(written) > 1:
@@ -156,8 +200,9 @@ def _name_files(directory: Path, written: list[dict[str, Any]]) -> None:
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _write_side_files(ckpt: Path, directory: Path, config: dict[str, Any],
-                      description: ModelDescription) -> None:
+def _write_side_files(
+    ckpt: Path, directory: Path, config: dict[str, Any], description: ModelDescription
+) -> None:
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     side = ckpt / "hf"
     for name in HF_SIDE_FILES:
@@ -165,8 +210,11 @@ def _write_side_files(ckpt: Path, directory: Path, config: dict[str, Any],
             shutil.copy2(side / name, directory / name)
     if not (directory / "generation_config.json").exists():
         extra = description.extra or {}
-        generation = {key: extra.get(key) for key in ("bos_token_id", "eos_token_id")
-                      if extra.get(key) is not None}
+        generation = {
+            key: extra.get(key)
+            for key in ("bos_token_id", "eos_token_id")
+            if extra.get(key) is not None
+        }
         (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
@@ -182,12 +230,19 @@ class Plan:
     limit: int
 
 
-def plan(ckpt: str | Path, out: str | Path, model_yaml: Optional[str | Path] = None,
-         shard_size: str | int = "5GB", dtype: Optional[str] = None) -> Plan:
+def plan(
+    ckpt: str | Path,
+    out: str | Path,
+    model_yaml: str | Path | None = None,
+    shard_size: str | int = "5GB",
+    dtype: str | None = None,
+) -> Plan:
     """Every check of the input, before anything is written (no process group needed)."""
     ckpt, out = Path(ckpt), Path(out)
     if not (ckpt / "metadata.json").is_file():
-        raise ConversionError(f"{ckpt}: not a Megatron-Core distributed checkpoint (no metadata.json)")
+        raise ConversionError(
+            f"{ckpt}: not a Megatron-Core distributed checkpoint (no metadata.json)"
+        )
     description = read_description(ckpt, model_yaml)
     config = target_config(ckpt, description)
     rows = int(config["vocab_size"])
@@ -201,8 +256,10 @@ def plan(ckpt: str | Path, out: str | Path, model_yaml: Optional[str | Path] = N
     for entries in work:
         for entry in entries:
             if entry.key not in stored:
-                raise ConversionError(f"{ckpt}: tensor {entry.key} is missing (the model description "
-                                      f"says a {description.family} model has it)")
+                raise ConversionError(
+                    f"{ckpt}: tensor {entry.key} is missing (the model description "
+                    f"says a {description.family} model has it)"
+                )
     # Default: the dtype the original config.json names (hf/), else the checkpoint's own.
     recorded = hf_config.config_dtype(config) if (ckpt / "hf" / "config.json").is_file() else None
     out_dtype = DTYPE_NAMES[dtype] if dtype else (recorded or stored[work[0][0].key])
@@ -211,31 +268,51 @@ def plan(ckpt: str | Path, out: str | Path, model_yaml: Optional[str | Path] = N
     return Plan(ckpt, out, description, config, work, stored, out_dtype, limit)
 
 
-def convert(ckpt: str | Path, out: str | Path, model_yaml: Optional[str | Path] = None,
-            shard_size: str | int = "5GB", dtype: Optional[str] = None, progress: bool = True
-            ) -> dict[str, Any]:
+def convert(
+    ckpt: str | Path,
+    out: str | Path,
+    model_yaml: str | Path | None = None,
+    shard_size: str | int = "5GB",
+    dtype: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Collective (every process of the launch calls it) Megatron -> HF conversion."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from tqdm import tqdm
 
     p = plan(ckpt, out, model_yaml, shard_size, dtype)
-    ckpt, out, description, work, stored, out_dtype = (p.ckpt, p.out, p.description, p.work,
-                                                        p.stored, p.out_dtype)
+    ckpt, out, description, work, stored, out_dtype = (
+        p.ckpt,
+        p.out,
+        p.description,
+        p.work,
+        p.stored,
+        p.out_dtype,
+    )
     rank, world = dist.get_rank(), dist.get_world_size()
     with staged_directory(out) as partial:
         writer = ShardWriter(partial, rank, p.limit)
         rounds = -(-len(work) // world)
-        with tqdm(total=len(work), unit="unit", desc="writing safetensors",
-                  disable=not (progress and rank == 0)) as bar:
+        with tqdm(
+            total=len(work),
+            unit="unit",
+            desc="writing safetensors",
+            disable=not (progress and rank == 0),
+        ) as bar:
             for round_index in range(rounds):
                 order = round_index * world + rank
                 entries = work[order] if order < len(work) else []
-                state = {f"{e.key}/{e.layer}": request(e, description.num_layers, stored[e.key])
-                         for e in entries}
+                state = {
+                    f"{e.key}/{e.layer}": request(e, description.num_layers, stored[e.key])
+                    for e in entries
+                }
                 # Collective: processes without a unit this round load nothing.
-                loaded = (dist_checkpointing.load(state, str(ckpt), validate_access_integrity=False)
-                          if world > 1 or state else {})
+                loaded = (
+                    dist_checkpointing.load(state, str(ckpt), validate_access_integrity=False)
+                    if world > 1 or state
+                    else {}
+                )
                 tensors: dict[str, torch.Tensor] = {}
                 for entry in entries:
                     full = loaded[f"{entry.key}/{entry.layer}"]

@@ -14,12 +14,12 @@ model, and the report is broadcast to all.
 from __future__ import annotations
 
 import argparse
-
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 
@@ -38,8 +38,9 @@ class Thresholds:
     max_kl: float = 1e-3
 
 
-def prompt_tokens(hf_dir: Optional[Path], vocab_size: int, batch: int = 2, length: int = 32,
-                  seed: int = 0) -> torch.Tensor:
+def prompt_tokens(
+    hf_dir: Path | None, vocab_size: int, batch: int = 2, length: int = 32, seed: int = 0
+) -> torch.Tensor:
     """(batch, length) token ids: the tokenizer's encoding of fixed texts, else seeded random ids."""
     from hpd_megatron.convert.hf_to_megatron import tokenizer_vocab_size
 
@@ -63,15 +64,22 @@ def _reporting_rank() -> int:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    mine = dist.get_rank() if (parallel_state.is_pipeline_last_stage()
-                               and parallel_state.get_tensor_model_parallel_rank() == 0) else -1
+    mine = (
+        dist.get_rank()
+        if (
+            parallel_state.is_pipeline_last_stage()
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+        )
+        else -1
+    )
     flag = torch.tensor([mine])
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return int(flag.item())
 
 
-def megatron_logits(model: torch.nn.Module, tokens: torch.Tensor, vocab_size: int
-                    ) -> Optional[torch.Tensor]:
+def megatron_logits(
+    model: torch.nn.Module, tokens: torch.Tensor, vocab_size: int
+) -> torch.Tensor | None:
     """Real-vocabulary logits (batch, seq, vocab) on the reporting rank; None elsewhere."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -91,15 +99,22 @@ def megatron_logits(model: torch.nn.Module, tokens: torch.Tensor, vocab_size: in
         return output, gather
 
     with torch.no_grad():
-        reports = run_schedule(model, [{"tokens": tokens, "position_ids": positions}], forward_step,
-                               seq_length=length, micro_batch_size=batch, forward_only=True)
+        reports = run_schedule(
+            model,
+            [{"tokens": tokens, "position_ids": positions}],
+            forward_step,
+            seq_length=length,
+            micro_batch_size=batch,
+            forward_only=True,
+        )
     if reports and parallel_state.get_tensor_model_parallel_rank() == 0:
         return reports[0]["logits"]
     return None
 
 
-def megatron_greedy(model: torch.nn.Module, tokens: torch.Tensor, vocab_size: int, steps: int,
-                    reporter: int) -> torch.Tensor:
+def megatron_greedy(
+    model: torch.nn.Module, tokens: torch.Tensor, vocab_size: int, steps: int, reporter: int
+) -> torch.Tensor:
     """``steps`` greedy tokens after ``tokens`` (a full forward per token), on every rank."""
     import torch.distributed as dist
 
@@ -111,7 +126,7 @@ def megatron_greedy(model: torch.nn.Module, tokens: torch.Tensor, vocab_size: in
             following = logits[:, -1].argmax(-1, keepdim=True)
         dist.broadcast(following, src=reporter)
         generated = torch.cat([generated, following], dim=1)
-    return generated[:, tokens.shape[1]:]
+    return generated[:, tokens.shape[1] :]
 
 
 @contextmanager
@@ -122,10 +137,26 @@ def original_torch_factories() -> Iterator[None]:
     ``inv_freq`` buffer uninitialised (garbage logits); the Hugging Face side never
     needs the CUDA-to-CPU routing, so it loads and runs with the originals.
     """
-    names = ("empty", "zeros", "ones", "full", "tensor", "as_tensor", "arange", "rand", "randn",
-             "randint", "empty_like", "zeros_like", "ones_like")
-    swapped = {name: getattr(torch, name) for name in names
-               if hasattr(getattr(torch, name), "__wrapped_factory__")}
+    names = (
+        "empty",
+        "zeros",
+        "ones",
+        "full",
+        "tensor",
+        "as_tensor",
+        "arange",
+        "rand",
+        "randn",
+        "randint",
+        "empty_like",
+        "zeros_like",
+        "ones_like",
+    )
+    swapped = {
+        name: getattr(torch, name)
+        for name in names
+        if hasattr(getattr(torch, name), "__wrapped_factory__")
+    }
     for name, wrapper in swapped.items():
         setattr(torch, name, wrapper.__wrapped_factory__)
     try:
@@ -142,16 +173,19 @@ def hf_model(hf_dir: Path) -> torch.nn.Module:
         return AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
 
 
-def hf_logits_and_greedy(hf_dir: Path, tokens: torch.Tensor, vocab_size: int, steps: int
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def hf_logits_and_greedy(
+    hf_dir: Path, tokens: torch.Tensor, vocab_size: int, steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     model = hf_model(hf_dir)
     with torch.no_grad(), original_torch_factories():
         logits = model(input_ids=tokens).logits[..., :vocab_size].float()
         generated = tokens.clone()
         for _ in range(steps):
-            following = model(input_ids=generated).logits[:, -1, :vocab_size].argmax(-1, keepdim=True)
+            following = (
+                model(input_ids=generated).logits[:, -1, :vocab_size].argmax(-1, keepdim=True)
+            )
             generated = torch.cat([generated, following], dim=1)
-    return logits, generated[:, tokens.shape[1]:]
+    return logits, generated[:, tokens.shape[1] :]
 
 
 def compare_logits(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
@@ -167,10 +201,17 @@ def compare_logits(reference: torch.Tensor, other: torch.Tensor) -> dict[str, fl
     }
 
 
-def verify(hf_dir: str | Path, megatron_dir: str | Path, description: ModelDescription,
-           tokens: Optional[torch.Tensor] = None, greedy_steps: int = 4,
-           thresholds: Optional[Thresholds] = None, report_path: Optional[str | Path] = None,
-           direction: str = "hf_to_megatron", keep_logits: bool = False) -> dict[str, Any]:
+def verify(
+    hf_dir: str | Path,
+    megatron_dir: str | Path,
+    description: ModelDescription,
+    tokens: torch.Tensor | None = None,
+    greedy_steps: int = 4,
+    thresholds: Thresholds | None = None,
+    report_path: str | Path | None = None,
+    direction: str = "hf_to_megatron",
+    keep_logits: bool = False,
+) -> dict[str, Any]:
     """Compare both models; return the report on every rank (rank 0 writes ``report_path``).
 
     ``keep_logits`` adds both logit tensors to the returned report (never to the JSON).
@@ -193,14 +234,17 @@ def verify(hf_dir: str | Path, megatron_dir: str | Path, description: ModelDescr
 
     payload: list[Any] = [None]
     if dist.get_rank() == reporter:
-        reference, reference_greedy = hf_logits_and_greedy(hf_dir, tokens, description.vocab_size,
-                                                           greedy_steps)
+        reference, reference_greedy = hf_logits_and_greedy(
+            hf_dir, tokens, description.vocab_size, greedy_steps
+        )
         report: dict[str, Any] = {
             "direction": direction,
             "hf_dir": str(hf_dir),
             "megatron_dir": str(megatron_dir),
-            "layout": {"tp": parallel_state.get_tensor_model_parallel_world_size(),
-                       "pp": parallel_state.get_pipeline_model_parallel_world_size()},
+            "layout": {
+                "tp": parallel_state.get_tensor_model_parallel_world_size(),
+                "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+            },
             "prompts": list(tokens.shape),
             "real_vocab_size": description.vocab_size,
             **compare_logits(reference, logits),
@@ -209,9 +253,11 @@ def verify(hf_dir: str | Path, megatron_dir: str | Path, description: ModelDescr
             "greedy_identical": bool(torch.equal(reference_greedy, greedy)),
             "thresholds": asdict(thresholds),
         }
-        report["passed"] = bool(report["max_abs_logit_diff"] <= thresholds.max_abs_diff
-                                and report["top1_agreement"] >= thresholds.min_top1
-                                and report["mean_kl"] <= thresholds.max_kl)
+        report["passed"] = bool(
+            report["max_abs_logit_diff"] <= thresholds.max_abs_diff
+            and report["top1_agreement"] >= thresholds.min_top1
+            and report["mean_kl"] <= thresholds.max_kl
+        )
         if keep_logits:
             report["logits"] = {"hf": reference, "megatron": logits}
         payload = [report]
@@ -225,30 +271,51 @@ def verify(hf_dir: str | Path, megatron_dir: str | Path, description: ModelDescr
 
 def summary(report: dict[str, Any]) -> str:
     verdict = "passed" if report["passed"] else "FAILED"
-    return (f"verify ({report['direction']}, TP={report['layout']['tp']} PP={report['layout']['pp']}, "
-            f"{report['prompts'][0]}x{report['prompts'][1]} tokens): max |logit diff| "
-            f"{report['max_abs_logit_diff']:.3g}, top-1 agreement {report['top1_agreement']:.4f}, "
-            f"mean KL {report['mean_kl']:.3g}, greedy identical {report['greedy_identical']}: {verdict}")
+    return (
+        f"verify ({report['direction']}, TP={report['layout']['tp']} PP={report['layout']['pp']}, "
+        f"{report['prompts'][0]}x{report['prompts'][1]} tokens): max |logit diff| "
+        f"{report['max_abs_logit_diff']:.3g}, top-1 agreement {report['top1_agreement']:.4f}, "
+        f"mean KL {report['mean_kl']:.3g}, greedy identical {report['greedy_identical']}: {verdict}"
+    )
 
 
-def add_verify_arguments(parser: "argparse.ArgumentParser") -> None:
+def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
     """The --verify flags both converters share."""
     parser.add_argument("--verify", action="store_true", help="compare logits with transformers")
-    parser.add_argument("--verify-max-diff", type=float, default=1e-2, help="max |logit diff| allowed")
+    parser.add_argument(
+        "--verify-max-diff", type=float, default=1e-2, help="max |logit diff| allowed"
+    )
     parser.add_argument("--verify-min-top1", type=float, default=0.99, help="min top-1 agreement")
-    parser.add_argument("--verify-max-kl", type=float, default=1e-3, help="max mean KL(hf || megatron)")
-    parser.add_argument("--verify-length", type=int, default=32, help="tokens per verification prompt")
+    parser.add_argument(
+        "--verify-max-kl", type=float, default=1e-3, help="max mean KL(hf || megatron)"
+    )
+    parser.add_argument(
+        "--verify-length", type=int, default=32, help="tokens per verification prompt"
+    )
 
 
-def verify_for_cli(args: "argparse.Namespace", hf_dir: str | Path, megatron_dir: str | Path,
-                   description: ModelDescription, direction: str, report_dir: str | Path) -> int:
+def verify_for_cli(
+    args: argparse.Namespace,
+    hf_dir: str | Path,
+    megatron_dir: str | Path,
+    description: ModelDescription,
+    direction: str,
+    report_dir: str | Path,
+) -> int:
     """Run ``verify`` with the command line's thresholds; print the summary; 0 or exit code 2."""
     import torch.distributed as dist
 
     thresholds = Thresholds(args.verify_max_diff, args.verify_min_top1, args.verify_max_kl)
     tokens = prompt_tokens(Path(hf_dir), description.vocab_size, length=args.verify_length)
-    report = verify(hf_dir, megatron_dir, description, tokens=tokens, thresholds=thresholds,
-                    direction=direction, report_path=Path(report_dir) / "verify.json")
+    report = verify(
+        hf_dir,
+        megatron_dir,
+        description,
+        tokens=tokens,
+        thresholds=thresholds,
+        direction=direction,
+        report_path=Path(report_dir) / "verify.json",
+    )
     if dist.get_rank() == 0:
         print(summary(report), flush=True)
     return 0 if report["passed"] else 2

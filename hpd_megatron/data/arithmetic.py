@@ -23,8 +23,9 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from hpd_megatron.config import ConfigError
 from hpd_megatron.data.chat import builtin_text
@@ -65,8 +66,10 @@ def solve(a: int, op: str, b: int) -> str:
                 lines.append(f"{left} = {difference}, write {difference}.")
                 carry = 0
             else:
-                lines.append(f"{left} < 0, borrow: {x + 10} - {y}{f' - {carry}' if carry else ''} "
-                             f"= {difference + 10}, write {difference + 10}.")
+                lines.append(
+                    f"{left} < 0, borrow: {x + 10} - {y}{f' - {carry}' if carry else ''} "
+                    f"= {difference + 10}, write {difference + 10}."
+                )
                 carry = 1
     if carry and op != "-":
         lines.append(f"Write the carry {carry}.")
@@ -79,16 +82,18 @@ def _write(total: int) -> str:
     return f"write {total % 10} carry {total // 10}." if total >= 10 else f"write {total}."
 
 
-def extract_answer(text: str) -> Optional[int]:
+def extract_answer(text: str) -> int | None:
     """The number after the last "The answer is", or None when the text gives no answer."""
     found = _ANSWER.findall(text)
     return int(found[-1]) if found else None
 
 
-def draw_problem(rng: random.Random, max_digits: int, min_digits: int = 1, ops: Sequence[str] = OPS) -> Problem:
+def draw_problem(
+    rng: random.Random, max_digits: int, min_digits: int = 1, ops: Sequence[str] = OPS
+) -> Problem:
     def number() -> int:
         digits = rng.randint(min_digits, max_digits)
-        return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
+        return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
 
     op = rng.choice(ops)
     if op == "*":
@@ -100,16 +105,27 @@ def draw_problem(rng: random.Random, max_digits: int, min_digits: int = 1, ops: 
 def record(problem: Problem) -> dict[str, Any]:
     a, op, b = problem
     response = solve(a, op, b)
-    return {"prompt": f"Compute {a} {op} {b}.", "response": response, "answer": extract_answer(response)}
+    return {
+        "prompt": f"Compute {a} {op} {b}.",
+        "response": response,
+        "answer": extract_answer(response),
+    }
 
 
 def generate(
-    num_train: int, num_test: int, seed: int, max_digits: int = 3, min_digits: int = 1, ops: Sequence[str] = OPS,
+    num_train: int,
+    num_test: int,
+    seed: int,
+    max_digits: int = 3,
+    min_digits: int = 1,
+    ops: Sequence[str] = OPS,
 ) -> tuple[list[dict], list[dict]]:
     """(train, test) records: distinct problems, deterministic in the arguments."""
     if num_train < 0 or num_test < 0 or not 1 <= min_digits <= max_digits:
-        raise ConfigError(f"need num_train, num_test >= 0 and 1 <= min_digits <= max_digits, got {num_train}, "
-                          f"{num_test}, {min_digits}, {max_digits}")
+        raise ConfigError(
+            f"need num_train, num_test >= 0 and 1 <= min_digits <= max_digits, got {num_train}, "
+            f"{num_test}, {min_digits}, {max_digits}"
+        )
     if not ops or set(ops) - set(OPS):
         raise ConfigError(f"ops: expected some of {' '.join(OPS)}, got {' '.join(ops) or 'none'}")
     rng = random.Random(seed)
@@ -129,8 +145,14 @@ def generate(
 
 
 def write_task(
-    out_dir: str | Path, num_train: int, num_test: int, seed: int, max_digits: int = 3,
-    tokenizer_vocab_size: int = 0, min_digits: int = 1, ops: Sequence[str] = OPS,
+    out_dir: str | Path,
+    num_train: int,
+    num_test: int,
+    seed: int,
+    max_digits: int = 3,
+    tokenizer_vocab_size: int = 0,
+    min_digits: int = 1,
+    ops: Sequence[str] = OPS,
 ) -> list[Path]:
     """Write ``train.jsonl`` and ``test.jsonl`` (and, if ``tokenizer_vocab_size``, a
     SentencePiece ``tokenizer.model`` trained on the training split in the builtin chat

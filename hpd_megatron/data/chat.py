@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hpd_megatron.data.files import DataError
 from hpd_megatron.data.tokenizer import Tokenizer
@@ -42,7 +42,7 @@ GENERATION_PROMPT = "Assistant:\n"
 """What the builtin format writes before every assistant reply."""
 
 
-def resolve_chat_template(tokenizer: Tokenizer, option: str) -> Optional[str]:
+def resolve_chat_template(tokenizer: Tokenizer, option: str) -> str | None:
     """``auto``: the tokenizer's template, else builtin; ``builtin``: None; else a Jinja file.
 
     The template (None: builtin) is what ``encode_conversation`` and ``encode_prompt`` take;
@@ -52,11 +52,15 @@ def resolve_chat_template(tokenizer: Tokenizer, option: str) -> Optional[str]:
         template = tokenizer.chat_template if option == "auto" else None
         source = tokenizer.path
         if template is None and tokenizer.eos_id is None:
-            raise DataError(f"{source}: the builtin chat format ends replies with EOS, and this tokenizer has none")
+            raise DataError(
+                f"{source}: the builtin chat format ends replies with EOS, and this tokenizer has none"
+            )
     else:
         source = Path(option)
         if not source.is_file():
-            raise DataError(f"{source}: no such chat template file (expected auto, builtin or a Jinja file)")
+            raise DataError(
+                f"{source}: no such chat template file (expected auto, builtin or a Jinja file)"
+            )
         template = source.read_text()
     if template is not None:
         try:
@@ -67,7 +71,7 @@ def resolve_chat_template(tokenizer: Tokenizer, option: str) -> Optional[str]:
 
 
 def encode_conversation(
-    tokenizer: Tokenizer, messages: list[Message], template: Optional[str]
+    tokenizer: Tokenizer, messages: list[Message], template: str | None
 ) -> tuple[list[int], list[int]]:
     """Token ids of the whole conversation and a 0/1 mask that is 1 on assistant replies."""
     ids: list[int] = []
@@ -78,7 +82,7 @@ def encode_conversation(
     return ids, mask
 
 
-def encode_prompt(tokenizer: Tokenizer, messages: list[Message], template: Optional[str]) -> list[int]:
+def encode_prompt(tokenizer: Tokenizer, messages: list[Message], template: str | None) -> list[int]:
     """Ids that ask for the next assistant reply: the same ids that precede a reply in
     ``encode_conversation``, so generation sees what training saw."""
     segments = _segments(tokenizer, messages, template, add_generation_prompt=True)
@@ -86,7 +90,7 @@ def encode_prompt(tokenizer: Tokenizer, messages: list[Message], template: Optio
 
 
 def _segments(
-    tokenizer: Tokenizer, messages: list[Message], template: Optional[str], add_generation_prompt: bool
+    tokenizer: Tokenizer, messages: list[Message], template: str | None, add_generation_prompt: bool
 ) -> list[Segment]:
     if template is None:
         return _builtin_segments(tokenizer, messages, add_generation_prompt)
@@ -116,7 +120,8 @@ def _builtin_segments(
 def builtin_text(messages: list[Message]) -> str:
     """The text of the builtin format without BOS/EOS: what a tokenizer trained for it must cover."""
     return "".join(
-        GENERATION_PROMPT + m["content"] if m["role"] == "assistant" else _builtin_turn(m) for m in messages
+        GENERATION_PROMPT + m["content"] if m["role"] == "assistant" else _builtin_turn(m)
+        for m in messages
     )
 
 
@@ -141,23 +146,31 @@ def _template_segments(
                 f"message {i}: the chat template renders the conversation before this reply "
                 "differently once the reply follows, so the reply's tokens cannot be told apart"
             )
-        segments.append((tokenizer.encode(prompt[len(done):]), False))
-        segments.append((tokenizer.encode(full[len(prompt):]), True))
+        segments.append((tokenizer.encode(prompt[len(done) :]), False))
+        segments.append((tokenizer.encode(full[len(prompt) :]), True))
         done = full
     rest = render(len(messages), add_generation_prompt)
     if not rest.startswith(done):
-        raise DataError("the chat template renders earlier replies differently once later messages follow")
+        raise DataError(
+            "the chat template renders earlier replies differently once later messages follow"
+        )
     if len(rest) > len(done):
-        segments.append((tokenizer.encode(rest[len(done):]), False))
+        segments.append((tokenizer.encode(rest[len(done) :]), False))
     return segments
 
 
-def _render(template: str, messages: list[Message], add_generation_prompt: bool, special: dict[str, str]) -> str:
+def _render(
+    template: str, messages: list[Message], add_generation_prompt: bool, special: dict[str, str]
+) -> str:
     import jinja2
 
     try:
         return _compile(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None, **special
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            tools=None,
+            documents=None,
+            **special,
         )
     except jinja2.TemplateError as error:
         raise DataError(f"the chat template failed: {error}") from None
@@ -178,16 +191,30 @@ def _compile(template: str) -> Any:
     def raise_exception(message: str) -> None:
         raise jinja2.TemplateError(message)
 
-    def tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
-               sort_keys: bool = False) -> str:
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
+    def tojson(
+        value: Any,
+        ensure_ascii: bool = False,
+        indent: Any = None,
+        separators: Any = None,
+        sort_keys: bool = False,
+    ) -> str:
+        return json.dumps(
+            value,
+            ensure_ascii=ensure_ascii,
+            indent=indent,
+            separators=separators,
+            sort_keys=sort_keys,
+        )
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     try:
         return env.from_string(template)
     except jinja2.TemplateSyntaxError as error:
-        raise DataError(f"the chat template is not valid Jinja (template line {error.lineno}: {error.message})") from None
+        raise DataError(
+            f"the chat template is not valid Jinja (template line {error.lineno}: {error.message})"
+        ) from None

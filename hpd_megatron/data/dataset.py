@@ -19,8 +19,9 @@ Each sample is a dict of tensors of length ``seq_length``: ``tokens``, ``labels`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy
 import torch
@@ -47,7 +48,9 @@ class DistillationDataset(Dataset):
         self.loss_mask = IndexedDataset(self.prefix + LOSS_MASK_SUFFIX)
         lengths = self.tokens.sequence_lengths
         if not numpy.array_equal(lengths, self.loss_mask.sequence_lengths):
-            raise DataError(f"{self.prefix}: the token and loss-mask datasets have different records")
+            raise DataError(
+                f"{self.prefix}: the token and loss-mask datasets have different records"
+            )
         too_long = numpy.flatnonzero(lengths > seq_length + 1)
         if len(too_long):
             record = int(too_long[0])

@@ -17,8 +17,9 @@ nothing predicts) trains nothing and is dropped too; both are counted in the sid
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy
 
@@ -64,10 +65,17 @@ def prepare(
     truncated_lines: list[int] = []
     dropped_lines: list[int] = []
 
-    outputs = [prefix + TOKENS_SUFFIX + ".bin", prefix + TOKENS_SUFFIX + ".idx",
-               prefix + LOSS_MASK_SUFFIX + ".bin", prefix + LOSS_MASK_SUFFIX + ".idx", prefix + ".json"]
+    outputs = [
+        prefix + TOKENS_SUFFIX + ".bin",
+        prefix + TOKENS_SUFFIX + ".idx",
+        prefix + LOSS_MASK_SUFFIX + ".bin",
+        prefix + LOSS_MASK_SUFFIX + ".idx",
+        prefix + ".json",
+    ]
     with staged_files(outputs) as (tokens_bin, tokens_idx, mask_bin, mask_idx, sidecar_path):
-        tokens_out = IndexedDatasetBuilder(str(tokens_bin), dtype=DType.optimal_dtype(tokenizer.vocab_size))
+        tokens_out = IndexedDatasetBuilder(
+            str(tokens_bin), dtype=DType.optimal_dtype(tokenizer.vocab_size)
+        )
         mask_out = IndexedDatasetBuilder(str(mask_bin), dtype=numpy.uint8)
         for line, messages in read_records(input_path):
             try:
@@ -94,7 +102,8 @@ def prepare(
             raise DataError(
                 f"{input_path}: no records left: all {counts['dropped']} were dropped (longer than "
                 f"{max_tokens} tokens with overlong={overlong}, or no reply token within them)"
-                if counts["dropped"] else f"{input_path}: no records (the file is empty)"
+                if counts["dropped"]
+                else f"{input_path}: no records (the file is empty)"
             )
         tokens_out.finalize(str(tokens_idx))
         mask_out.finalize(str(mask_idx))
@@ -104,21 +113,29 @@ def prepare(
             "max_record_tokens": max_tokens,
             "overlong": overlong,
             "chat_template": ("tokenizer" if template is not None else "builtin")
-            if chat_template == "auto" else chat_template,
+            if chat_template == "auto"
+            else chat_template,
             **counts,
             "tokenizer": tokenizer.describe(),
-            "datasets": {"tokens": Path(prefix).name + TOKENS_SUFFIX, "loss_mask": Path(prefix).name + LOSS_MASK_SUFFIX},
+            "datasets": {
+                "tokens": Path(prefix).name + TOKENS_SUFFIX,
+                "loss_mask": Path(prefix).name + LOSS_MASK_SUFFIX,
+            },
         }
         sidecar_path.write_text(json.dumps(sidecar, indent=2) + "\n")
 
-    log(f"{input_path}: {counts['records']} records, {counts['tokens']} tokens "
-        f"({counts['response_tokens']} in responses) -> {prefix}{{{TOKENS_SUFFIX},{LOSS_MASK_SUFFIX}}}.bin/.idx, {prefix}.json")
+    log(
+        f"{input_path}: {counts['records']} records, {counts['tokens']} tokens "
+        f"({counts['response_tokens']} in responses) -> {prefix}{{{TOKENS_SUFFIX},{LOSS_MASK_SUFFIX}}}.bin/.idx, {prefix}.json"
+    )
     reasons = {
         "truncated": f"longer than {max_tokens} tokens",
         "dropped": f"longer than {max_tokens} tokens with overlong=drop, or no reply token within them",
     }
     for what, lines in (("truncated", truncated_lines), ("dropped", dropped_lines)):
         if lines:
-            shown = ", ".join(map(str, lines[:SHOWN_LINES])) + (", ..." if len(lines) > SHOWN_LINES else "")
+            shown = ", ".join(map(str, lines[:SHOWN_LINES])) + (
+                ", ..." if len(lines) > SHOWN_LINES else ""
+            )
             log(f"{what} {len(lines)} records ({reasons[what]}): lines {shown}")
     return sidecar

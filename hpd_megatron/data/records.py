@@ -13,8 +13,9 @@ names the file and the line.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from hpd_megatron.data.chat import ROLES, Message
 from hpd_megatron.data.files import DataError
@@ -32,7 +33,9 @@ def read_records(path: str | Path) -> Iterator[tuple[int, list[Message]]]:
             try:
                 record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
+                raise DataError(
+                    f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})"
+                ) from None
             try:
                 messages = conversation(record)
             except DataError as error:
@@ -54,7 +57,10 @@ def conversation(record: Any) -> list[Message]:
         for key in ("prompt", "response"):
             if not isinstance(record[key], str):
                 raise DataError(f'"{key}" must be a string, got {type(record[key]).__name__}')
-        return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
+        return [
+            {"role": "user", "content": record["prompt"]},
+            {"role": "assistant", "content": record["response"]},
+        ]
     raise DataError(
         f'expected {{"prompt", "response"}} or {{"messages"}}, got keys {sorted(record)}'
     )
@@ -67,9 +73,13 @@ def checked_messages(messages: Any) -> list[Message]:
     checked = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise DataError(f'messages[{i}]: expected {{"role": ..., "content": "..."}}, got {message!r}')
+            raise DataError(
+                f'messages[{i}]: expected {{"role": ..., "content": "..."}}, got {message!r}'
+            )
         if message.get("role") not in ROLES:
-            raise DataError(f"messages[{i}]: role {message.get('role')!r} is not one of {', '.join(ROLES)}")
+            raise DataError(
+                f"messages[{i}]: role {message.get('role')!r} is not one of {', '.join(ROLES)}"
+            )
         checked.append({"role": message["role"], "content": message["content"]})
     return checked
 

@@ -16,7 +16,8 @@ the number of samples only; where a run stands in it is ``consumed_samples``. So
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy
 
@@ -72,12 +73,18 @@ class DistributedBatchSampler:
             # Counted as soon as the step is handed out: a checkpoint written after the
             # step resumes with the next one.
             self.consumed_samples += self.global_batch_size
-            mine = batch[self.dp_rank * share:(self.dp_rank + 1) * share]
-            yield [mine[i:i + self.micro_batch_size] for i in range(0, share, self.micro_batch_size)]
+            mine = batch[self.dp_rank * share : (self.dp_rank + 1) * share]
+            yield [
+                mine[i : i + self.micro_batch_size] for i in range(0, share, self.micro_batch_size)
+            ]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"consumed_samples": self.consumed_samples, "epoch": self.epoch,
-                "seed": self.seed, "num_samples": self.num_samples}
+        return {
+            "consumed_samples": self.consumed_samples,
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # A different seed or dataset size would silently continue another stream.

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from hpd_megatron.config import ConfigError
 from hpd_megatron.data.files import DataError, read_json_object
@@ -25,10 +26,10 @@ class Tokenizer:
     kind: str
     path: Path
     vocab_size: int
-    bos_id: Optional[int]
-    eos_id: Optional[int]
-    pad_id: Optional[int]
-    chat_template: Optional[str] = None
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+    chat_template: str | None = None
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -107,7 +108,8 @@ class HFTokenizer(Tokenizer):
         config_path = path.parent / "tokenizer_config.json"
         config = read_json_object(config_path) if config_path.exists() else {}
         self.bos_id, self.eos_id, self.pad_id = (
-            self._token_id(config, key, config_path) for key in ("bos_token", "eos_token", "pad_token")
+            self._token_id(config, key, config_path)
+            for key in ("bos_token", "eos_token", "pad_token")
         )
         template_path = path.parent / "chat_template.jinja"
         if template_path.exists():
@@ -115,7 +117,7 @@ class HFTokenizer(Tokenizer):
         else:
             self.chat_template = _config_template(config.get("chat_template"), config_path)
 
-    def _token_id(self, config: dict[str, Any], key: str, config_path: Path) -> Optional[int]:
+    def _token_id(self, config: dict[str, Any], key: str, config_path: Path) -> int | None:
         token = config.get(key)
         if isinstance(token, dict):  # a serialised AddedToken
             token = token.get("content")
@@ -123,7 +125,9 @@ class HFTokenizer(Tokenizer):
             return None
         token_id = self._tok.token_to_id(token)
         if token_id is None:
-            raise DataError(f"{config_path}: {key} {token!r} is not in the vocabulary of {self.path}")
+            raise DataError(
+                f"{config_path}: {key} {token!r} is not in the vocabulary of {self.path}"
+            )
         return token_id
 
     def encode(self, text: str) -> list[int]:
@@ -137,7 +141,7 @@ class HFTokenizer(Tokenizer):
         return self._tok.id_to_token(token_id)
 
 
-def _config_template(value: Any, config_path: Path) -> Optional[str]:
+def _config_template(value: Any, config_path: Path) -> str | None:
     # Older configs hold a list of named templates; the one named "default" is the chat one.
     if isinstance(value, list):
         value = next((t.get("template") for t in value if t.get("name") == "default"), None)
@@ -196,6 +200,8 @@ def train_sentencepiece(
             pad_id=3,
             minloglevel=2,
         )
-    except RuntimeError as error:  # e.g. "Vocabulary size too high (300). Please set it to a value <= 120."
+    except (
+        RuntimeError
+    ) as error:  # e.g. "Vocabulary size too high (300). Please set it to a value <= 120."
         raise ConfigError(f"vocab_size: {error}") from None
     return model_prefix.with_name(model_prefix.name + ".model")

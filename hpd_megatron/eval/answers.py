@@ -16,26 +16,30 @@ stripped strings, so ``\\sqrt{2}`` matches ``\\sqrt 2`` only after removing spac
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from fractions import Fraction
-from typing import Optional, Sequence
 
-_STATED = re.compile(r"(?:the\s+(?:final\s+)?answer\s+is|final\s+answer\s*:)\s*:?\s*", re.IGNORECASE)
+_STATED = re.compile(
+    r"(?:the\s+(?:final\s+)?answer\s+is|final\s+answer\s*:)\s*:?\s*", re.IGNORECASE
+)
 # A number as written in text: thousands separators only in groups of three, so the list
 # "1,2,3" reads as three numbers and "1,234" as one.
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 _FRAC = re.compile(r"\\[dt]?frac\s*(?:\{([^{}]*)\}|(\d))\s*(?:\{([^{}]*)\}|(\d))")
 _TEXT = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
 # LaTeX that spaces or sizes but never changes a value.
-_NOISE = re.compile(r"\\left|\\right|\\[!,;: ]|\\displaystyle|\^\s*\{?\\circ\}?|\\%|%|\$|\\\(|\\\)|\\\[|\\\]")
+_NOISE = re.compile(
+    r"\\left|\\right|\\[!,;: ]|\\displaystyle|\^\s*\{?\\circ\}?|\\%|%|\$|\\\(|\\\)|\\\[|\\\]"
+)
 
 
-def boxed_answer(text: str) -> Optional[str]:
+def boxed_answer(text: str) -> str | None:
     """The content of the last ``\\boxed{...}`` (or ``\\fbox{...}``, ``\\boxed 7``)."""
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
         return None
     command = "\\boxed" if text.startswith("\\boxed", start) else "\\fbox"
-    rest = text[start + len(command):].lstrip()
+    rest = text[start + len(command) :].lstrip()
     if not rest.startswith("{"):
         # "\boxed 7": one whitespace-delimited token.
         token = re.match(r"[^\s$]+", rest)
@@ -48,24 +52,24 @@ def boxed_answer(text: str) -> Optional[str]:
     return None  # unbalanced: the generation stopped inside the box
 
 
-def stated_answer(text: str) -> Optional[str]:
+def stated_answer(text: str) -> str | None:
     """What follows the last "The answer is" (or "final answer:"), to the end of its sentence."""
     found = list(_STATED.finditer(text))
     if not found:
         return None
-    line = text[found[-1].end():].split("\n", 1)[0]
+    line = text[found[-1].end() :].split("\n", 1)[0]
     sentence = re.split(r"\.\s", line + " ", maxsplit=1)[0]
     sentence = sentence.strip().rstrip(".").strip()
     return sentence or None
 
 
-def last_number(text: str) -> Optional[str]:
+def last_number(text: str) -> str | None:
     """The last number written in ``text`` (sign, thousands separators, decimals, a/b)."""
     found = _NUMBER.findall(text)
     return found[-1] if found else None
 
 
-def extract_answer(text: str) -> Optional[str]:
+def extract_answer(text: str) -> str | None:
     """The final answer a generation gives: boxed, else stated, else its last number."""
     for extract in (boxed_answer, stated_answer, last_number):
         answer = extract(text)
@@ -74,7 +78,7 @@ def extract_answer(text: str) -> Optional[str]:
     return None
 
 
-def as_number(answer: str) -> Optional[Fraction]:
+def as_number(answer: str) -> Fraction | None:
     """The exact value of a numeric answer (``-1,234.5``, ``3/4``, ``\\frac{3}{4}``), else None."""
     text = _strip_latex(answer)
     frac = _FRAC.fullmatch(text.lstrip("-"))
@@ -105,7 +109,7 @@ def normalize_answer(answer: str) -> str:
     return _strip_latex(answer).replace(" ", "").rstrip(".")
 
 
-def answers_match(prediction: Optional[str], reference: str) -> bool:
+def answers_match(prediction: str | None, reference: str) -> bool:
     """Whether an extracted answer (None: none found) equals the reference answer."""
     return prediction is not None and normalize_answer(prediction) == normalize_answer(reference)
 

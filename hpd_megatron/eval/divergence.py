@@ -9,8 +9,8 @@ are computed once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -25,25 +25,37 @@ from hpd_megatron.parallel.layout import ParallelLayout
 from hpd_megatron.training.schedule import causal_lm_forward
 
 
-def _log_probs(model: torch.nn.Module, batch: dict[str, torch.Tensor], vocab_size: int) -> torch.Tensor:
+def _log_probs(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], vocab_size: int
+) -> torch.Tensor:
     # Padded output rows are not tokens: they must not take probability mass.
     logits = causal_lm_forward(model, batch)[..., :vocab_size].float()
     return torch.log_softmax(logits, dim=-1)
 
 
 @torch.no_grad()
-def compare_with_teacher(teacher_ckpt: str | Path, student: ModelDescription,
-                         checkpoints: Sequence[str | Path], heldout_prefix: str | Path,
-                         seq_length: int, batch_size: int = 50) -> dict[str, object]:
+def compare_with_teacher(
+    teacher_ckpt: str | Path,
+    student: ModelDescription,
+    checkpoints: Sequence[str | Path],
+    heldout_prefix: str | Path,
+    seq_length: int,
+    batch_size: int = 50,
+) -> dict[str, object]:
     """``{"teacher_entropy": float, "students": [{"kl_to_teacher", "entropy"} per checkpoint]}``."""
     teacher = inspect_checkpoint(teacher_ckpt).description
     if teacher.vocab_size != student.vocab_size:
-        raise ValueError(f"teacher vocab_size {teacher.vocab_size} != student's {student.vocab_size}")
+        raise ValueError(
+            f"teacher vocab_size {teacher.vocab_size} != student's {student.vocab_size}"
+        )
     vocab = student.vocab_size
     initialize_parallel(ParallelLayout(1, 1), models=[("student", student), ("teacher", teacher)])
     try:
         data = DistillationDataset(heldout_prefix, seq_length)
-        batches = [data.batch(range(i, min(i + batch_size, len(data)))) for i in range(0, len(data), batch_size)]
+        batches = [
+            data.batch(range(i, min(i + batch_size, len(data))))
+            for i in range(0, len(data), batch_size)
+        ]
         masks = [batch["labels"] != IGNORE_INDEX for batch in batches]
         tokens = sum(int(mask.sum()) for mask in masks)
 
@@ -51,8 +63,10 @@ def compare_with_teacher(teacher_ckpt: str | Path, student: ModelDescription,
         load_model_weights(teacher_model, teacher_ckpt)
         teacher_model.eval()
         teacher_lp = [_log_probs(teacher_model, batch, vocab) for batch in batches]
-        teacher_entropy = sum(float(-(lp.exp() * lp).sum(-1)[mask].sum())
-                              for lp, mask in zip(teacher_lp, masks)) / tokens
+        teacher_entropy = (
+            sum(float(-(lp.exp() * lp).sum(-1)[mask].sum()) for lp, mask in zip(teacher_lp, masks))
+            / tokens
+        )
 
         model = build_gpt_model(student, transformer_config(student))
         results = []

@@ -19,8 +19,8 @@ prompts and gets the same result.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -59,7 +59,7 @@ def generate(
     settings: SamplingSettings,
     *,
     vocab_size: int,
-    eos_id: Optional[int],
+    eos_id: int | None,
     context_length: int,
     seed: int = 0,
 ) -> list[Generation]:
@@ -72,9 +72,15 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {settings.max_new_tokens}")
     for i, prompt in enumerate(prompts):
         if not 0 < len(prompt) < context_length:
-            raise ValueError(f"prompt {i}: {len(prompt)} tokens; need 1 to {context_length - 1} "
-                             f"(context_length {context_length})")
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+            raise ValueError(
+                f"prompt {i}: {len(prompt)} tokens; need 1 to {context_length - 1} "
+                f"(context_length {context_length})"
+            )
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
     lengths = [len(prompt) for prompt in prompts]
     width = min(context_length, max(lengths) + settings.max_new_tokens)
     tokens = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -88,10 +94,19 @@ def generate(
     active = list(range(len(prompts)))
     chunk = tokens[:, :start]
     for position in range(start, width):
-        ids, entropies = _next_step(model, chunk.to(device), position - chunk.shape[1], cache, settings,
-                                    vocab_size, sample_seed(seed, position, 0))
+        ids, entropies = _next_step(
+            model,
+            chunk.to(device),
+            position - chunk.shape[1],
+            cache,
+            settings,
+            vocab_size,
+            sample_seed(seed, position, 0),
+        )
         kept = []
-        for index, (row, token, entropy) in enumerate(zip(active, ids.tolist(), entropies.tolist())):
+        for index, (row, token, entropy) in enumerate(
+            zip(active, ids.tolist(), entropies.tolist())
+        ):
             if position < lengths[row]:
                 kept.append(index)
                 continue
@@ -126,15 +141,22 @@ def _keep_rows(cache: StaticInferenceContext, rows: list[int]) -> None:
 
 
 def _next_step(
-    model: torch.nn.Module, tokens: torch.Tensor, offset: int, cache: StaticInferenceContext,
-    settings: SamplingSettings, vocab_size: int, seed: int,
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    offset: int,
+    cache: StaticInferenceContext,
+    settings: SamplingSettings,
+    vocab_size: int,
+    seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Feed ``tokens`` (positions ``offset``.. of every row) through the model with the KV
     cache; every rank gets the next token and its entropy per row."""
     rows, length = tokens.shape
     batch: Batch = {
         "tokens": tokens,
-        "position_ids": torch.arange(offset, offset + length, device=tokens.device).unsqueeze(0).expand(rows, -1),
+        "position_ids": torch.arange(offset, offset + length, device=tokens.device)
+        .unsqueeze(0)
+        .expand(rows, -1),
     }
     cache.sequence_len_offset = offset
 
@@ -148,14 +170,21 @@ def _next_step(
             first = parallel_state.get_tensor_model_parallel_rank() * width
             return logits.new_zeros(()), {"logits": logits[:, -1, first : first + width]}
 
-        return stage(input_ids=micro_batch["tokens"], position_ids=micro_batch["position_ids"],
-                     attention_mask=None, inference_context=cache, runtime_gather_output=True), last_logits
+        return stage(
+            input_ids=micro_batch["tokens"],
+            position_ids=micro_batch["position_ids"],
+            attention_mask=None,
+            inference_context=cache,
+            runtime_gather_output=True,
+        ), last_logits
 
-    reports = run_schedule(model, [batch], forward_step, seq_length=length, micro_batch_size=rows,
-                           forward_only=True)
+    reports = run_schedule(
+        model, [batch], forward_step, seq_length=length, micro_batch_size=rows, forward_only=True
+    )
     if parallel_state.is_pipeline_last_stage():
-        ids, entropies = next_tokens(reports[0]["logits"], vocab_size, settings.temperature,
-                                     settings.top_p, seed)
+        ids, entropies = next_tokens(
+            reports[0]["logits"], vocab_size, settings.temperature, settings.top_p, seed
+        )
     else:
         ids = torch.empty(rows, dtype=torch.long, device=tokens.device)
         entropies = torch.empty(rows, dtype=torch.float64, device=tokens.device)

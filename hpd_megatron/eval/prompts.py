@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 from hpd_megatron.data.chat import Message, encode_prompt
 from hpd_megatron.data.files import DataError
@@ -32,11 +32,11 @@ SHOWN_LINES = 10
 @dataclass
 class EvalRecord:
     line: int
-    prompt: Union[str, list[Message]]
+    prompt: str | list[Message]
     """As written in the file: the prompt string or the messages before the reply."""
     messages: list[Message]
     """The conversation the reply continues."""
-    reference: Optional[str]
+    reference: str | None
     """The reference answer (None when the record gives none)."""
 
 
@@ -53,14 +53,18 @@ def read_eval_records(path: str | Path, require_answer: bool = True) -> list[Eva
             try:
                 raw = json.loads(line)
             except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
+                raise DataError(
+                    f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})"
+                ) from None
             try:
                 record = _record(raw, number)
             except DataError as error:
                 raise DataError(f"{path}:{number}: {error}") from None
             if require_answer and record.reference is None:
-                raise DataError(f'{path}:{number}: no reference answer (give "answer", or a reply '
-                                'whose answer can be extracted)')
+                raise DataError(
+                    f'{path}:{number}: no reference answer (give "answer", or a reply '
+                    "whose answer can be extracted)"
+                )
             records.append(record)
     if not records:
         raise DataError(f"{path}: no records (the file is empty)")
@@ -76,19 +80,23 @@ def _record(raw: Any, line: int) -> EvalRecord:
     if "prompt" in raw:
         if not isinstance(raw["prompt"], str):
             raise DataError(f'"prompt" must be a string, got {type(raw["prompt"]).__name__}')
-        prompt: Union[str, list[Message]] = raw["prompt"]
+        prompt: str | list[Message] = raw["prompt"]
         messages = [{"role": "user", "content": raw["prompt"]}]
     else:
         messages = _messages(raw["messages"])
         if messages[-1]["role"] == "assistant":
             reply = messages.pop()["content"]
         if not messages or messages[-1]["role"] != "user":
-            raise DataError('"messages" must end with a user message (or a user message and the reference reply)')
+            raise DataError(
+                '"messages" must end with a user message (or a user message and the reference reply)'
+            )
         prompt = messages
     if reply is not None and not isinstance(reply, str):
         raise DataError(f'"response" must be a string, got {type(reply).__name__}')
     answer = raw.get("answer")
-    if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
+    if answer is not None and (
+        isinstance(answer, bool) or not isinstance(answer, (str, int, float))
+    ):
         raise DataError(f'"answer" must be a string or a number, got {answer!r}')
     reference = str(answer) if answer is not None else (extract_answer(reply) if reply else None)
     return EvalRecord(line, prompt, messages, reference)
@@ -101,7 +109,10 @@ def _messages(value: Any) -> list[Message]:
 
 
 def encode_prompts(
-    path: str | Path, records: list[EvalRecord], tokenizer: Tokenizer, template: Optional[str],
+    path: str | Path,
+    records: list[EvalRecord],
+    tokenizer: Tokenizer,
+    template: str | None,
     context_length: int,
 ) -> tuple[list[tuple[EvalRecord, list[int]]], list[int]]:
     """(record, prompt ids) of every prompt that leaves room for a reply, and the lines of
@@ -122,6 +133,10 @@ def encode_prompts(
 
 def describe_skipped(path: str | Path, skipped: list[int], context_length: int) -> str:
     """One line: how many prompts were skipped, why, and their first line numbers."""
-    shown = ", ".join(map(str, skipped[:SHOWN_LINES])) + (", ..." if len(skipped) > SHOWN_LINES else "")
-    return (f"{path}: skipped {len(skipped)} prompt(s) of {context_length} tokens or more "
-            f"(no room for a reply in the context of {context_length}): lines {shown}")
+    shown = ", ".join(map(str, skipped[:SHOWN_LINES])) + (
+        ", ..." if len(skipped) > SHOWN_LINES else ""
+    )
+    return (
+        f"{path}: skipped {len(skipped)} prompt(s) of {context_length} tokens or more "
+        f"(no room for a reply in the context of {context_length}): lines {shown}"
+    )

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch.distributed as dist
 
@@ -26,7 +26,12 @@ from hpd_megatron.data.chat import resolve_chat_template
 from hpd_megatron.data.files import DataError
 from hpd_megatron.data.tokenizer import load_tokenizer
 from hpd_megatron.eval.generate import Generation, SamplingSettings, generate
-from hpd_megatron.eval.prompts import EvalRecord, describe_skipped, encode_prompts, read_eval_records
+from hpd_megatron.eval.prompts import (
+    EvalRecord,
+    describe_skipped,
+    encode_prompts,
+    read_eval_records,
+)
 from hpd_megatron.eval.source import CheckpointInfo, inspect_checkpoint
 from hpd_megatron.models.builder import build_gpt_model, transformer_config
 from hpd_megatron.parallel.initialize import destroy_parallel, initialize_parallel
@@ -38,9 +43,9 @@ from hpd_megatron.training.components import DTYPES, sample_seed
 class GenerationJob:
     ckpt: str
     data: str
-    tokenizer: Optional[str] = None
-    model: Optional[str] = None
-    chat_template: Optional[str] = None
+    tokenizer: str | None = None
+    model: str | None = None
+    chat_template: str | None = None
     """None: the training data's format when the checkpoint's run is known, else auto."""
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
@@ -50,27 +55,39 @@ class GenerationJob:
     max_new_tokens: int = 256
     batch_size: int = 16
     seed: int = 0
-    context_length: Optional[int] = None
+    context_length: int | None = None
     """None: the model's max_position_embeddings."""
     params_dtype: str = "fp32"
-    limit: Optional[int] = None
+    limit: int | None = None
     """Only the first ``limit`` records."""
     require_answer: bool = True
 
     def check(self) -> None:
         """Settings errors, named by their option, before anything is loaded."""
-        for name in ("tensor_parallel", "pipeline_parallel", "samples", "max_new_tokens", "batch_size"):
+        for name in (
+            "tensor_parallel",
+            "pipeline_parallel",
+            "samples",
+            "max_new_tokens",
+            "batch_size",
+        ):
             if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}"
+                )
         if self.temperature < 0:
             raise ConfigError(f"--temperature: must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"--top-p: must be in (0, 1], got {self.top_p}")
         if self.temperature == 0 and (self.samples > 1 or self.top_p < 1):
-            raise ConfigError("--temperature 0 is greedy: --samples > 1 would repeat one reply and "
-                              "--top-p does not apply; set --temperature > 0 to sample")
+            raise ConfigError(
+                "--temperature 0 is greedy: --samples > 1 would repeat one reply and "
+                "--top-p does not apply; set --temperature > 0 to sample"
+            )
         if self.params_dtype not in DTYPES:
-            raise ConfigError(f"--params-dtype: expected one of {', '.join(DTYPES)}, got {self.params_dtype!r}")
+            raise ConfigError(
+                f"--params-dtype: expected one of {', '.join(DTYPES)}, got {self.params_dtype!r}"
+            )
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit: must be >= 1, got {self.limit}")
 
@@ -103,21 +120,36 @@ class GenerationRun:
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of GenerationJob, shared by the evaluation and data-generation commands."""
-    parser.add_argument("--ckpt", required=True,
-                        help="an export, a conversion, a training checkpoint root or an iter_XXXXXXX directory")
-    parser.add_argument("--data", required=True, help="JSONL prompts ({prompt} or {messages}, with an answer)")
-    parser.add_argument("--tokenizer", help="default: found from the checkpoint (see eval/source.py)")
+    parser.add_argument(
+        "--ckpt",
+        required=True,
+        help="an export, a conversion, a training checkpoint root or an iter_XXXXXXX directory",
+    )
+    parser.add_argument(
+        "--data", required=True, help="JSONL prompts ({prompt} or {messages}, with an answer)"
+    )
+    parser.add_argument(
+        "--tokenizer", help="default: found from the checkpoint (see eval/source.py)"
+    )
     parser.add_argument("--model", help="model.yaml; default: the checkpoint's")
-    parser.add_argument("--chat-template", help="auto, builtin or a Jinja file; default: as the training data")
-    parser.add_argument("--tp", dest="tensor_parallel", type=int, default=1, help="tensor-parallel size")
-    parser.add_argument("--pp", dest="pipeline_parallel", type=int, default=1, help="pipeline-parallel size")
+    parser.add_argument(
+        "--chat-template", help="auto, builtin or a Jinja file; default: as the training data"
+    )
+    parser.add_argument(
+        "--tp", dest="tensor_parallel", type=int, default=1, help="tensor-parallel size"
+    )
+    parser.add_argument(
+        "--pp", dest="pipeline_parallel", type=int, default=1, help="pipeline-parallel size"
+    )
     parser.add_argument("--samples", type=int, default=1, help="replies per prompt (k of avg@k)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--context-length", type=int, help="default: the model's max_position_embeddings")
+    parser.add_argument(
+        "--context-length", type=int, help="default: the model's max_position_embeddings"
+    )
     parser.add_argument("--params-dtype", default="fp32", help="fp32 or bf16")
     parser.add_argument("--limit", type=int, help="only the first N records")
 
@@ -125,7 +157,9 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 def job_from_arguments(args: argparse.Namespace, require_answer: bool) -> GenerationJob:
     """The job ``add_generation_arguments``' options describe."""
     names = GenerationJob.__dataclass_fields__
-    return GenerationJob(**{k: v for k, v in vars(args).items() if k in names}, require_answer=require_answer)
+    return GenerationJob(
+        **{k: v for k, v in vars(args).items() if k in names}, require_answer=require_answer
+    )
 
 
 def inspect_job(job: GenerationJob) -> CheckpointInfo:
@@ -134,8 +168,9 @@ def inspect_job(job: GenerationJob) -> CheckpointInfo:
     return inspect_checkpoint(job.ckpt, job.model, job.tokenizer, job.chat_template)
 
 
-def run_generation(job: GenerationJob, info: Optional[CheckpointInfo] = None,
-                   log: Callable[[str], object] = print) -> GenerationRun:
+def run_generation(
+    job: GenerationJob, info: CheckpointInfo | None = None, log: Callable[[str], object] = print
+) -> GenerationRun:
     """Generate on this rank's share; rank 0 returns every reply. ``info``: the job's
     ``inspect_job``, when the caller has it already. ``log`` runs on rank 0."""
     # Everything that can be wrong with the inputs fails here, alike on every rank, before
@@ -144,48 +179,72 @@ def run_generation(job: GenerationJob, info: Optional[CheckpointInfo] = None,
     description = info.description
     tokenizer = load_tokenizer(info.tokenizer)
     if tokenizer.vocab_size != description.vocab_size:
-        raise DataError(f"{info.tokenizer}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
-                        f"vocab_size is {description.vocab_size}")
+        raise DataError(
+            f"{info.tokenizer}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+            f"vocab_size is {description.vocab_size}"
+        )
     template = resolve_chat_template(tokenizer, info.chat_template)
     context_length = job.context_length or description.max_position_embeddings
     if not 1 < context_length <= description.max_position_embeddings:
-        raise ConfigError(f"--context-length: must be in 2..{description.max_position_embeddings} "
-                          f"(the model's max_position_embeddings), got {context_length}")
+        raise ConfigError(
+            f"--context-length: must be in 2..{description.max_position_embeddings} "
+            f"(the model's max_position_embeddings), got {context_length}"
+        )
     records = read_eval_records(job.data, job.require_answer)[: job.limit]
     kept, skipped = encode_prompts(job.data, records, tokenizer, template, context_length)
     if not kept:
-        raise DataError(describe_skipped(job.data, skipped, context_length) + "; nothing left to generate")
+        raise DataError(
+            describe_skipped(job.data, skipped, context_length) + "; nothing left to generate"
+        )
 
-    context = initialize_parallel(ParallelLayout(job.tensor_parallel, job.pipeline_parallel),
-                                  seed=job.seed, models=[("model", description)])
-    run = GenerationRun(info, context.layout, context_length, len(records), skipped,
-                        is_writer=context.rank == 0)
+    context = initialize_parallel(
+        ParallelLayout(job.tensor_parallel, job.pipeline_parallel),
+        seed=job.seed,
+        models=[("model", description)],
+    )
+    run = GenerationRun(
+        info, context.layout, context_length, len(records), skipped, is_writer=context.rank == 0
+    )
     say = log if run.is_writer else (lambda _message: None)
     try:
         if skipped:
             say(describe_skipped(job.data, skipped, context_length))
-        model = build_gpt_model(description, transformer_config(description, params_dtype=DTYPES[job.params_dtype]))
+        model = build_gpt_model(
+            description, transformer_config(description, params_dtype=DTYPES[job.params_dtype])
+        )
         load_model_weights(model, info.path)
         model.eval()
         settings = SamplingSettings(job.temperature, job.top_p, job.max_new_tokens)
-        sequences = sorted(((i, j) for i in range(len(kept)) for j in range(job.samples)),
-                           key=lambda pair: len(kept[pair[0]][1]))
-        batches = [sequences[b : b + job.batch_size] for b in range(0, len(sequences), job.batch_size)]
+        sequences = sorted(
+            ((i, j) for i in range(len(kept)) for j in range(job.samples)),
+            key=lambda pair: len(kept[pair[0]][1]),
+        )
+        batches = [
+            sequences[b : b + job.batch_size] for b in range(0, len(sequences), job.batch_size)
+        ]
         dp_size = context.layout.data_parallel_size
-        say(f"{len(sequences)} sequences ({len(kept)} prompts x {job.samples}) in {len(batches)} batches "
-            f"at {context.layout.describe()}")
+        say(
+            f"{len(sequences)} sequences ({len(kept)} prompts x {job.samples}) in {len(batches)} batches "
+            f"at {context.layout.describe()}"
+        )
         start = time.perf_counter()
         mine: dict[tuple[int, int], Generation] = {}
         for b in range(context.dp_rank, len(batches), dp_size):
             prompts = [kept[i][1] for i, _ in batches[b]]
-            generations = generate(model, prompts, settings, vocab_size=description.vocab_size,
-                                   eos_id=tokenizer.eos_id, context_length=context_length,
-                                   seed=sample_seed(job.seed, 0, b))
+            generations = generate(
+                model,
+                prompts,
+                settings,
+                vocab_size=description.vocab_size,
+                eos_id=tokenizer.eos_id,
+                context_length=context_length,
+                seed=sample_seed(job.seed, 0, b),
+            )
             mine.update(zip(batches[b], generations))
             say(f"batch {b + 1}/{len(batches)} done ({time.perf_counter() - start:.1f} s)")
         # One copy per replica travels: its first TP and PP rank's.
         shared = mine if context.tp_rank == 0 and context.pp_rank == 0 else {}
-        gathered: Optional[list] = [None] * context.world_size if run.is_writer else None
+        gathered: list | None = [None] * context.world_size if run.is_writer else None
         dist.gather_object(shared, gathered, dst=0)
         run.elapsed_s = time.perf_counter() - start
         if run.is_writer:
@@ -194,7 +253,9 @@ def run_generation(job: GenerationJob, info: Optional[CheckpointInfo] = None,
                 every.update(part)
             for (i, j), generation in sorted(every.items()):
                 record, ids = kept[i]
-                text = tokenizer.decode(generation.tokens[:-1] if generation.finish == "eos" else generation.tokens)
+                text = tokenizer.decode(
+                    generation.tokens[:-1] if generation.finish == "eos" else generation.tokens
+                )
                 run.replies.append(Reply(record, j, len(ids), generation, text))
         return run
     finally:

@@ -86,12 +86,17 @@ def greedy_tokens(logits: Tensor, shard: VocabShard, tp: TPGroup) -> Tensor:
 def softmax_entropy(logits: Tensor, shard: VocabShard, tp: TPGroup) -> Tensor:
     """Entropy (nats, float64) of the softmax over the real vocabulary, per row."""
     real = logits[:, : shard.real_width].double()
-    local_max = real.max(dim=-1).values if shard.real_width else real.new_full((real.shape[0],), -torch.inf)
+    local_max = (
+        real.max(dim=-1).values if shard.real_width else real.new_full((real.shape[0],), -torch.inf)
+    )
     top = all_reduce_(local_max, dist.ReduceOp.MAX, tp)
     exps = (real - top.unsqueeze(1)).exp()
     # sum exp(z - m) and sum exp(z - m) (z - m), reduced together: H = log S - E / S.
-    sums = all_reduce_(torch.stack([exps.sum(dim=-1), (exps * (real - top.unsqueeze(1))).sum(dim=-1)]),
-                       dist.ReduceOp.SUM, tp)
+    sums = all_reduce_(
+        torch.stack([exps.sum(dim=-1), (exps * (real - top.unsqueeze(1))).sum(dim=-1)]),
+        dist.ReduceOp.SUM,
+        tp,
+    )
     return sums[0].log() - sums[1] / sums[0]
 
 
@@ -101,7 +106,9 @@ def top_p_filter(logits: Tensor, top_p: float, shard: VocabShard, tp: TPGroup) -
     n = real.shape[0]
     local_max = real.max(dim=-1).values if shard.real_width else real.new_full((n,), -torch.inf)
     top = all_reduce_(local_max, dist.ReduceOp.MAX, tp)
-    log_total = top + all_reduce_((real - top.unsqueeze(1)).exp().sum(dim=-1), dist.ReduceOp.SUM, tp).log()
+    log_total = (
+        top + all_reduce_((real - top.unsqueeze(1)).exp().sum(dim=-1), dist.ReduceOp.SUM, tp).log()
+    )
     k = FIRST_TOP_P_CANDIDATES
     while True:
         # Each rank sends its k best logits and its floor: the k-th best when it holds more

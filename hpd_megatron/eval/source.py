@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from megatron.core import dist_checkpointing
@@ -45,19 +45,19 @@ class CheckpointInfo:
     tokenizer: Path
     chat_template: str
     """For ``resolve_chat_template``: auto, builtin or a Jinja file."""
-    step: Optional[int]
+    step: int | None
     """The training step of a training checkpoint; None for an export or conversion."""
-    training: Optional[dict[str, Any]]
+    training: dict[str, Any] | None
     """The resolved config of the run that wrote the checkpoint, when it can be found."""
-    tracking_run_id: Optional[str]
+    tracking_run_id: str | None
     """That run's MLflow run, when a training checkpoint of it names one."""
 
 
 def inspect_checkpoint(
     ckpt: str | Path,
-    model: Optional[str] = None,
-    tokenizer: Optional[str] = None,
-    chat_template: Optional[str] = None,
+    model: str | None = None,
+    tokenizer: str | None = None,
+    chat_template: str | None = None,
 ) -> CheckpointInfo:
     path = Path(ckpt)
     if not path.is_dir():
@@ -68,11 +68,18 @@ def inspect_checkpoint(
         # The format the training data was prepared with; prepare's default otherwise.
         recorded = (sidecar or {}).get("chat_template", "auto")
         chat_template = "auto" if recorded == "tokenizer" else recorded
-    return CheckpointInfo(path, _description(path, model, training), tokenizer_path, chat_template,
-                          step, training, run_id)
+    return CheckpointInfo(
+        path,
+        _description(path, model, training),
+        tokenizer_path,
+        chat_template,
+        step,
+        training,
+        run_id,
+    )
 
 
-def _training_record(path: Path) -> tuple[Optional[dict], Optional[int], Optional[str]]:
+def _training_record(path: Path) -> tuple[dict | None, int | None, str | None]:
     """(resolved training config, step, tracking run id) of the run behind ``path``."""
     if (path / TRACKER).is_file():
         step = latest_step(path)
@@ -80,7 +87,11 @@ def _training_record(path: Path) -> tuple[Optional[dict], Optional[int], Optiona
         return extra.get("config"), step, extra.get("tracking_run_id")
     common = _common_state(path)
     if "step" in common and "extra" in common:  # an iter_XXXXXXX directory
-        return common["extra"].get("config"), int(common["step"]), common["extra"].get("tracking_run_id")
+        return (
+            common["extra"].get("config"),
+            int(common["step"]),
+            common["extra"].get("tracking_run_id"),
+        )
     config_path = path.parent / "config.yaml"
     if not config_path.is_file():
         return None, None, None
@@ -88,13 +99,17 @@ def _training_record(path: Path) -> tuple[Optional[dict], Optional[int], Optiona
         config = yaml.safe_load(config_path.read_text())
     except yaml.YAMLError:
         return None, None, None  # not a run's resolved config
-    export_dir = (config.get("checkpoint") or {}).get("export_dir") if isinstance(config, dict) else None
+    export_dir = (
+        (config.get("checkpoint") or {}).get("export_dir") if isinstance(config, dict) else None
+    )
     if not export_dir or Path(export_dir).resolve() != path.resolve():
         return None, None, None
     checkpoints = checkpoint_dir_of(config.get("run_dir", "."), config["checkpoint"].get("dir"))
     try:
         saved = latest_step(checkpoints)
-        run_id = saved_extra(checkpoints, saved).get("tracking_run_id") if saved is not None else None
+        run_id = (
+            saved_extra(checkpoints, saved).get("tracking_run_id") if saved is not None else None
+        )
     except CheckpointError:
         run_id = None  # the export is usable without the run's checkpoints
     return config, None, run_id
@@ -107,7 +122,7 @@ def _common_state(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _description(path: Path, model: Optional[str], training: Optional[dict]) -> ModelDescription:
+def _description(path: Path, model: str | None, training: dict | None) -> ModelDescription:
     if model is not None:
         return ModelDescription.from_yaml(model)
     if (path / "model.yaml").is_file():
@@ -118,10 +133,12 @@ def _description(path: Path, model: Optional[str], training: Optional[dict]) -> 
             return ModelSource(model=student["model"]).description("student")
         except (ConfigError, OSError) as error:
             raise ConfigError(f"{path}: the training config's student.model: {error}") from None
-    raise ConfigError(f"{path}: no model.yaml and no training config that names the model; pass --model")
+    raise ConfigError(
+        f"{path}: no model.yaml and no training config that names the model; pass --model"
+    )
 
 
-def _tokenizer(path: Path, explicit: Optional[str], training: Optional[dict]) -> tuple[Path, Optional[dict]]:
+def _tokenizer(path: Path, explicit: str | None, training: dict | None) -> tuple[Path, dict | None]:
     """The tokenizer file, and the training data's sidecar when that is where it came from."""
     if explicit is not None:
         return Path(explicit), None
@@ -138,10 +155,14 @@ def _tokenizer(path: Path, explicit: Optional[str], training: Optional[dict]) ->
                 sidecar = json.loads(sidecar_path.read_text())
                 named = Path(sidecar["tokenizer"]["path"])
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(f"{sidecar_path}: not a data sidecar written by tools/prepare_data.py") from None
+                raise DataError(
+                    f"{sidecar_path}: not a data sidecar written by tools/prepare_data.py"
+                ) from None
             if not named.exists():
-                raise DataError(f"{named}: the tokenizer of {path}'s training data (named in {sidecar_path}) "
-                                "does not exist; pass --tokenizer")
+                raise DataError(
+                    f"{named}: the tokenizer of {path}'s training data (named in {sidecar_path}) "
+                    "does not exist; pass --tokenizer"
+                )
             return named, sidecar
         looked.append(f"{sidecar_path} (the sidecar of the training data)")
     raise DataError(f"{path}: no tokenizer found (looked in {'; '.join(looked)}); pass --tokenizer")

@@ -30,9 +30,10 @@ import json
 import shutil
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from hpd_megatron.checkpoint.training_state import iteration_dir
 from hpd_megatron.data import prepare
@@ -87,8 +88,14 @@ def _quiet(_message: str) -> None:
 def teacher_data(plan: StudyPlan, prefix: Path, seq_length: int) -> dict[str, Any]:
     """Greedy teacher replies to the first ``plan.prompts`` training problems, prepared at
     ``prefix``; returns how many were kept and how many of them are correct."""
-    job = GenerationJob(ckpt=plan.teacher, data=str(Path(plan.task) / "train.jsonl"), limit=plan.prompts,
-                        max_new_tokens=plan.max_new_tokens, batch_size=128, require_answer=False)
+    job = GenerationJob(
+        ckpt=plan.teacher,
+        data=str(Path(plan.task) / "train.jsonl"),
+        limit=plan.prompts,
+        max_new_tokens=plan.max_new_tokens,
+        batch_size=128,
+        require_answer=False,
+    )
     run = run_generation(job, log=_quiet)
     records, dropped = training_records(run.replies)
     correct, _ = training_records(run.replies, only_correct=True)
@@ -96,8 +103,13 @@ def teacher_data(plan: StudyPlan, prefix: Path, seq_length: int) -> dict[str, An
     with staged_files([jsonl]) as (out,):
         out.write_text("".join(json.dumps(record) + "\n" for record in records))
     prepare(jsonl, Path(plan.task) / "tokenizer.model", prefix, seq_length=seq_length, log=_quiet)
-    return {"replies": len(run.replies), "kept": len(records), "dropped_unfinished": dropped["unfinished"],
-            "correct": len(correct), "seconds": round(run.elapsed_s, 1)}
+    return {
+        "replies": len(run.replies),
+        "kept": len(records),
+        "dropped_unfinished": dropped["unfinished"],
+        "correct": len(correct),
+        "seconds": round(run.elapsed_s, 1),
+    }
 
 
 def start_export(out: Path) -> Path:
@@ -109,26 +121,51 @@ def start_export(out: Path) -> Path:
 def train_start(plan: StudyPlan, out: Path, seq_length: int) -> dict[str, Any]:
     """The students' shared start: the student SFT-trained on the task's reference solutions
     for ``plan.start_steps``, exported to ``start_export(out)``."""
-    prepare(Path(plan.task) / "train.jsonl", Path(plan.task) / "tokenizer.model", out / "data" / "reference",
-            seq_length=seq_length, log=_quiet)
-    run = load_run_config(RECIPE, [
-        f"data.train={out / 'data' / 'reference'}", "loss.method=sft",
-        f"run_dir={out / 'start'}", f"schedule.train_steps={plan.start_steps}", "optimizer.lr=3e-3",
-        "schedule.global_batch_size=32", "schedule.micro_batch_size=32", "checkpoint.save_interval=0",
-        f"checkpoint.export_dir={start_export(out)}",
-    ])
+    prepare(
+        Path(plan.task) / "train.jsonl",
+        Path(plan.task) / "tokenizer.model",
+        out / "data" / "reference",
+        seq_length=seq_length,
+        log=_quiet,
+    )
+    run = load_run_config(
+        RECIPE,
+        [
+            f"data.train={out / 'data' / 'reference'}",
+            "loss.method=sft",
+            f"run_dir={out / 'start'}",
+            f"schedule.train_steps={plan.start_steps}",
+            "optimizer.lr=3e-3",
+            "schedule.global_batch_size=32",
+            "schedule.micro_batch_size=32",
+            "checkpoint.save_interval=0",
+            f"checkpoint.export_dir={start_export(out)}",
+        ],
+    )
     history = train(run)
-    return {"steps": plan.start_steps, "final_cross_entropy": history[-1].get("cross_entropy"),
-            "seconds": round(sum(row["step_time_s"] for row in history), 1)}
+    return {
+        "steps": plan.start_steps,
+        "final_cross_entropy": history[-1].get("cross_entropy"),
+        "seconds": round(sum(row["step_time_s"] for row in history), 1),
+    }
 
 
 def evaluate(checkpoint: str | Path, plan: StudyPlan) -> dict[str, float]:
     """avg@k, token entropy and reply length on the held-out problems (``evaluate.score``)."""
-    job = GenerationJob(ckpt=str(checkpoint), data=str(Path(plan.task) / "test.jsonl"), limit=plan.test_problems,
-                        samples=plan.samples, temperature=plan.temperature, top_p=plan.top_p,
-                        max_new_tokens=plan.max_new_tokens, batch_size=128)
+    job = GenerationJob(
+        ckpt=str(checkpoint),
+        data=str(Path(plan.task) / "test.jsonl"),
+        limit=plan.test_problems,
+        samples=plan.samples,
+        temperature=plan.temperature,
+        top_p=plan.top_p,
+        max_new_tokens=plan.max_new_tokens,
+        batch_size=128,
+    )
     _, metrics = score(run_generation(job, log=_quiet))
-    return {("accuracy" if key.startswith("avg@") else key): value for key, value in metrics.items()}
+    return {
+        ("accuracy" if key.startswith("avg@") else key): value for key, value in metrics.items()
+    }
 
 
 def run_study(plan: StudyPlan) -> dict[str, Any]:
@@ -151,39 +188,62 @@ def run_study(plan: StudyPlan) -> dict[str, Any]:
     print(f"[study 1/4] teacher replies to {plan.prompts} training problems (greedy)", flush=True)
     results["teacher_data"] = teacher_data(plan, out / "data" / "teacher", seq_length)
     print(f"  {results['teacher_data']}", flush=True)
-    prepare(Path(plan.task) / "test.jsonl", Path(plan.task) / "tokenizer.model", out / "data" / "heldout",
-            seq_length=seq_length, log=_quiet)
+    prepare(
+        Path(plan.task) / "test.jsonl",
+        Path(plan.task) / "tokenizer.model",
+        out / "data" / "heldout",
+        seq_length=seq_length,
+        log=_quiet,
+    )
     phase_done("teacher_data")
 
-    print(f"[study 2/4] the students' shared start: {plan.start_steps} SFT steps on the reference "
-          "solutions", flush=True)
+    print(
+        f"[study 2/4] the students' shared start: {plan.start_steps} SFT steps on the reference "
+        "solutions",
+        flush=True,
+    )
     results["start_training"] = train_start(plan, out, seq_length)
     phase_done("start")
-    common = [f"data.train={out / 'data' / 'teacher'}", f"teacher.checkpoint={plan.teacher}",
-              f"schedule.train_steps={plan.steps}", f"checkpoint.save_interval={plan.save_interval}",
-              f"checkpoint.load={start_export(out)}"]
+    common = [
+        f"data.train={out / 'data' / 'teacher'}",
+        f"teacher.checkpoint={plan.teacher}",
+        f"schedule.train_steps={plan.steps}",
+        f"checkpoint.save_interval={plan.save_interval}",
+        f"checkpoint.load={start_export(out)}",
+    ]
     students: dict[str, Any] = {}
     directories: dict[str, Path] = {}
     for i, method in enumerate(plan.methods, 1):
-        print(f"[study 3/4] student {i}/{len(plan.methods)}: {method}, {plan.steps} steps", flush=True)
+        print(
+            f"[study 3/4] student {i}/{len(plan.methods)}: {method}, {plan.steps} steps", flush=True
+        )
         run = load_run_config(RECIPE, [*common, f"loss.method={method}", f"run_dir={out / method}"])
         history = train(run)
         directories[method] = checkpoint_dir(run)
         students[method] = {
             "seconds_per_step": statistics.median(row["step_time_s"] for row in history),
             "final_cross_entropy": history[-1].get("cross_entropy"),
-            "checkpoints": [{"step": step} for step in range(plan.save_interval, plan.steps + 1, plan.save_interval)],
+            "checkpoints": [
+                {"step": step}
+                for step in range(plan.save_interval, plan.steps + 1, plan.save_interval)
+            ],
         }
         if plan.steps % plan.save_interval:
             students[method]["checkpoints"].append({"step": plan.steps})
     phase_done("students")
 
-    print(f"[study 4/4] evaluating the teacher, the start and {sum(len(s['checkpoints']) for s in students.values())} "
-          f"student checkpoints on {plan.test_problems} held-out problems x {plan.samples} samples", flush=True)
+    print(
+        f"[study 4/4] evaluating the teacher, the start and {sum(len(s['checkpoints']) for s in students.values())} "
+        f"student checkpoints on {plan.test_problems} held-out problems x {plan.samples} samples",
+        flush=True,
+    )
     results["teacher"] = evaluate(plan.teacher, plan)
     results["start"] = evaluate(start_export(out), plan)
-    print(f"  teacher: accuracy {results['teacher']['accuracy']:.3f}; start: accuracy "
-          f"{results['start']['accuracy']:.3f}", flush=True)
+    print(
+        f"  teacher: accuracy {results['teacher']['accuracy']:.3f}; start: accuracy "
+        f"{results['start']['accuracy']:.3f}",
+        flush=True,
+    )
     paths = [(results["start"], start_export(out))]
     for method, student in students.items():
         for checkpoint in student["checkpoints"]:
@@ -194,8 +254,13 @@ def run_study(plan: StudyPlan) -> dict[str, Any]:
     phase_done("generation")
 
     print("  KL(teacher || student) on the held-out reference solutions", flush=True)
-    compared = compare_with_teacher(plan.teacher, load_run_config(RECIPE).student.description("student"),
-                                    [path for _, path in paths], out / "data" / "heldout", seq_length)
+    compared = compare_with_teacher(
+        plan.teacher,
+        load_run_config(RECIPE).student.description("student"),
+        [path for _, path in paths],
+        out / "data" / "heldout",
+        seq_length,
+    )
     for (checkpoint, _), numbers in zip(paths, compared["students"]):
         checkpoint["kl_to_teacher"] = numbers["kl_to_teacher"]
         checkpoint["heldout_entropy"] = numbers["entropy"]
@@ -210,14 +275,16 @@ def run_study(plan: StudyPlan) -> dict[str, Any]:
     return results
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", required=True)
     parser.add_argument("--task", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--long", action="store_true", help=f"the longer study: {LONG}")
     parser.add_argument("--steps", type=int, help="student steps (default 100, 400 with --long)")
-    parser.add_argument("--start-steps", type=int, help="SFT steps of the shared start (default 200)")
+    parser.add_argument(
+        "--start-steps", type=int, help="SFT steps of the shared start (default 200)"
+    )
     args = parser.parse_args(argv)
     plan = StudyPlan(args.teacher, args.task, args.out, **(LONG if args.long else {}))
     if args.steps:

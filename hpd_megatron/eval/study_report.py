@@ -12,9 +12,14 @@ COLUMNS = ("method", "avg@{k}", "sample entropy", "held-out entropy", "KL to tea
 
 def _cells(name: str, numbers: dict[str, Any], seconds_per_step: Any) -> list[str]:
     kl = numbers.get("kl_to_teacher")
-    return [name, f"{numbers['accuracy']:.3f}", f"{numbers['token_entropy']:.3f}",
-            f"{numbers['heldout_entropy']:.3f}", "0" if kl is None else f"{kl:.3f}",
-            "-" if seconds_per_step is None else f"{seconds_per_step:.3f}"]
+    return [
+        name,
+        f"{numbers['accuracy']:.3f}",
+        f"{numbers['token_entropy']:.3f}",
+        f"{numbers['heldout_entropy']:.3f}",
+        "0" if kl is None else f"{kl:.3f}",
+        "-" if seconds_per_step is None else f"{seconds_per_step:.3f}",
+    ]
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -26,7 +31,10 @@ def format_table(results: dict[str, Any]) -> str:
     for method, student in results["students"].items():
         rows.append(_cells(method, student["checkpoints"][-1], student["seconds_per_step"]))
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    lines = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |" for row in rows]
+    lines = [
+        "| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |"
+        for row in rows
+    ]
     lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
     return "\n".join(lines)
 
@@ -40,13 +48,17 @@ def plot_curves(results: dict[str, Any], path: str | Path) -> None:
     from matplotlib import pyplot
 
     figure, axes = pyplot.subplots(1, 3, figsize=(15, 4))
-    panels = (("accuracy", f"avg@{results['k']} on held-out problems"),
-              ("token_entropy", "entropy of the sampling distribution (nats)"),
-              ("kl_to_teacher", "KL(teacher || student), held-out (nats)"))
+    panels = (
+        ("accuracy", f"avg@{results['k']} on held-out problems"),
+        ("token_entropy", "entropy of the sampling distribution (nats)"),
+        ("kl_to_teacher", "KL(teacher || student), held-out (nats)"),
+    )
     for axis, (key, title) in zip(axes, panels):
         for method, student in results["students"].items():
             points = [{"step": 0, **results["start"]}, *student["checkpoints"]]
-            axis.plot([p["step"] for p in points], [p[key] for p in points], marker="o", label=method)
+            axis.plot(
+                [p["step"] for p in points], [p[key] for p in points], marker="o", label=method
+            )
         if key in results["teacher"]:
             axis.axhline(results["teacher"][key], color="black", linestyle="--", label="teacher")
         axis.set_xlabel("training step")

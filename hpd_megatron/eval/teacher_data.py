@@ -15,8 +15,9 @@ from hpd_megatron.eval.answers import answers_match, extract_answer
 from hpd_megatron.eval.runner import Reply
 
 
-def training_records(replies: list[Reply], only_correct: bool = False,
-                     keep_unfinished: bool = False) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def training_records(
+    replies: list[Reply], only_correct: bool = False, keep_unfinished: bool = False
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """The records to write, and how many replies were dropped for which reason."""
     records: list[dict[str, Any]] = []
     dropped = {"unfinished": 0, "incorrect": 0}

@@ -13,8 +13,9 @@ the checkpoint's run is known and tracked), else ``$MLFLOW_TRACKING_URI``; none 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from hpd_megatron.config import from_dict
 from hpd_megatron.eval.source import CheckpointInfo
@@ -23,28 +24,40 @@ from hpd_megatron.tracking import TrackingConfig, resolve_tracking_uri, start_tr
 PARENT_RUN_TAG = "mlflow.parentRunId"
 
 
-def tracking_target(info: CheckpointInfo, tracking_uri: Optional[str],
-                    experiment: Optional[str]) -> Optional[TrackingConfig]:
+def tracking_target(
+    info: CheckpointInfo, tracking_uri: str | None, experiment: str | None
+) -> TrackingConfig | None:
     """The tracking settings of this evaluation, or None when nothing names a store."""
     training = (info.training or {}).get("tracking")
     config = from_dict(TrackingConfig, training, "tracking") if isinstance(training, dict) else None
     if tracking_uri is None:
         if config is not None and config.enabled:
-            tracking_uri = resolve_tracking_uri(config, Path((info.training or {}).get("run_dir", ".")))
+            tracking_uri = resolve_tracking_uri(
+                config, Path((info.training or {}).get("run_dir", "."))
+            )
         else:
             tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
         return None
     return TrackingConfig(
         tracking_uri=tracking_uri,
-        experiment=experiment or (config.experiment if config is not None else TrackingConfig.experiment),
+        experiment=experiment
+        or (config.experiment if config is not None else TrackingConfig.experiment),
         flush_timeout_s=30.0,
     )
 
 
-def log_evaluation(config: TrackingConfig, run_name: str, out_dir: Path, params: Mapping[str, Any],
-                   metrics: Mapping[str, float], step: int, parent_run_id: Optional[str],
-                   tags: Mapping[str, str], artifacts: list[Path]) -> Optional[str]:
+def log_evaluation(
+    config: TrackingConfig,
+    run_name: str,
+    out_dir: Path,
+    params: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    step: int,
+    parent_run_id: str | None,
+    tags: Mapping[str, str],
+    artifacts: list[Path],
+) -> str | None:
     """Create the evaluation's run, log everything, finish it; returns its run id."""
     config.run_name = run_name
     all_tags = dict(tags)

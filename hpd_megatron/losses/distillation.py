@@ -35,8 +35,6 @@ diagnostics).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -86,7 +84,7 @@ def _check_logits(name: str, logits: Tensor, leading: torch.Size) -> None:
         )
 
 
-def _chunk_tokens(chunk_size: Optional[int], widest: int) -> int:
+def _chunk_tokens(chunk_size: int | None, widest: int) -> int:
     if chunk_size is None:
         return max(1, DEFAULT_CHUNK_ELEMENTS // max(widest, 1))
     if chunk_size < 1:
@@ -96,18 +94,18 @@ def _chunk_tokens(chunk_size: Optional[int], widest: int) -> int:
 
 def _plan(
     student_logits: Tensor,
-    teacher_logits: Optional[Tensor],
+    teacher_logits: Tensor | None,
     labels: Tensor,
     method,
     vocab_size: int,
     param: float,
     tp_group: TPGroupArg,
-    sampled_tokens: Optional[Tensor],
-    generator: Optional[torch.Generator],
-    seed: Optional[int],
+    sampled_tokens: Tensor | None,
+    generator: torch.Generator | None,
+    seed: int | None,
     sampler: str,
-    chunk_size: Optional[int],
-    given_uniforms: Optional[Tensor] = None,
+    chunk_size: int | None,
+    given_uniforms: Tensor | None = None,
 ) -> LossPlan:
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
@@ -143,9 +141,17 @@ def _plan(
             gumbel_seed = base_seed(generator, seed)
     widest = max(student.width, teacher.width if teacher is not None else 0)
     return LossPlan(
-        method=method, param=param, vocab_size=vocab_size, tp=tp, student=student,
-        teacher=teacher, chunk_size=_chunk_tokens(chunk_size, widest), ignore_index=IGNORE_INDEX,
-        sampler=sampler, uniforms=uniforms, gumbel_seed=gumbel_seed,
+        method=method,
+        param=param,
+        vocab_size=vocab_size,
+        tp=tp,
+        student=student,
+        teacher=teacher,
+        chunk_size=_chunk_tokens(chunk_size, widest),
+        ignore_index=IGNORE_INDEX,
+        sampler=sampler,
+        uniforms=uniforms,
+        gumbel_seed=gumbel_seed,
     )
 
 
@@ -155,7 +161,7 @@ def _mean(x: Tensor, count: int) -> Tensor:
 
 def distillation_loss(
     student_logits: Tensor,
-    teacher_logits: Optional[Tensor],
+    teacher_logits: Tensor | None,
     labels: Tensor,
     method: str = "hpd",
     *,
@@ -164,12 +170,12 @@ def distillation_loss(
     beta: float = 0.5,
     reduction: str = "mean",
     tp_group: TPGroupArg = FROM_PARALLEL_STATE,
-    sampled_tokens: Optional[Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-    seed: Optional[int] = None,
+    sampled_tokens: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
     sampler: str = "inverse_cdf",
-    chunk_size: Optional[int] = None,
-    uniforms: Optional[Tensor] = None,
+    chunk_size: int | None = None,
+    uniforms: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Distillation loss over supervised tokens, exact under tensor parallelism.
 
@@ -218,11 +224,26 @@ def distillation_loss(
     if not 0.0 <= param <= 1.0:
         raise ValueError(f"{spec.param} must be in [0, 1], got {param}")
 
-    plan = _plan(student_logits, teacher_logits, labels, spec, vocab_size, param, tp_group,
-                 sampled_tokens, generator, seed, sampler, chunk_size, uniforms)
+    plan = _plan(
+        student_logits,
+        teacher_logits,
+        labels,
+        spec,
+        vocab_size,
+        param,
+        tp_group,
+        sampled_tokens,
+        generator,
+        seed,
+        sampler,
+        chunk_size,
+        uniforms,
+    )
     record = ForwardRecord()
     teacher = teacher_logits.detach() if teacher_logits is not None else None
-    loss_sum = VocabParallelDistillation.apply(student_logits, teacher, labels, sampled_tokens, plan, record)
+    loss_sum = VocabParallelDistillation.apply(
+        student_logits, teacher, labels, sampled_tokens, plan, record
+    )
     count = int(record.rows.numel())
     loss = loss_sum if reduction == "sum" else loss_sum / max(count, 1)
 
@@ -254,10 +275,10 @@ def sample_student_tokens(
     *,
     vocab_size: int,
     tp_group: TPGroupArg = FROM_PARALLEL_STATE,
-    generator: Optional[torch.Generator] = None,
-    seed: Optional[int] = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
     sampler: str = "inverse_cdf",
-    chunk_size: Optional[int] = None,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """One token per supervised position from the student's fp32 softmax (real vocab only).
 
@@ -265,8 +286,20 @@ def sample_student_tokens(
     chunk size) it returns the tokens HPD draws. Returns a tensor shaped like ``labels``
     with -100 at unsupervised positions; identical on all TP ranks.
     """
-    plan = _plan(student_logits, None, labels, _SAMPLE_ONLY, vocab_size, 0.0, tp_group,
-                 None, generator, seed, sampler, chunk_size)
+    plan = _plan(
+        student_logits,
+        None,
+        labels,
+        _SAMPLE_ONLY,
+        vocab_size,
+        0.0,
+        tp_group,
+        None,
+        generator,
+        seed,
+        sampler,
+        chunk_size,
+    )
     _, _, record = forward_pass(student_logits, None, labels, None, plan)
     out = torch.full(labels.shape, IGNORE_INDEX, dtype=torch.long, device=labels.device)
     out.view(-1)[record.rows] = record.sampled

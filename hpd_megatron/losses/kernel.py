@@ -19,7 +19,7 @@ could multiply gradients by the TP size.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,18 +43,18 @@ e.g. 131 tokens of a 32,000-entry shard; small enough for glibc to recycle on th
 class LossPlan:
     """Everything the kernel needs besides the tensors (identical on all TP ranks)."""
 
-    method: Union[FullVocabMethod, TokenMethod]
+    method: FullVocabMethod | TokenMethod
     param: float
     vocab_size: int
     tp: TPGroup
     student: VocabShard
-    teacher: Optional[VocabShard]
+    teacher: VocabShard | None
     chunk_size: int
     ignore_index: int = -100
     sampler: str = "inverse_cdf"
-    uniforms: Optional[Tensor] = None
+    uniforms: Tensor | None = None
     """[positions] float64 for the inverse-CDF sampler."""
-    gumbel_seed: Optional[int] = None
+    gumbel_seed: int | None = None
 
     @property
     def dense(self) -> bool:
@@ -63,19 +63,23 @@ class LossPlan:
     @property
     def realign(self) -> bool:
         """Full-vocab methods need teacher and student columns of the same ids on a rank."""
-        return (self.dense and self.tp.size > 1 and self.teacher is not None
-                and self.teacher.width != self.student.width)
+        return (
+            self.dense
+            and self.tp.size > 1
+            and self.teacher is not None
+            and self.teacher.width != self.student.width
+        )
 
 
 @dataclass
 class ForwardRecord:
     """Per-supervised-token results of the forward (detached), for diagnostics."""
 
-    rows: Optional[Tensor] = None
-    values: Optional[Tensor] = None
-    cross_entropy: Optional[Tensor] = None
+    rows: Tensor | None = None
+    values: Tensor | None = None
+    cross_entropy: Tensor | None = None
     stats: dict[str, Tensor] = field(default_factory=dict)
-    sampled: Optional[Tensor] = None
+    sampled: Tensor | None = None
     """[supervised tokens] long: the sample yh of each supervised position, when drawn."""
 
 
@@ -83,7 +87,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunks(rows_all: Tensor, chunk_size: int) -> list[tuple[int, int, Optional[tuple[int, int]]]]:
+def _chunks(rows_all: Tensor, chunk_size: int) -> list[tuple[int, int, tuple[int, int] | None]]:
     """(start, end) into the supervised rows per chunk, and the row span when consecutive.
 
     Consecutive rows (the usual case: a response is one run of supervised positions) are
@@ -107,7 +111,7 @@ class _Buffers:
         self.rows, self.device, self.dtype = rows, device, dtype
         self._buffers: dict[str, Tensor] = {}
 
-    def get(self, name: str, n: int, width: int, dtype: Optional[torch.dtype] = None) -> Tensor:
+    def get(self, name: str, n: int, width: int, dtype: torch.dtype | None = None) -> Tensor:
         dtype = dtype or self.dtype
         buffer = self._buffers.get(name)
         if buffer is None or buffer.shape[1] != width or buffer.dtype != dtype:
@@ -116,8 +120,9 @@ class _Buffers:
         return buffer[:n]
 
 
-def _chunk_rows(source: Tensor, rows: Tensor, span: Optional[tuple[int, int]], buffers: _Buffers,
-                name: str) -> Tensor:
+def _chunk_rows(
+    source: Tensor, rows: Tensor, span: tuple[int, int] | None, buffers: _Buffers, name: str
+) -> Tensor:
     """The chunk's rows of ``source``: a view when consecutive, else gathered (native dtype)."""
     if span is not None:
         return source[span[0] : span[1]]
@@ -144,20 +149,23 @@ def _rescaled(total: Tensor, local_max: Tensor, global_max: Tensor) -> Tensor:
     return total.double() * torch.exp(local_max.double() - global_max.double())
 
 
-def _teacher_rows(plan: LossPlan, t_real: Tensor, rows: Tensor, span: Optional[tuple[int, int]],
-                  buffers: _Buffers) -> Tensor:
+def _teacher_rows(
+    plan: LossPlan, t_real: Tensor, rows: Tensor, span: tuple[int, int] | None, buffers: _Buffers
+) -> Tensor:
     """The chunk's teacher logits, moved onto the student's layout when full-vocab needs it."""
     source = _chunk_rows(t_real, rows, span, buffers, "teacher_in")
     if plan.realign:
-        return realign_columns(source, plan.teacher.width, plan.student.width, plan.vocab_size, plan.tp)
+        return realign_columns(
+            source, plan.teacher.width, plan.student.width, plan.vocab_size, plan.tp
+        )
     return source
 
 
 def forward_pass(
     student: Tensor,
-    teacher: Optional[Tensor],
+    teacher: Tensor | None,
     labels: Tensor,
-    sampled_tokens: Optional[Tensor],
+    sampled_tokens: Tensor | None,
     plan: LossPlan,
 ) -> tuple[Tensor, dict[str, Tensor], ForwardRecord]:
     """Loss sum over supervised tokens, the state the backward needs, and the record."""
@@ -183,7 +191,13 @@ def forward_pass(
     def per_token(dtype: torch.dtype = cdt) -> Tensor:
         return torch.zeros(n_sup, dtype=dtype, device=device)
 
-    lse_q, lse_p, sum_w, values, ce = per_token(), per_token(), per_token(), per_token(), per_token()
+    lse_q, lse_p, sum_w, values, ce = (
+        per_token(),
+        per_token(),
+        per_token(),
+        per_token(),
+        per_token(),
+    )
     coef_y, coef_s = per_token(), per_token()
     samples = torch.zeros(n_sup, dtype=torch.long, device=device)
     stats: dict[str, list[Tensor]] = {}
@@ -240,7 +254,7 @@ def forward_pass(
         masses, reduced = reduced[:mass_rows], reduced[mass_rows:]
         lse_s64 = gm_s.double() + masses.sum(dim=0).log()
         lse_q[start:end] = lse_s64.to(cdt)
-        logq_y = (reduced[0] - lse_s64)
+        logq_y = reduced[0] - lse_s64
         ce[start:end] = (-logq_y).to(cdt)
         if use_teacher:
             lse_t64 = global_max[1].double() + reduced[1].log()
@@ -248,8 +262,12 @@ def forward_pass(
 
         if plan.dense:
             # --- full vocabulary: weights and divergence terms, summed over all shards
-            logq = torch.sub(zc, lse_q[start:end].unsqueeze(1), out=buffers.get("logq", n, shard.real_width))
-            logp = torch.sub(tc, lse_p[start:end].unsqueeze(1), out=buffers.get("logp", n, shard.real_width))
+            logq = torch.sub(
+                zc, lse_q[start:end].unsqueeze(1), out=buffers.get("logq", n, shard.real_width)
+            )
+            logp = torch.sub(
+                tc, lse_p[start:end].unsqueeze(1), out=buffers.get("logp", n, shard.real_width)
+            )
             w, terms = method.terms(logq, logp, plan.param, True)
             sums = torch.stack([w.sum(dim=-1), terms.sum(dim=-1)]).double()
             del w, terms
@@ -261,17 +279,24 @@ def forward_pass(
         # --- the student's sample yh (rounds 3 and 4)
         if needs_sample:
             if samples_in is not None:
-                z_s64, t_s64 = reduced[-2] if use_teacher else reduced[-1], reduced[-1] if use_teacher else None
+                z_s64, t_s64 = (
+                    reduced[-2] if use_teacher else reduced[-1],
+                    reduced[-1] if use_teacher else None,
+                )
             else:
                 if inverse_cdf:
                     local_scale = torch.exp(m_s.double() - gm_s.double())
-                    owned, ids, _ = inverse_cdf_pick(masses, plan.uniforms[rows], exps, local_scale, shard, tp)
+                    owned, ids, _ = inverse_cdf_pick(
+                        masses, plan.uniforms[rows], exps, local_scale, shard, tp
+                    )
                     pick = torch.stack([torch.where(owned, ids.double(), 0.0)])
                     y_s = all_reduce_(pick, dist.ReduceOp.SUM, tp)[0].round().long()
                 else:
                     winner = best == global_max[-1]
                     candidate = torch.where(winner, (shard.start + column).double(), float(2**53))
-                    y_s = all_reduce_(candidate.unsqueeze(0), dist.ReduceOp.MIN, tp)[0].round().long()
+                    y_s = (
+                        all_reduce_(candidate.unsqueeze(0), dist.ReduceOp.MIN, tp)[0].round().long()
+                    )
                 point = [_owned_value(z_real, rows, y_s, shard)]
                 if use_teacher:
                     point.append(_owned_value(t_real, rows, y_s, plan.teacher))
@@ -302,13 +327,25 @@ def forward_pass(
         stats={name: torch.cat(parts) for name, parts in stats.items()},
         sampled=samples if needs_sample else None,
     )
-    saved = dict(rows=rows_all, lse_q=lse_q, lse_p=lse_p, sum_w=sum_w, coef_y=coef_y,
-                 coef_s=coef_s, labels=labels, samples=samples)
+    saved = dict(
+        rows=rows_all,
+        lse_q=lse_q,
+        lse_p=lse_p,
+        sum_w=sum_w,
+        coef_y=coef_y,
+        coef_s=coef_s,
+        labels=labels,
+        samples=samples,
+    )
     return loss_sum, saved, record
 
 
 def backward_pass(
-    grad_scale: float, student: Tensor, teacher: Optional[Tensor], saved: dict[str, Tensor], plan: LossPlan
+    grad_scale: float,
+    student: Tensor,
+    teacher: Tensor | None,
+    saved: dict[str, Tensor],
+    plan: LossPlan,
 ) -> Tensor:
     """d(loss_sum)/d(student logits) * grad_scale, shard-local: grad_j = sum_w q_j - w_j."""
     shard, method = plan.student, plan.method
@@ -340,18 +377,27 @@ def backward_pass(
         if plan.dense:
             logq = torch.sub(zc, lse_q, out=buffers.get("logq", n, shard.real_width))
             teacher_rows = _teacher_rows(plan, t_real, rows, span, buffers)
-            logp = torch.sub(teacher_rows, saved["lse_p"][start:end].unsqueeze(1),
-                             out=buffers.get("logp", n, shard.real_width))
+            logp = torch.sub(
+                teacher_rows,
+                saved["lse_p"][start:end].unsqueeze(1),
+                out=buffers.get("logp", n, shard.real_width),
+            )
             w, _ = method.terms(logq, logp, plan.param, False)
             torch.exp(logq, out=out).mul_(scaled_sum).sub_(w, alpha=grad_scale)
             del w
         else:
             torch.sub(zc, lse_q, out=out).exp_().mul_(scaled_sum)
             if shard.real_width:
-                for ids, coef in ((saved["labels"][rows], saved["coef_y"]), (saved["samples"][start:end], saved["coef_s"])):
+                for ids, coef in (
+                    (saved["labels"][rows], saved["coef_y"]),
+                    (saved["samples"][start:end], saved["coef_s"]),
+                ):
                     mine = shard.owns(ids)
-                    out.scatter_add_(1, shard.local(ids).unsqueeze(1),
-                                     torch.where(mine, -grad_scale * coef[start:end], 0.0).unsqueeze(1))
+                    out.scatter_add_(
+                        1,
+                        shard.local(ids).unsqueeze(1),
+                        torch.where(mine, -grad_scale * coef[start:end], 0.0).unsqueeze(1),
+                    )
         if direct:
             continue
         if span is not None:
@@ -365,8 +411,15 @@ class VocabParallelDistillation(torch.autograd.Function):
     """loss_sum = sum over supervised tokens of the method's value; gradient to the student only."""
 
     @staticmethod
-    def forward(ctx: Any, student: Tensor, teacher: Optional[Tensor], labels: Tensor,
-                sampled_tokens: Optional[Tensor], plan: LossPlan, record: ForwardRecord) -> Tensor:
+    def forward(
+        ctx: Any,
+        student: Tensor,
+        teacher: Tensor | None,
+        labels: Tensor,
+        sampled_tokens: Tensor | None,
+        plan: LossPlan,
+        record: ForwardRecord,
+    ) -> Tensor:
         loss_sum, saved, filled = forward_pass(student, teacher, labels, sampled_tokens, plan)
         record.__dict__.update(filled.__dict__)
         ctx.plan = plan

@@ -24,13 +24,13 @@ so adding a divergence means writing one of the two kinds of function below:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-TermsFn = Callable[[Tensor, Tensor, float, bool], "tuple[Tensor, Optional[Tensor]]"]
+TermsFn = Callable[[Tensor, Tensor, float, bool], "tuple[Tensor, Tensor | None]"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class FullVocabMethod:
 
     name: str
     terms: TermsFn
-    param: Optional[str]
+    param: str | None
     """Name of the method's coefficient argument (``alpha``/``beta``), or None."""
     value: str
     """What the reported loss value is (documentation)."""
@@ -50,10 +50,10 @@ class PointLogProbs:
     """Per-token log-probabilities at the data token y and the sample yh (yh may be absent)."""
 
     logq_y: Tensor
-    logp_y: Optional[Tensor]
-    logq_s: Optional[Tensor] = None
-    logp_s: Optional[Tensor] = None
-    same: Optional[Tensor] = None
+    logp_y: Tensor | None
+    logq_s: Tensor | None = None
+    logp_s: Tensor | None = None
+    same: Tensor | None = None
     """[yh == y]."""
 
 
@@ -62,7 +62,7 @@ class TokenWeights:
     """Weights on (y, yh) and the value reported for each token."""
 
     coef_y: Tensor
-    coef_s: Optional[Tensor]
+    coef_s: Tensor | None
     value: Tensor
     stats: dict[str, Tensor]
     """Per-token diagnostics (0/1 floats or values) the API averages over tokens."""
@@ -95,20 +95,20 @@ def _log_mixture(log_a: Tensor, log_b: Tensor, a: float) -> Tensor:
 # ---------------------------------------------------------------- full vocabulary
 
 
-def _fkl(logq: Tensor, logp: Tensor, _: float, with_value: bool) -> tuple[Tensor, Optional[Tensor]]:
+def _fkl(logq: Tensor, logp: Tensor, _: float, with_value: bool) -> tuple[Tensor, Tensor | None]:
     # D = KL(p || q) = sum p (log p - log q);  w = p.
     p = logp.exp()
     value = torch.sub(logp, logq).mul_(p) if with_value else None
     return p, value
 
 
-def _rkl(logq: Tensor, logp: Tensor, _: float, with_value: bool) -> tuple[Tensor, Optional[Tensor]]:
+def _rkl(logq: Tensor, logp: Tensor, _: float, with_value: bool) -> tuple[Tensor, Tensor | None]:
     # D = KL(q || p) = sum q (log q - log p);  w = q (log p - log q) = -(value terms).
     w = torch.sub(logp, logq).mul_(logq.exp())
     return w, (w.neg() if with_value else None)
 
 
-def _skl(logq: Tensor, logp: Tensor, a: float, with_value: bool) -> tuple[Tensor, Optional[Tensor]]:
+def _skl(logq: Tensor, logp: Tensor, a: float, with_value: bool) -> tuple[Tensor, Tensor | None]:
     # D = KL(p || m), m = a p + (1 - a) q;  w = (1 - a) p q / m.
     log_m = _log_mixture(logp, logq, a)
     value = torch.sub(logp, log_m).mul_(logp.exp()) if with_value else None
@@ -116,7 +116,7 @@ def _skl(logq: Tensor, logp: Tensor, a: float, with_value: bool) -> tuple[Tensor
     return w, value
 
 
-def _srkl(logq: Tensor, logp: Tensor, a: float, with_value: bool) -> tuple[Tensor, Optional[Tensor]]:
+def _srkl(logq: Tensor, logp: Tensor, a: float, with_value: bool) -> tuple[Tensor, Tensor | None]:
     # D = KL(q || m'), m' = a q + (1 - a) p;  w = q [log(m'/q) + a q / m'].
     log_m = _log_mixture(logq, logp, a)
     q = logq.exp()
@@ -126,7 +126,7 @@ def _srkl(logq: Tensor, logp: Tensor, a: float, with_value: bool) -> tuple[Tenso
     return w, value
 
 
-def _tvd(logq: Tensor, logp: Tensor, _: float, with_value: bool) -> tuple[Tensor, Optional[Tensor]]:
+def _tvd(logq: Tensor, logp: Tensor, _: float, with_value: bool) -> tuple[Tensor, Tensor | None]:
     # D = 1/2 sum |p - q|;  w = 1/2 q sign(p - q).
     q = logq.exp()
     diff = logp.exp().sub_(q)
@@ -135,7 +135,7 @@ def _tvd(logq: Tensor, logp: Tensor, _: float, with_value: bool) -> tuple[Tensor
     return w, value
 
 
-def _jsd(logq: Tensor, logp: Tensor, b: float, with_value: bool) -> tuple[Tensor, Optional[Tensor]]:
+def _jsd(logq: Tensor, logp: Tensor, b: float, with_value: bool) -> tuple[Tensor, Tensor | None]:
     # Generalised JSD (GKD): D = b KL(p || m) + (1 - b) KL(q || m), m = b p + (1 - b) q;
     # w = (1 - b) q log(m / q).
     log_m = _log_mixture(logp, logq, b)
@@ -154,7 +154,9 @@ FULL_VOCAB_METHODS: dict[str, FullVocabMethod] = {
     "skl": FullVocabMethod("skl", _skl, "alpha", "KL(p || alpha p + (1 - alpha) q)"),
     "srkl": FullVocabMethod("srkl", _srkl, "alpha", "KL(q || alpha q + (1 - alpha) p)"),
     "tvd": FullVocabMethod("tvd", _tvd, None, "1/2 sum_v |p - q|"),
-    "jsd": FullVocabMethod("jsd", _jsd, "beta", "beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q"),
+    "jsd": FullVocabMethod(
+        "jsd", _jsd, "beta", "beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q"
+    ),
 }
 
 
@@ -197,10 +199,20 @@ def hpd_token_weights(point: PointLogProbs) -> TokenWeights:
 
 
 TOKEN_METHODS: dict[str, TokenMethod] = {
-    "sft": TokenMethod("sft", _sft, needs_teacher=False, needs_sample=False,
-                       value="cross-entropy -log q(y) of the data token"),
-    "hpd": TokenMethod("hpd", hpd_token_weights, needs_teacher=True, needs_sample=True,
-                       value="the surrogate -(A log q(y) + B [yh != y] log q(yh))"),
+    "sft": TokenMethod(
+        "sft",
+        _sft,
+        needs_teacher=False,
+        needs_sample=False,
+        value="cross-entropy -log q(y) of the data token",
+    ),
+    "hpd": TokenMethod(
+        "hpd",
+        hpd_token_weights,
+        needs_teacher=True,
+        needs_sample=True,
+        value="the surrogate -(A log q(y) + B [yh != y] log q(yh))",
+    ),
 }
 
 METHODS = tuple(TOKEN_METHODS) + tuple(FULL_VOCAB_METHODS)

@@ -19,8 +19,6 @@ Two samplers, both exact for the fp32 distribution, both identical on every TP r
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -33,8 +31,8 @@ def draw_uniforms(
     num_positions: int,
     device: torch.device,
     tp: TPGroup,
-    generator: Optional[torch.Generator] = None,
-    seed: Optional[int] = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
 ) -> Tensor:
     """float64 U[0, 1) per position, identical on all TP ranks."""
     if seed is not None:
@@ -44,12 +42,17 @@ def draw_uniforms(
     return broadcast_from_first_(u.to(device), tp)
 
 
-def base_seed(generator: Optional[torch.Generator], seed: Optional[int]) -> int:
+def base_seed(generator: torch.Generator | None, seed: int | None) -> int:
     """An integer seed for the per-chunk Gumbel generators."""
     if seed is not None:
         return int(seed)
-    drawn = torch.randint(0, 2**62, (1,), generator=generator,
-                          device=generator.device if generator is not None else "cpu")
+    drawn = torch.randint(
+        0,
+        2**62,
+        (1,),
+        generator=generator,
+        device=generator.device if generator is not None else "cpu",
+    )
     return int(drawn.item())
 
 
@@ -59,12 +62,16 @@ def chunk_generator(seed: int, chunk: int, tp_rank: int, device: torch.device) -
     return torch.Generator(device=device).manual_seed(mixed)
 
 
-def gumbel_scores(logits: Tensor, work: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def gumbel_scores(
+    logits: Tensor, work: Tensor, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
     """Best local score max_j (z_j + G_j) and its local column; ``work`` is overwritten."""
     if logits.shape[-1] == 0:
         n = logits.shape[0]
-        return (torch.full((n,), -torch.inf, dtype=logits.dtype, device=logits.device),
-                torch.zeros(n, dtype=torch.long, device=logits.device))
+        return (
+            torch.full((n,), -torch.inf, dtype=logits.dtype, device=logits.device),
+            torch.zeros(n, dtype=torch.long, device=logits.device),
+        )
     # z + G with G = -log(-log U): work <- log(-log U), then z - work.
     work.uniform_(generator=generator).log_().neg_().log_()
     work.neg_().add_(logits)
@@ -108,7 +115,9 @@ def inverse_cdf_pick(
     local_target = remainder.to(running.dtype)
     # Strictly below the row total and >= 0, so the first running sum above it has mass.
     row_total = running[:, -1]
-    local_target = torch.minimum(local_target.clamp_min(0), torch.nextafter(row_total, torch.zeros_like(row_total)))
+    local_target = torch.minimum(
+        local_target.clamp_min(0), torch.nextafter(row_total, torch.zeros_like(row_total))
+    )
     column = torch.searchsorted(running, local_target.unsqueeze(1), right=True).squeeze(1)
     column = column.clamp_max(shard.real_width - 1)
     return owned, shard.start + column, column

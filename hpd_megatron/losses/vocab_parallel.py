@@ -15,7 +15,7 @@ single-process tests run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import torch.distributed as dist
@@ -32,7 +32,7 @@ TPGroupArg = Union[ProcessGroup, None, str]
 class TPGroup:
     """A resolved TP group; ``group is None`` means a single rank (no communication)."""
 
-    group: Optional[ProcessGroup]
+    group: ProcessGroup | None
     rank: int
     size: int
 
@@ -48,7 +48,9 @@ def resolve_tp_group(tp_group: TPGroupArg = FROM_PARALLEL_STATE) -> TPGroup:
     """Turn the user's ``tp_group`` argument into a ``TPGroup``."""
     if isinstance(tp_group, str):
         if tp_group != FROM_PARALLEL_STATE:
-            raise ValueError(f"tp_group: expected a ProcessGroup, None or {FROM_PARALLEL_STATE!r}, got {tp_group!r}")
+            raise ValueError(
+                f"tp_group: expected a ProcessGroup, None or {FROM_PARALLEL_STATE!r}, got {tp_group!r}"
+            )
         from megatron.core import parallel_state
 
         if not parallel_state.model_parallel_is_initialized():
@@ -137,7 +139,9 @@ def realign_columns(
             if other == me:
                 out[:, lo - dst_mine.start : hi - dst_mine.start].copy_(piece)
             else:
-                ops.append(dist.P2POp(dist.isend, piece.contiguous(), tp.global_rank(other), tp.group))
+                ops.append(
+                    dist.P2POp(dist.isend, piece.contiguous(), tp.global_rank(other), tp.group)
+                )
         # What I receive from `other`: its source columns inside my target shard.
         src_other = shard_of_rank(source_width, vocab_size, other)
         lo, hi = max(src_other.start, dst_mine.start), min(src_other.end, dst_mine.end)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ def transformer_engine_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
-def layer_spec(model: ModelDescription, use_transformer_engine: Optional[bool] = None) -> ModuleSpec:
+def layer_spec(model: ModelDescription, use_transformer_engine: bool | None = None) -> ModuleSpec:
     """The Transformer Engine spec on a GPU with TE, Megatron-Core's local spec otherwise."""
     if use_transformer_engine is None:
         use_transformer_engine = transformer_engine_available()
@@ -98,10 +98,10 @@ def transformer_config(
 def build_gpt_model(
     model: ModelDescription,
     config: TransformerConfig,
-    pre_process: Optional[bool] = None,
-    post_process: Optional[bool] = None,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
     vocab_divisible_by: int = DEFAULT_VOCAB_DIVISIBLE_BY,
-    spec: Optional[ModuleSpec] = None,
+    spec: ModuleSpec | None = None,
 ) -> GPTModel:
     """The GPTModel stage this rank holds (embedding on the first stage, head on the last).
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hpd_megatron.config import ConfigError, from_dict, load_yaml
 
@@ -45,18 +45,18 @@ class ModelDescription:
     ffn_hidden_size: int
     vocab_size: int
     """The tokenizer's (real) vocabulary; the output layer is padded beyond it."""
-    num_query_groups: Optional[int] = None
+    num_query_groups: int | None = None
     """KV heads for grouped-query attention; None means one per attention head."""
-    kv_channels: Optional[int] = None
+    kv_channels: int | None = None
     """Head dimension; None means hidden_size / num_attention_heads."""
     max_position_embeddings: int = 4096
     rotary_base: float = 10000.0
-    rope_scaling: Optional[RopeScaling] = None
+    rope_scaling: RopeScaling | None = None
     norm_epsilon: float = 1e-5
     tie_word_embeddings: bool = False
-    qkv_bias: Optional[bool] = None
+    qkv_bias: bool | None = None
     """None takes the family's default (True for qwen2)."""
-    qk_layernorm: Optional[bool] = None
+    qk_layernorm: bool | None = None
     """None takes the family's default (True for qwen3)."""
     init_method_std: float = 0.02
     extra: dict[str, Any] = field(default_factory=dict)
@@ -80,8 +80,16 @@ class ModelDescription:
                     f"num_attention_heads {self.num_attention_heads}; set kv_channels"
                 )
             self.kv_channels = self.hidden_size // self.num_attention_heads
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
-                     "vocab_size", "num_query_groups", "kv_channels", "max_position_embeddings"):
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "ffn_hidden_size",
+            "vocab_size",
+            "num_query_groups",
+            "kv_channels",
+            "max_position_embeddings",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name}: must be positive, got {getattr(self, name)}")
         if self.num_attention_heads % self.num_query_groups:
@@ -96,11 +104,11 @@ class ModelDescription:
             )
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "model") -> "ModelDescription":
+    def from_dict(cls, data: Any, where: str = "model") -> ModelDescription:
         return from_dict(cls, data, where)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "ModelDescription":
+    def from_yaml(cls, path: str | Path) -> ModelDescription:
         return from_dict(cls, load_yaml(path), str(path))
 
     def to_dict(self) -> dict[str, Any]:

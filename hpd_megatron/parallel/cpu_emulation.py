@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -92,12 +93,13 @@ def _set_cpu_rng_state(new_state: torch.Tensor, *_args: Any, **_kwargs: Any) -> 
 _original_tensor_type = torch.Tensor.type
 
 
-def _type_as_if_on_cuda(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False,
-                        **kwargs: Any) -> Any:
+def _type_as_if_on_cuda(
+    self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any
+) -> Any:
     if dtype is None and not kwargs:
         name = _original_tensor_type(self)
         if name.startswith("torch.") and not name.startswith("torch.cuda."):
-            return "torch.cuda." + name[len("torch."):]
+            return "torch.cuda." + name[len("torch.") :]
         return name
     return _original_tensor_type(self, dtype, non_blocking, **kwargs)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -54,17 +54,19 @@ class ParallelContext:
         return self.pp_rank == self.layout.pipeline_model_parallel_size - 1
 
 
-def _int_from(env: Mapping[str, str], *names: str) -> Optional[int]:
+def _int_from(env: Mapping[str, str], *names: str) -> int | None:
     for name in names:
         if name in env:
             try:
                 return int(env[name])
             except ValueError:
-                raise ConfigError(f"environment variable {name}={env[name]!r} is not an integer") from None
+                raise ConfigError(
+                    f"environment variable {name}={env[name]!r} is not an integer"
+                ) from None
     return None
 
 
-def read_launch_environment(env: Optional[Mapping[str, str]] = None) -> LaunchEnvironment:
+def read_launch_environment(env: Mapping[str, str] | None = None) -> LaunchEnvironment:
     """Rank, world size and rendezvous from torchrun's or Slurm's variables.
 
     torchrun's names win when both are set (torchrun under srun sets its own).
@@ -104,7 +106,7 @@ def initialize_parallel(
     seed: int = 1234,
     models: Iterable[tuple[str, ModelDescription]] = (),
     timeout_minutes: float = 10.0,
-    env: Optional[Mapping[str, str]] = None,
+    env: Mapping[str, str] | None = None,
 ) -> ParallelContext:
     """Initialise torch.distributed, parallel_state and the model-parallel RNG.
 

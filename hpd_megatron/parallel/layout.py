@@ -7,8 +7,8 @@ teacher has been loaded.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Optional
 
 from hpd_megatron.config import ConfigError
 from hpd_megatron.models.description import ModelDescription
@@ -23,7 +23,7 @@ class ParallelLayout:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     context_parallel_size: int = 1
-    data_parallel_size: Optional[int] = None
+    data_parallel_size: int | None = None
     """None: whatever the world size leaves after TP x PP x CP."""
 
     @property
@@ -55,8 +55,11 @@ def validate_layout(
     pp = layout.pipeline_model_parallel_size
     cp = layout.context_parallel_size
     problems = []
-    for name, size in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
-                       ("context_parallel_size", cp)):
+    for name, size in (
+        ("tensor_model_parallel_size", tp),
+        ("pipeline_model_parallel_size", pp),
+        ("context_parallel_size", cp),
+    ):
         if size < 1:
             problems.append(f"{name} must be >= 1, got {size}")
     if problems:
@@ -88,7 +91,9 @@ def validate_layout(
                 f"{model.num_query_groups}"
             )
         if model.ffn_hidden_size % tp:
-            problems.append(f"{name}: TP={tp} does not divide ffn_hidden_size={model.ffn_hidden_size}")
+            problems.append(
+                f"{name}: TP={tp} does not divide ffn_hidden_size={model.ffn_hidden_size}"
+            )
         if model.num_layers % pp:
             problems.append(f"{name}: PP={pp} does not divide num_layers={model.num_layers}")
     if problems:

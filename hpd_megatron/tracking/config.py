@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from hpd_megatron.config import ConfigError
 
@@ -18,9 +17,9 @@ from hpd_megatron.config import ConfigError
 class TrackingConfig:
     enabled: bool = True
     experiment: str = "hpd-megatron"
-    run_name: Optional[str] = None
+    run_name: str | None = None
     """None: the run directory's name."""
-    tracking_uri: Optional[str] = None
+    tracking_uri: str | None = None
     """None: $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db (MLflow's plain file
     store is deprecated), with that store's artifacts in <run_dir>/mlartifacts."""
     system_metrics: bool = False
@@ -48,7 +47,9 @@ class TrackingConfig:
                 raise ConfigError(f"tracking.{name}: must be >= 0, got {getattr(self, name)}")
         if self.request_timeout_s < 1:
             # MLflow reads the timeout as whole seconds.
-            raise ConfigError(f"tracking.request_timeout_s: must be >= 1, got {self.request_timeout_s}")
+            raise ConfigError(
+                f"tracking.request_timeout_s: must be >= 1, got {self.request_timeout_s}"
+            )
         if self.max_buffered_metrics < 1:
             raise ConfigError(
                 f"tracking.max_buffered_metrics: must be >= 1, got {self.max_buffered_metrics}"
@@ -65,14 +66,14 @@ def resolve_tracking_uri(config: TrackingConfig, run_dir: Path) -> str:
     return f"sqlite:///{(Path(run_dir) / 'mlflow.db').resolve()}"
 
 
-def local_artifact_location(tracking_uri: str) -> Optional[str]:
+def local_artifact_location(tracking_uri: str) -> str | None:
     """For a SQLite store: ``mlartifacts`` beside the database file (MLflow's own default
     would be ./mlruns in whatever directory the job was started from). Else None: the
     server decides (with ``mlflow server``, its artifact proxy)."""
     prefix = "sqlite:///"
     if not tracking_uri.startswith(prefix):
         return None
-    database = Path(tracking_uri[len(prefix):])
+    database = Path(tracking_uri[len(prefix) :])
     if str(database) in ("", ":memory:"):
         return None
     return (database.parent / "mlartifacts").resolve().as_uri()

@@ -12,7 +12,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 MAX_METRICS_PER_REQUEST = 1000  # MLflow's log_batch limit
 MAX_TAGS_PER_REQUEST = 100
@@ -36,7 +36,7 @@ class TagBatch:
 class ArtifactUpload:
     local_path: Path
     """A file or directory; a staged copy keeps the original's name."""
-    artifact_path: Optional[str]
+    artifact_path: str | None
 
 
 @dataclass
@@ -78,7 +78,10 @@ class Outbox:
             if not fresh:
                 return
             tail = self._items[-1] if self._items else None
-            if isinstance(tail, MetricBatch) and len(tail.points) + len(fresh) <= MAX_METRICS_PER_REQUEST:
+            if (
+                isinstance(tail, MetricBatch)
+                and len(tail.points) + len(fresh) <= MAX_METRICS_PER_REQUEST
+            ):
                 tail.points.extend(fresh)
             else:
                 self._items.append(MetricBatch(fresh))
@@ -100,7 +103,7 @@ class Outbox:
             self._condition.notify_all()
 
     # -- delivery thread --------------------------------------------------------------
-    def take(self) -> Optional[Item]:
+    def take(self) -> Item | None:
         """The oldest item, waiting for one; None once closed and empty."""
         with self._condition:
             self._condition.wait_for(lambda: self._items or self._closed)
@@ -133,7 +136,9 @@ class Outbox:
         """Counts of what is still waiting: metric points, tag batches, artifacts."""
         with self._condition:
             return {
-                "metric points": sum(len(i.points) for i in self._items if isinstance(i, MetricBatch)),
+                "metric points": sum(
+                    len(i.points) for i in self._items if isinstance(i, MetricBatch)
+                ),
                 "tag batches": sum(isinstance(i, TagBatch) for i in self._items),
                 "artifacts": sum(isinstance(i, ArtifactUpload) for i in self._items),
             }

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 # MLflow rejects longer param values (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH) and
 # longer tag values (MAX_TAG_VAL_LENGTH); both have been these sizes since MLflow 2.x.

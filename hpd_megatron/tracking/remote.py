@@ -16,8 +16,8 @@ cannot fix). Two things make retries safe:
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from hpd_megatron.tracking.outbox import MAX_TAGS_PER_REQUEST, ArtifactUpload, MetricPoint
 from hpd_megatron.tracking.params import MAX_KEY_LENGTH, MAX_TAG_VALUE_LENGTH, truncate
@@ -46,10 +46,18 @@ def is_invalid_value(error: BaseException) -> bool:
 class RemoteRun:
     """One MLflow run on one tracking URI. Not thread-safe: the delivery thread owns it."""
 
-    def __init__(self, tracking_uri: str, experiment: str, run_name: str,
-                 params: dict[str, str], tags: dict[str, str], run_id: Optional[str],
-                 artifact_location: Optional[str], say: Callable[[str], None],
-                 creation_token: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str,
+        params: dict[str, str],
+        tags: dict[str, str],
+        run_id: str | None,
+        artifact_location: str | None,
+        say: Callable[[str], None],
+        creation_token: str | None = None,
+    ) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.resumed = run_id is not None
@@ -80,7 +88,8 @@ class RemoteRun:
             # (here, or in the earlier job whose checkpoint gave the token): continue that
             # run rather than create a second one.
             found = client.search_runs(
-                [self._experiment_id(client)], f"tags.`{CREATION_TOKEN_TAG}` = '{self.creation_token}'",
+                [self._experiment_id(client)],
+                f"tags.`{CREATION_TOKEN_TAG}` = '{self.creation_token}'",
                 max_results=1,
             )
             if found:
@@ -95,7 +104,8 @@ class RemoteRun:
         if self.run_id is None:
             self._creation_tried = True
             run = client.create_run(
-                self._experiment_id(client), run_name=self._run_name,
+                self._experiment_id(client),
+                run_name=self._run_name,
                 tags={**self._tags, CREATION_TOKEN_TAG: self.creation_token},
             )
             self.run_id = run.info.run_id
@@ -112,24 +122,36 @@ class RemoteRun:
                 raise
             run = None
         if run is None or run.info.lifecycle_stage == "deleted":
-            self._say(f"run {self.run_id} (from the checkpoint) is not in {self.tracking_uri} "
-                      f"or was deleted; starting a new run instead")
+            self._say(
+                f"run {self.run_id} (from the checkpoint) is not in {self.tracking_uri} "
+                f"or was deleted; starting a new run instead"
+            )
             self.run_id, self.resumed = None, False
             self._create_run(client)
             return
         recorded = run.data.params
         missing = {key: value for key, value in self._params.items() if key not in recorded}
-        changed = {key: value for key, value in self._params.items()
-                   if key in recorded and recorded[key] != value}
+        changed = {
+            key: value
+            for key, value in self._params.items()
+            if key in recorded and recorded[key] != value
+        }
         self._log_params(client, missing)
         if changed:
             # Params are immutable; the resumed value is kept as a tag and said once.
-            self._say(f"resumed run {self.run_id} keeps its original params; changed on resume "
-                      f"(recorded as {PARAM_CHANGED_TAG_PREFIX}* tags): {', '.join(sorted(changed))}")
-        tags = {**self._tags, **{
-            truncate(PARAM_CHANGED_TAG_PREFIX + key, MAX_KEY_LENGTH): truncate(value, MAX_TAG_VALUE_LENGTH)
-            for key, value in changed.items()
-        }}
+            self._say(
+                f"resumed run {self.run_id} keeps its original params; changed on resume "
+                f"(recorded as {PARAM_CHANGED_TAG_PREFIX}* tags): {', '.join(sorted(changed))}"
+            )
+        tags = {
+            **self._tags,
+            **{
+                truncate(PARAM_CHANGED_TAG_PREFIX + key, MAX_KEY_LENGTH): truncate(
+                    value, MAX_TAG_VALUE_LENGTH
+                )
+                for key, value in changed.items()
+            },
+        }
         self.send_tags(tags)
         self.last_steps = _recorded_last_steps(client, run)
         if run.info.status != "RUNNING":
@@ -141,16 +163,18 @@ class RemoteRun:
         experiment = client.get_experiment_by_name(self._experiment)
         if experiment is None:
             try:
-                return client.create_experiment(self._experiment,
-                                                artifact_location=self._artifact_location)
+                return client.create_experiment(
+                    self._experiment, artifact_location=self._artifact_location
+                )
             except MlflowException:
                 # Another job may have created it meanwhile; if not, the error stands.
                 experiment = client.get_experiment_by_name(self._experiment)
                 if experiment is None:
                     raise
         if experiment.lifecycle_stage == "deleted":
-            self._say(f"experiment {self._experiment!r} was deleted in {self.tracking_uri}; "
-                      f"restoring it")
+            self._say(
+                f"experiment {self._experiment!r} was deleted in {self.tracking_uri}; restoring it"
+            )
             client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
 
@@ -161,7 +185,7 @@ class RemoteRun:
         for start in range(0, len(items), MAX_TAGS_PER_REQUEST):
             # Logging a param again with the same value is accepted, so a retry after a
             # partly failed attempt is harmless.
-            client.log_batch(self.run_id, params=items[start:start + MAX_TAGS_PER_REQUEST])
+            client.log_batch(self.run_id, params=items[start : start + MAX_TAGS_PER_REQUEST])
 
     # -- what the run receives ------------------------------------------------------------
     def refresh_last_steps(self) -> None:
@@ -178,9 +202,12 @@ class RemoteRun:
         fresh = [p for p in points if p[3] > self.last_steps.get(p[0], -1)]
         if fresh:
             try:
-                self._mlflow().log_batch(self.run_id, metrics=[
-                    Metric(key, value, timestamp, step) for key, value, timestamp, step in fresh
-                ])
+                self._mlflow().log_batch(
+                    self.run_id,
+                    metrics=[
+                        Metric(key, value, timestamp, step) for key, value, timestamp, step in fresh
+                    ],
+                )
             except Exception as error:
                 self.needs_refresh = not is_permanent(error)
                 raise
@@ -193,7 +220,7 @@ class RemoteRun:
 
         items = [RunTag(key, value) for key, value in tags.items()]
         for start in range(0, len(items), MAX_TAGS_PER_REQUEST):
-            self._mlflow().log_batch(self.run_id, tags=items[start:start + MAX_TAGS_PER_REQUEST])
+            self._mlflow().log_batch(self.run_id, tags=items[start : start + MAX_TAGS_PER_REQUEST])
 
     def upload(self, artifact: ArtifactUpload) -> None:
         client = self._mlflow()
@@ -214,7 +241,9 @@ class RemoteRun:
             from mlflow.tracking import MlflowClient
 
             if self.tracking_uri.startswith("sqlite:///"):
-                Path(self.tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+                Path(self.tracking_uri[len("sqlite:///") :]).parent.mkdir(
+                    parents=True, exist_ok=True
+                )
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
 
@@ -229,5 +258,7 @@ def _recorded_last_steps(client, run) -> dict[str, int]:
     latest = getattr(run.data, "_metric_objs", None)
     if latest is not None:
         return {metric.key: metric.step for metric in latest}
-    return {key: max(m.step for m in client.get_metric_history(run.info.run_id, key))
-            for key in run.data.metrics}
+    return {
+        key: max(m.step for m in client.get_metric_history(run.info.run_id, key))
+        for key in run.data.metrics
+    }

@@ -14,7 +14,6 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
 
 # Where a container runtime leaves the image's name, most specific first: our own sbatch
 # templates, Slurm's --container-image (and Pyxis's SPANK option), Apptainer/Singularity.
@@ -59,26 +58,29 @@ def default_tags() -> dict[str, str]:
         if status is not None:
             tags["git.dirty"] = "true" if status else "false"
     tags["version.python"] = platform.python_version()
-    for tag, distribution, module in (("version.torch", "torch", "torch"),
-                                      ("version.megatron_core", "megatron-core", "megatron.core"),
-                                      ("version.mlflow", "mlflow", "mlflow")):
+    for tag, distribution, module in (
+        ("version.torch", "torch", "torch"),
+        ("version.megatron_core", "megatron-core", "megatron.core"),
+        ("version.mlflow", "mlflow", "mlflow"),
+    ):
         version = _version(distribution, module)
         if version:
             tags[tag] = version
     return tags
 
 
-def _git(arguments: list[str]) -> Optional[str]:
+def _git(arguments: list[str]) -> str | None:
     """``git <arguments>`` in the project's checkout; None if git or the checkout is missing."""
     try:
-        result = subprocess.run(["git", *arguments], cwd=PROJECT_ROOT, capture_output=True,
-                                text=True, timeout=10)
+        result = subprocess.run(
+            ["git", *arguments], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-def _version(distribution: str, module: str) -> Optional[str]:
+def _version(distribution: str, module: str) -> str | None:
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:

@@ -31,11 +31,16 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
-from hpd_megatron.tracking.config import TrackingConfig, local_artifact_location, resolve_tracking_uri
+from hpd_megatron.tracking.config import (
+    TrackingConfig,
+    local_artifact_location,
+    resolve_tracking_uri,
+)
 from hpd_megatron.tracking.outbox import (
     ArtifactUpload,
     Item,
@@ -78,41 +83,57 @@ class DeliveryStats:
 class Tracker:
     """Asynchronous logging into one MLflow run; see the module docstring."""
 
-    def __init__(self, config: TrackingConfig, tracking_uri: str, params: dict[str, str],
-                 run_name: str, run_id: Optional[str] = None,
-                 tags: Optional[dict[str, str]] = None, run_token: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        config: TrackingConfig,
+        tracking_uri: str,
+        params: dict[str, str],
+        run_name: str,
+        run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+        run_token: str | None = None,
+    ) -> None:
         self._config = config
         self._uri = tracking_uri
         self._outbox = Outbox(config.max_buffered_metrics)
-        self._remote = RemoteRun(tracking_uri, config.experiment, run_name, params, dict(tags or {}),
-                                 run_id, local_artifact_location(tracking_uri), say,
-                                 creation_token=run_token)
+        self._remote = RemoteRun(
+            tracking_uri,
+            config.experiment,
+            run_name,
+            params,
+            dict(tags or {}),
+            run_id,
+            local_artifact_location(tracking_uri),
+            say,
+            creation_token=run_token,
+        )
         self._stats = DeliveryStats()
         self._rejected = 0
-        self._deadline: Optional[float] = None
-        self._status: Optional[str] = None
-        self._in_flight: Optional[Item] = None
+        self._deadline: float | None = None
+        self._status: str | None = None
+        self._in_flight: Item | None = None
         self._abandoned = False
         self._finish_lock = threading.Lock()
         self._finished = False
-        self._outage_since: Optional[float] = None
-        self._warned_at: Optional[float] = None
+        self._outage_since: float | None = None
+        self._warned_at: float | None = None
         self._bad_metric_keys: set[str] = set()
-        self._stage_root: Optional[Path] = None
+        self._stage_root: Path | None = None
         self._staged = 0
         self._system_metrics = None
-        self._thread = threading.Thread(target=self._deliver_until_finished,
-                                        name="mlflow-tracking", daemon=True)
+        self._thread = threading.Thread(
+            target=self._deliver_until_finished, name="mlflow-tracking", daemon=True
+        )
         self._thread.start()
 
     # -- the training thread's side ----------------------------------------------------
     @property
-    def run_id(self) -> Optional[str]:
+    def run_id(self) -> str | None:
         """The run's id: known at once on a resume, else once the server created the run."""
         return self._remote.run_id
 
     @property
-    def run_token(self) -> Optional[str]:
+    def run_token(self) -> str | None:
         """Known at once: save it with a checkpoint beside ``run_id``, which may still be
         None then; ``start_tracking(run_token=...)`` finds the run by it."""
         return self._remote.creation_token
@@ -145,10 +166,11 @@ class Tracker:
         self._outbox.add_metrics(points)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self._outbox.add(TagBatch({str(k): truncate(str(v), MAX_TAG_VALUE_LENGTH)
-                                   for k, v in tags.items()}))
+        self._outbox.add(
+            TagBatch({str(k): truncate(str(v), MAX_TAG_VALUE_LENGTH) for k, v in tags.items()})
+        )
 
-    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Queue a file or directory; it lands as ``<artifact_path>/<its name>``."""
         path = Path(path)
         if not path.exists():
@@ -179,8 +201,11 @@ class Tracker:
 
     def _stage(self, path: Path) -> Path:
         try:
-            size = path.stat().st_size if path.is_file() else sum(
-                p.stat().st_size for p in path.rglob("*") if p.is_file())
+            size = (
+                path.stat().st_size
+                if path.is_file()
+                else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+            )
             if size > STAGE_LIMIT_BYTES:
                 return path
             if self._stage_root is None:
@@ -206,7 +231,9 @@ class Tracker:
                     self._on_attached()
             except Exception as error:  # noqa: BLE001 - nothing may escape this thread
                 if is_permanent(error):
-                    say(f"cannot use {self._uri} ({_one_line(error)}); tracking is off for this run")
+                    say(
+                        f"cannot use {self._uri} ({_one_line(error)}); tracking is off for this run"
+                    )
                     self._outbox.close()
                     return
                 backoff = self._wait_after_failure(error, backoff)
@@ -231,8 +258,13 @@ class Tracker:
                 return
         # Out of time with a backlog: set the status anyway if the server is answering, so
         # the run does not stay RUNNING.
-        if (not self._abandoned and self._remote.attached and self._outage_since is None
-                and self._status is not None and not self._stats.status_set):
+        if (
+            not self._abandoned
+            and self._remote.attached
+            and self._outage_since is None
+            and self._status is not None
+            and not self._stats.status_set
+        ):
             try:
                 self._finish_run(self._status)
             except Exception:  # noqa: BLE001
@@ -275,7 +307,9 @@ class Tracker:
             # One bad point (a key MLflow does not accept, say) must not cost its whole
             # batch: split it until the bad point is alone.
             half = len(item.points) // 2
-            self._outbox.put_back([MetricBatch(item.points[:half]), MetricBatch(item.points[half:])])
+            self._outbox.put_back(
+                [MetricBatch(item.points[:half]), MetricBatch(item.points[half:])]
+            )
             return
         if isinstance(item, MetricBatch):
             self._stats.metric_points_undelivered += len(item.points)
@@ -290,8 +324,10 @@ class Tracker:
     def _on_attached(self) -> None:
         remote = self._remote
         if remote.resumed and remote.last_steps:
-            say(f"continuing run {remote.run_id} (recorded up to step {max(remote.last_steps.values())}); "
-                f"re-run steps already recorded are not logged again")
+            say(
+                f"continuing run {remote.run_id} (recorded up to step {max(remote.last_steps.values())}); "
+                f"re-run steps already recorded are not logged again"
+            )
         self._start_system_metrics(resume=remote.resumed)
 
     def _start_system_metrics(self, resume: bool) -> None:
@@ -301,7 +337,8 @@ class Tracker:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             self._system_metrics = SystemMetricsMonitor(
-                self._remote.run_id, resume_logging=resume, tracking_uri=self._uri)
+                self._remote.run_id, resume_logging=resume, tracking_uri=self._uri
+            )
             self._system_metrics.start()
         except Exception as error:  # noqa: BLE001 - an optional extra (needs psutil)
             self._system_metrics = None
@@ -319,8 +356,10 @@ class Tracker:
             # One line per outage, at most every 5 minutes if the server keeps flapping.
             if self._warned_at is None or now - self._warned_at > 300:
                 self._warned_at = now
-                say(f"cannot reach the tracking server at {self._uri} ({_one_line(error)}); "
-                    f"training goes on, metrics are buffered and retried in the background")
+                say(
+                    f"cannot reach the tracking server at {self._uri} ({_one_line(error)}); "
+                    f"training goes on, metrics are buffered and retried in the background"
+                )
 
     def _note_reached(self) -> None:
         if self._outage_since is not None:
@@ -357,8 +396,10 @@ class Tracker:
             parts.append("the run's final status")
         if parts:
             run = f"run {self.run_id}" if self.run_id else "no run was created"
-            say(f"could not deliver {', '.join(parts)} to {self._uri} ({run}) within "
-                f"flush_timeout_s={self._config.flush_timeout_s:g}")
+            say(
+                f"could not deliver {', '.join(parts)} to {self._uri} ({run}) within "
+                f"flush_timeout_s={self._config.flush_timeout_s:g}"
+            )
 
 
 class NullTracker(Tracker):
@@ -368,11 +409,11 @@ class NullTracker(Tracker):
         pass
 
     @property
-    def run_id(self) -> Optional[str]:
+    def run_id(self) -> str | None:
         return None
 
     @property
-    def run_token(self) -> Optional[str]:
+    def run_token(self) -> str | None:
         return None
 
     @property
@@ -389,17 +430,21 @@ class NullTracker(Tracker):
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         pass
 
-    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         pass
 
     def finish(self, status: str = "FINISHED") -> None:
         pass
 
 
-def start_tracking(config: TrackingConfig, run_dir: Path, params: Mapping[str, Any],
-                   run_id: Optional[str] = None,
-                   tags: Optional[dict[str, str]] = None,
-                   run_token: Optional[str] = None) -> Tracker:
+def start_tracking(
+    config: TrackingConfig,
+    run_dir: Path,
+    params: Mapping[str, Any],
+    run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    run_token: str | None = None,
+) -> Tracker:
     """Start tracking this job (call it on the one logging rank; the others need nothing, or
     a ``NullTracker``). ``run_id`` (from the checkpoint) continues that run; else a
     ``run_token`` from the checkpoint continues the run created with it, if any; else a
@@ -442,7 +487,9 @@ def _one_line(error: BaseException) -> str:
 
 def _describe(item: Item) -> str:
     if isinstance(item, MetricBatch):
-        return f"{len(item.points)} metric point(s) ({', '.join(sorted({p[0] for p in item.points}))})"
+        return (
+            f"{len(item.points)} metric point(s) ({', '.join(sorted({p[0] for p in item.points}))})"
+        )
     if isinstance(item, TagBatch):
         return f"tags {', '.join(sorted(item.tags))}"
     if isinstance(item, ArtifactUpload):

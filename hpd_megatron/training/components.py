@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -32,10 +32,10 @@ class Models:
     pair: DistillationPair
     student: DistributedDataParallel
     student_description: ModelDescription
-    teacher_description: Optional[ModelDescription]
+    teacher_description: ModelDescription | None
 
 
-def check_shared_vocabulary(student: ModelDescription, teacher: Optional[ModelDescription]) -> None:
+def check_shared_vocabulary(student: ModelDescription, teacher: ModelDescription | None) -> None:
     """Teacher and student must share token ids: HPD compares them position by position."""
     if teacher is not None and teacher.vocab_size != student.vocab_size:
         raise ConfigError(
@@ -44,15 +44,20 @@ def check_shared_vocabulary(student: ModelDescription, teacher: Optional[ModelDe
         )
 
 
-def build_models(run: RunConfig, student_description: ModelDescription,
-                 teacher_description: Optional[ModelDescription], resuming: bool = False) -> Models:
+def build_models(
+    run: RunConfig,
+    student_description: ModelDescription,
+    teacher_description: ModelDescription | None,
+    resuming: bool = False,
+) -> Models:
     """Student (DDP-wrapped, trainable) and frozen teacher stages on this rank's grid position.
 
     The student starts from ``checkpoint.load`` unless the run is ``resuming`` from its own
     checkpoint (which is loaded afterwards, with the optimizer)."""
     dtype = DTYPES[run.params_dtype]
     student_config = transformer_config(
-        student_description, params_dtype=dtype,
+        student_description,
+        params_dtype=dtype,
         # The loss function returns (sum, num_tokens): the schedule then divides the
         # gradients by the global batch's token count, giving the global token mean.
         calculate_per_token_loss=True,
@@ -64,8 +69,9 @@ def build_models(run: RunConfig, student_description: ModelDescription,
     if teacher_description is not None:
         # A frozen teacher needs no fp32 master weights: bf16 on GPUs halves its memory.
         teacher_dtype = torch.bfloat16 if torch.cuda.is_available() else dtype
-        teacher = build_gpt_model(teacher_description,
-                                  transformer_config(teacher_description, params_dtype=teacher_dtype))
+        teacher = build_gpt_model(
+            teacher_description, transformer_config(teacher_description, params_dtype=teacher_dtype)
+        )
         if run.teacher is not None and run.teacher.checkpoint:
             load_model_weights(teacher, run.teacher.checkpoint)
     ddp = DistributedDataParallel(
@@ -77,13 +83,15 @@ def build_models(run: RunConfig, student_description: ModelDescription,
         module=student,
     )
     pair = DistillationPair(
-        ddp, teacher, student_description.hidden_size,
+        ddp,
+        teacher,
+        student_description.hidden_size,
         teacher_description.hidden_size if teacher_description is not None else 0,
     )
     # The schedule takes these hooks from the config of "the model" (the student's).
     student_config.no_sync_func = ddp.no_sync
-    student_config.finalize_model_grads_func = (
-        lambda _chunks, num_tokens=None, **kwargs: finalize_model_grads([ddp], num_tokens, **kwargs)
+    student_config.finalize_model_grads_func = lambda _chunks, num_tokens=None, **kwargs: (
+        finalize_model_grads([ddp], num_tokens, **kwargs)
     )
     return Models(pair, ddp, student_description, teacher_description)
 
@@ -146,22 +154,38 @@ def make_forward_step(run: RunConfig, models: Models, step: int) -> Callable:
             if loss.method == "hpd":
                 # Each sequence's sampling draws depend on that sequence alone.
                 seq_length = batch["labels"].shape[1]
-                uniforms = torch.stack([
-                    torch.rand(seq_length, dtype=torch.float64, generator=torch.Generator().manual_seed(
-                        sample_seed(run.seed, step, int(index))))
-                    for index in batch["sample_index"]
-                ])
+                uniforms = torch.stack(
+                    [
+                        torch.rand(
+                            seq_length,
+                            dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(
+                                sample_seed(run.seed, step, int(index))
+                            ),
+                        )
+                        for index in batch["sample_index"]
+                    ]
+                )
             loss_sum, diagnostics = distillation_loss(
-                logits, pair.teacher_logits, batch["labels"], loss.method,
-                vocab_size=vocab_size, alpha=loss.alpha, beta=loss.beta, reduction="sum",
-                uniforms=uniforms, chunk_size=loss.chunk_size,
+                logits,
+                pair.teacher_logits,
+                batch["labels"],
+                loss.method,
+                vocab_size=vocab_size,
+                alpha=loss.alpha,
+                beta=loss.beta,
+                reduction="sum",
+                uniforms=uniforms,
+                chunk_size=loss.chunk_size,
             )
             pair.teacher_logits = None
             num_tokens = diagnostics["num_tokens"].to(torch.int)
             # Sums, so the training loop can form exact means over the global batch.
-            report = {name: value.detach().double() * num_tokens
-                      for name, value in diagnostics.items()
-                      if name not in ("loss_sum", "num_tokens", "loss")}
+            report = {
+                name: value.detach().double() * num_tokens
+                for name, value in diagnostics.items()
+                if name not in ("loss_sum", "num_tokens", "loss")
+            }
             report["loss"] = loss_sum.detach().double()
             report["num_tokens"] = num_tokens.double()
             return loss_sum, num_tokens, report

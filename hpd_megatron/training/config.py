@@ -10,9 +10,10 @@ working directory, as a user typing the command expects.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import yaml
 
@@ -30,7 +31,7 @@ class ModelSource:
 
     model: Any
     """Path to a ModelDescription YAML, or the description inline as a mapping."""
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     """The teacher's weights: a model-only distributed checkpoint (any TP/PP). The student
     starts from ``checkpoint.load`` instead."""
 
@@ -90,7 +91,7 @@ class ScheduleConfig:
 
 @dataclass
 class CheckpointConfig:
-    dir: Optional[str] = None
+    dir: str | None = None
     """Training checkpoints (iter_XXXXXXX/ + tracker); None: <run_dir>/checkpoints. A run
     whose directory holds a complete checkpoint resumes from it."""
     save_interval: int = 0
@@ -98,7 +99,7 @@ class CheckpointConfig:
     keep_last: int = 2
     stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     """On any of these, all ranks save at the next step boundary and exit with code 75."""
-    load: Optional[str] = None
+    load: str | None = None
     """The student's starting weights when the run has no checkpoint of its own yet: a
     converted or exported model-only checkpoint, or another run's training checkpoint
     (weights only, as Megatron's --finetune). None: random initialisation."""
@@ -109,7 +110,7 @@ class CheckpointConfig:
     """How the distributed optimizer's state is saved (Megatron's sharding types):
     dp_reshardable (fully parallel; resumes at the same TP x PP, any DP) or
     fully_reshardable (gathered per TP x PP shard; resumes at any layout)."""
-    export_dir: Optional[str] = None
+    export_dir: str | None = None
     """Where the trained student's model-only weights go at the end (any TP/PP can load
     them), with model.yaml and the hf/ files of checkpoint.load when it has them."""
 
@@ -122,7 +123,7 @@ class LoggingConfig:
 @dataclass
 class RunConfig:
     student: ModelSource
-    teacher: Optional[ModelSource] = None
+    teacher: ModelSource | None = None
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -140,8 +141,10 @@ class RunConfig:
         # Parse the model descriptions now, so their errors come with the recipe's.
         self.student.description("student")
         if self.student.checkpoint is not None:
-            raise ConfigError("student.checkpoint: the student's starting weights are "
-                              "checkpoint.load (the teacher's are teacher.checkpoint)")
+            raise ConfigError(
+                "student.checkpoint: the student's starting weights are "
+                "checkpoint.load (the teacher's are teacher.checkpoint)"
+            )
         if self.teacher is not None:
             self.teacher.description("teacher")
         if self.loss.method not in LOSS_METHODS:
@@ -152,8 +155,10 @@ class RunConfig:
             # The reference code silently distils the student into itself here.
             raise ConfigError(f"teacher: loss.method {self.loss.method!r} needs a teacher")
         if self.checkpoint.optimizer_format not in ("dp_reshardable", "fully_reshardable"):
-            raise ConfigError(f"checkpoint.optimizer_format: expected dp_reshardable or "
-                              f"fully_reshardable, got {self.checkpoint.optimizer_format!r}")
+            raise ConfigError(
+                f"checkpoint.optimizer_format: expected dp_reshardable or "
+                f"fully_reshardable, got {self.checkpoint.optimizer_format!r}"
+            )
         if self.params_dtype not in ("fp32", "bf16"):
             raise ConfigError(f"params_dtype: expected fp32 or bf16, got {self.params_dtype!r}")
         if self.schedule.decay_style not in ("cosine", "linear", "constant"):
@@ -163,11 +168,15 @@ class RunConfig:
             )
         for name in ("train_steps", "global_batch_size", "micro_batch_size"):
             if getattr(self.schedule, name) < 1:
-                raise ConfigError(f"schedule.{name}: must be >= 1, got {getattr(self.schedule, name)}")
+                raise ConfigError(
+                    f"schedule.{name}: must be >= 1, got {getattr(self.schedule, name)}"
+                )
         if not 0 <= self.schedule.warmup_steps < self.schedule.train_steps:
             # Megatron's scheduler asserts this deep inside; say it with the keys.
-            raise ConfigError(f"schedule.warmup_steps: must be in [0, schedule.train_steps), got "
-                              f"{self.schedule.warmup_steps} with train_steps {self.schedule.train_steps}")
+            raise ConfigError(
+                f"schedule.warmup_steps: must be in [0, schedule.train_steps), got "
+                f"{self.schedule.warmup_steps} with train_steps {self.schedule.train_steps}"
+            )
         if self.data.seq_length < 2:
             raise ConfigError(f"data.seq_length: must be >= 2, got {self.data.seq_length}")
 
@@ -201,7 +210,9 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"override {override!r}: {'.'.join(parts[:depth + 1])} is not a section")
+                raise ConfigError(
+                    f"override {override!r}: {'.'.join(parts[: depth + 1])} is not a section"
+                )
             node = child
         node[parts[-1]] = value
     return raw

@@ -16,9 +16,13 @@ class TrainingFeed:
     The index makes HPD's per-sequence sampling seed independent of the layout.
     """
 
-    def __init__(self, run: RunConfig, student: ModelDescription, dp_rank: int, dp_size: int) -> None:
+    def __init__(
+        self, run: RunConfig, student: ModelDescription, dp_rank: int, dp_size: int
+    ) -> None:
         if not run.data.train:
-            raise DataError("data.train: no prepared data given (the --output-prefix of tools/prepare_data.py)")
+            raise DataError(
+                "data.train: no prepared data given (the --output-prefix of tools/prepare_data.py)"
+            )
         self.dataset = DistillationDataset(run.data.train, run.data.seq_length, pack=run.data.pack)
         tokenizer = self.dataset.meta.get("tokenizer", {})
         if tokenizer.get("vocab_size") != student.vocab_size:
@@ -28,8 +32,12 @@ class TrainingFeed:
                 "data must share one tokenizer"
             )
         self.sampler = DistributedBatchSampler(
-            len(self.dataset), run.schedule.global_batch_size, run.schedule.micro_batch_size,
-            dp_rank, dp_size, run.seed,
+            len(self.dataset),
+            run.schedule.global_batch_size,
+            run.schedule.micro_batch_size,
+            dp_rank,
+            dp_size,
+            run.seed,
         )
         self._steps = iter(self.sampler)
 

@@ -9,7 +9,6 @@ trainer on every rank and in the Slurm templates on the batch host (through
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from hpd_megatron.checkpoint.training_state import CheckpointError, latest_step
 from hpd_megatron.checkpoint.verify import read_index
@@ -24,7 +23,7 @@ def checkpoint_dir(run: RunConfig) -> Path:
     return checkpoint_dir_of(run.run_dir, run.checkpoint.dir)
 
 
-def checkpoint_dir_of(run_dir: str, configured: Optional[str]) -> Path:
+def checkpoint_dir_of(run_dir: str, configured: str | None) -> Path:
     """``checkpoint.dir``, else ``<run_dir>/checkpoints`` (also for a run's saved config)."""
     return Path(configured or Path(run_dir) / "checkpoints")
 
@@ -38,11 +37,16 @@ def _weights_problem(key: str, path: str) -> list[str]:
 
 
 def _data_problems(prefix: str) -> list[str]:
-    files = [prefix + ".json"] + [prefix + suffix + ext for suffix in (TOKENS_SUFFIX, LOSS_MASK_SUFFIX)
-                                  for ext in (".bin", ".idx")]
+    files = [prefix + ".json"] + [
+        prefix + suffix + ext
+        for suffix in (TOKENS_SUFFIX, LOSS_MASK_SUFFIX)
+        for ext in (".bin", ".idx")
+    ]
     missing = [name for name in files if not Path(name).is_file()]
     if missing:  # the first is enough: one missing file usually means the prefix is wrong
-        return [f"data.train: {missing[0]}: no such file (write the dataset with tools/prepare_data.py)"]
+        return [
+            f"data.train: {missing[0]}: no such file (write the dataset with tools/prepare_data.py)"
+        ]
     return []
 
 
@@ -51,8 +55,10 @@ def input_problems(run: RunConfig) -> list[str]:
     problems: list[str] = []
     if run.teacher is not None and run.loss.method != "sft":
         if not run.teacher.checkpoint:
-            problems.append(f"teacher.checkpoint: not set (loss.method {run.loss.method!r} needs "
-                            "the teacher's weights)")
+            problems.append(
+                f"teacher.checkpoint: not set (loss.method {run.loss.method!r} needs "
+                "the teacher's weights)"
+            )
         else:
             problems += _weights_problem("teacher.checkpoint", run.teacher.checkpoint)
     try:
@@ -76,4 +82,6 @@ def check_inputs(run: RunConfig) -> None:
     if len(problems) == 1:
         raise ConfigError(problems[0])
     if problems:
-        raise ConfigError(f"{len(problems)} inputs are missing or damaged:\n  " + "\n  ".join(problems))
+        raise ConfigError(
+            f"{len(problems)} inputs are missing or damaged:\n  " + "\n  ".join(problems)
+        )

@@ -10,7 +10,7 @@ schedule sends back for it is ignored.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from megatron.core.transformer.module import MegatronModule
@@ -26,14 +26,19 @@ class DistillationPair(MegatronModule):
     student's logits and keeps the teacher's in ``teacher_logits`` for the loss.
     """
 
-    def __init__(self, student: torch.nn.Module, teacher: Optional[torch.nn.Module],
-                 student_hidden: int, teacher_hidden: int) -> None:
+    def __init__(
+        self,
+        student: torch.nn.Module,
+        teacher: torch.nn.Module | None,
+        student_hidden: int,
+        teacher_hidden: int,
+    ) -> None:
         super().__init__(config=_unwrap(student).config)
         self.student = student
         self.teacher = teacher
         self.student_hidden = student_hidden
         self.teacher_hidden = teacher_hidden if teacher is not None else 0
-        self.teacher_logits: Optional[torch.Tensor] = None
+        self.teacher_logits: torch.Tensor | None = None
         self.teacher_dtype = _unwrap(teacher).config.params_dtype if teacher is not None else None
         self.model_type = _unwrap(student).model_type
         if teacher is not None:
@@ -88,7 +93,7 @@ class DistillationPair(MegatronModule):
     def post_process(self) -> bool:
         return _unwrap(self.student).post_process
 
-    def train(self, mode: bool = True) -> "DistillationPair":
+    def train(self, mode: bool = True) -> DistillationPair:
         self.training = mode
         self.student.train(mode)
         if self.teacher is not None:

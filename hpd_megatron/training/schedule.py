@@ -8,7 +8,8 @@ stages).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -16,7 +17,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 Batch = dict[str, torch.Tensor]
 # Given a model stage and a micro-batch: the stage's output and, for the last stage,
 # the function that turns that output into (loss, [num_tokens,] report).
-ForwardStep = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, Callable[[torch.Tensor], tuple]]]
+ForwardStep = Callable[
+    [torch.nn.Module, Batch], tuple[torch.Tensor, Callable[[torch.Tensor], tuple]]
+]
 
 
 def causal_lm_forward(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -40,7 +43,7 @@ def run_schedule(
     seq_length: int,
     micro_batch_size: int,
     forward_only: bool = False,
-    adjust_tensor_shapes_fn: Optional[Callable[[list, list], tuple[list, list]]] = None,
+    adjust_tensor_shapes_fn: Callable[[list, list], tuple[list, list]] | None = None,
 ) -> list[Any]:
     """Forward (and backward unless ``forward_only``) of every micro-batch.
 

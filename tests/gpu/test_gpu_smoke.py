@@ -28,17 +28,27 @@ def _te_step(use_transformer_engine: bool) -> dict:
     from hpd_megatron.parallel.layout import ParallelLayout
     from hpd_megatron.training.schedule import causal_lm_forward, run_schedule
 
-    description = ModelDescription(family="llama", num_layers=2, hidden_size=256,
-                                   num_attention_heads=8, num_query_groups=4, ffn_hidden_size=512,
-                                   vocab_size=1000)
+    description = ModelDescription(
+        family="llama",
+        num_layers=2,
+        hidden_size=256,
+        num_attention_heads=8,
+        num_query_groups=4,
+        ffn_hidden_size=512,
+        vocab_size=1000,
+    )
     context = initialize_parallel(ParallelLayout(1, 1), seed=0)
     config = transformer_config(description, params_dtype=torch.bfloat16)
-    model = build_gpt_model(description, config,
-                            spec=layer_spec(description, use_transformer_engine)).cuda()
+    model = build_gpt_model(
+        description, config, spec=layer_spec(description, use_transformer_engine)
+    ).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     tokens = torch.randint(0, 1000, (2, 128), device="cuda")
-    batch = {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
-             "position_ids": torch.arange(127, device="cuda").expand(2, -1)}
+    batch = {
+        "tokens": tokens[:, :-1].contiguous(),
+        "labels": tokens[:, 1:].contiguous(),
+        "position_ids": torch.arange(127, device="cuda").expand(2, -1),
+    }
 
     def forward_step(stage, micro_batch):
         logits = causal_lm_forward(stage, micro_batch)
@@ -56,8 +66,12 @@ def _te_step(use_transformer_engine: bool) -> dict:
         optimizer.step()
         losses.append(reports[0]["loss"].item())
     modules = {type(m).__module__.split(".")[0] for m in model.modules()}
-    result = {"backend": context.backend, "losses": losses, "device": torch.cuda.get_device_name(),
-              "uses_te": "transformer_engine" in modules}
+    result = {
+        "backend": context.backend,
+        "losses": losses,
+        "device": torch.cuda.get_device_name(),
+        "uses_te": "transformer_engine" in modules,
+    }
     destroy_parallel()
     return result
 
