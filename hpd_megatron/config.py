@@ -18,11 +18,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from hpd_megatron.errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or of the wrong type."""
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:

@@ -24,9 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hpd_megatron.checkpoint.verify import CheckpointError
-from hpd_megatron.config import ConfigError
 from hpd_megatron.data.files import DataError, staged_files
+from hpd_megatron.errors import CheckpointError, ConfigError
 from hpd_megatron.eval.answers import answers_match, avg_at_k, extract_answer
 from hpd_megatron.eval.runner import (
     GenerationRun,

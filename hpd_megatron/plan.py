@@ -35,7 +35,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from hpd_megatron.config import ConfigError
+from hpd_megatron.errors import ConfigError
 from hpd_megatron.models.builder import padded_vocab_size
 from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.parallel.layout import LayoutError, ParallelLayout, validate_layout

@@ -33,9 +33,8 @@ from hpd_megatron.checkpoint.training_state import (
     saved_extra,
 )
 from hpd_megatron.checkpoint.weights import export_model_weights
-from hpd_megatron.config import ConfigError
-from hpd_megatron.data import DataError
 from hpd_megatron.data.files import staged_files
+from hpd_megatron.errors import ConfigError, DataError
 from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.parallel.initialize import ParallelContext, destroy_parallel, initialize_parallel
 from hpd_megatron.tracking import NullTracker, Tracker, start_tracking

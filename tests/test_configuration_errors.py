@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from hpd_megatron.config import ConfigError
+from hpd_megatron.errors import ConfigError
 from hpd_megatron.models.builder import padded_vocab_size
 from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.parallel.initialize import initialize_parallel, read_launch_environment

@@ -14,7 +14,6 @@ import numpy
 import pytest
 import torch
 
-from hpd_megatron.config import ConfigError
 from hpd_megatron.data import (
     DataError,
     DistillationDataset,
@@ -28,6 +27,7 @@ from hpd_megatron.data import (
 from hpd_megatron.data.arithmetic import extract_answer, generate, solve, write_task
 from hpd_megatron.data.chat import builtin_text
 from hpd_megatron.data.records import conversation
+from hpd_megatron.errors import ConfigError
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"

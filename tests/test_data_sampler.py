@@ -7,8 +7,8 @@ import itertools
 import numpy
 import pytest
 
-from hpd_megatron.config import ConfigError
 from hpd_megatron.data.sampler import DistributedBatchSampler
+from hpd_megatron.errors import ConfigError
 
 
 def steps(sampler: DistributedBatchSampler, count: int) -> list[list[list[int]]]:

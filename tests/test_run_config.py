@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from hpd_megatron.config import ConfigError
+from hpd_megatron.errors import ConfigError
 from hpd_megatron.training.config import apply_overrides, load_run_config
 
 TINY = dict(

@@ -15,9 +15,8 @@ import argparse
 import json
 import sys
 
-from hpd_megatron.checkpoint.verify import CheckpointError
-from hpd_megatron.config import ConfigError
 from hpd_megatron.data.files import DataError, staged_files
+from hpd_megatron.errors import CheckpointError, ConfigError
 from hpd_megatron.eval.runner import add_generation_arguments, job_from_arguments, run_generation
 from hpd_megatron.eval.teacher_data import training_records
 

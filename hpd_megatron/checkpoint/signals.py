@@ -12,7 +12,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Sequence
 
-from hpd_megatron.config import ConfigError
+from hpd_megatron.errors import ConfigError
 from hpd_megatron.parallel.collectives import any_rank
 
 # EX_TEMPFAIL: "try again later". The Slurm templates requeue the job on this code.

@@ -18,9 +18,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not match the model."""
+from hpd_megatron.errors import CheckpointError
 
 
 def read_index(directory: str | Path) -> Metadata:

@@ -6,6 +6,6 @@ Hugging Face tensors (and which slices of them) make each Megatron tensor,
 two models' logits. The command-line wrappers live in tools/.
 """
 
-from hpd_megatron.convert.errors import ConversionError
+from hpd_megatron.errors import ConversionError
 
 __all__ = ["ConversionError"]

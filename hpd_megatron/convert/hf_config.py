@@ -14,9 +14,8 @@ from typing import Any
 
 import torch
 
-from hpd_megatron.config import ConfigError
-from hpd_megatron.convert.errors import ConversionError
 from hpd_megatron.data.files import read_json_object
+from hpd_megatron.errors import ConfigError, ConversionError
 from hpd_megatron.models.description import ModelDescription, RopeScaling
 
 # family -> the Hugging Face class that holds it (config.json's "architectures").

@@ -25,8 +25,8 @@ import torch
 import yaml
 
 from hpd_megatron.convert import hf_config, mapping
-from hpd_megatron.convert.errors import ConversionError
 from hpd_megatron.convert.launch import staged_directory
+from hpd_megatron.errors import ConversionError
 from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.parallel.layout import LayoutError, ParallelLayout, validate_layout
 

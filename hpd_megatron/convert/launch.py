@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from hpd_megatron.convert.errors import ConversionError
+from hpd_megatron.errors import ConversionError
 from hpd_megatron.parallel.layout import ParallelLayout
 
 

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from hpd_megatron.convert import hf_config, mapping
-from hpd_megatron.convert.errors import ConversionError
 from hpd_megatron.convert.hf_to_megatron import DTYPE_NAMES, HF_SIDE_FILES, INDEX_FILE, SINGLE_FILE
 from hpd_megatron.convert.launch import staged_directory
+from hpd_megatron.errors import ConversionError
 from hpd_megatron.models.description import ModelDescription
 
 # Fields both a description and config.json define; they must agree.

@@ -7,11 +7,11 @@ labels; ``DistributedBatchSampler`` decides which samples each data-parallel ran
 
 from hpd_megatron.data.chat import encode_conversation, encode_prompt, resolve_chat_template
 from hpd_megatron.data.dataset import DistillationDataset
-from hpd_megatron.data.files import DataError
 from hpd_megatron.data.prepare import prepare
 from hpd_megatron.data.records import read_records
 from hpd_megatron.data.sampler import DistributedBatchSampler
 from hpd_megatron.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
+from hpd_megatron.errors import DataError
 
 __all__ = [
     "DataError",

@@ -27,11 +27,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hpd_megatron.config import ConfigError
 from hpd_megatron.data.chat import builtin_text
 from hpd_megatron.data.files import staged_files
 from hpd_megatron.data.records import conversation
 from hpd_megatron.data.tokenizer import train_sentencepiece
+from hpd_megatron.errors import ConfigError
 
 OPS = ("+", "-", "*")
 _ANSWER = re.compile(r"The answer is (-?\d+)\.")

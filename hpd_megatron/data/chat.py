@@ -31,8 +31,8 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from hpd_megatron.data.files import DataError
 from hpd_megatron.data.tokenizer import Tokenizer
+from hpd_megatron.errors import DataError
 
 ROLES = ("system", "user", "assistant")
 Message = dict[str, str]

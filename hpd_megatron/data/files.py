@@ -16,9 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-
-class DataError(ValueError):
-    """An input file is missing or malformed; the message names the file and line or record."""
+from hpd_megatron.errors import DataError
 
 
 def read_json_object(path: Path, error: type[ValueError] = DataError) -> dict[str, Any]:

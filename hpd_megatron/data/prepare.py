@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy
 
-from hpd_megatron.config import ConfigError
 from hpd_megatron.data.chat import encode_conversation, resolve_chat_template
 from hpd_megatron.data.files import DataError, staged_files
 from hpd_megatron.data.records import read_records
 from hpd_megatron.data.tokenizer import load_tokenizer
+from hpd_megatron.errors import ConfigError
 
 TOKENS_SUFFIX = "_tokens"
 LOSS_MASK_SUFFIX = "_loss_mask"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hpd_megatron.data.chat import ROLES, Message
-from hpd_megatron.data.files import DataError
+from hpd_megatron.errors import DataError
 
 
 def read_records(path: str | Path) -> Iterator[tuple[int, list[Message]]]:

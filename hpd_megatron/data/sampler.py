@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy
 
-from hpd_megatron.config import ConfigError
+from hpd_megatron.errors import ConfigError
 
 
 class DistributedBatchSampler:

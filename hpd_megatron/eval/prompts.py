@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from hpd_megatron.data.chat import Message, encode_prompt
-from hpd_megatron.data.files import DataError
 from hpd_megatron.data.records import checked_messages
 from hpd_megatron.data.tokenizer import Tokenizer
+from hpd_megatron.errors import DataError
 from hpd_megatron.eval.answers import extract_answer
 
 SHOWN_LINES = 10

@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 
 from hpd_megatron.checkpoint.weights import load_model_weights
-from hpd_megatron.config import ConfigError
 from hpd_megatron.data.chat import resolve_chat_template
-from hpd_megatron.data.files import DataError
 from hpd_megatron.data.tokenizer import load_tokenizer
+from hpd_megatron.errors import ConfigError, DataError
 from hpd_megatron.eval.generate import Generation, SamplingSettings, generate
 from hpd_megatron.eval.prompts import (
     EvalRecord,

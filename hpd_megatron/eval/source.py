@@ -27,9 +27,7 @@ import yaml
 from megatron.core import dist_checkpointing
 
 from hpd_megatron.checkpoint.training_state import TRACKER, latest_step, saved_extra
-from hpd_megatron.checkpoint.verify import CheckpointError
-from hpd_megatron.config import ConfigError
-from hpd_megatron.data.files import DataError
+from hpd_megatron.errors import CheckpointError, ConfigError, DataError
 from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.training.config import ModelSource
 from hpd_megatron.training.inputs import checkpoint_dir_of

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from hpd_megatron.config import ConfigError
+from hpd_megatron.errors import ConfigError
 from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.parallel import cpu_emulation
 from hpd_megatron.parallel.layout import ParallelLayout, validate_layout

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpd_megatron.config import ConfigError
+from hpd_megatron.errors import ConfigError
 
 
 @dataclass

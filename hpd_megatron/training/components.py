@@ -15,7 +15,7 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from hpd_megatron.checkpoint.weights import load_model_weights
-from hpd_megatron.config import ConfigError
+from hpd_megatron.errors import ConfigError
 from hpd_megatron.losses import distillation_loss
 from hpd_megatron.models.builder import build_gpt_model, transformer_config
 from hpd_megatron.models.description import ModelDescription

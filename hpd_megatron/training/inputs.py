@@ -13,8 +13,8 @@ from pathlib import Path
 from hpd_megatron.checkpoint.training_state import CheckpointError, latest_step
 from hpd_megatron.checkpoint.verify import read_index
 from hpd_megatron.checkpoint.weights import weights_directory
-from hpd_megatron.config import ConfigError
 from hpd_megatron.data.prepare import LOSS_MASK_SUFFIX, TOKENS_SUFFIX
+from hpd_megatron.errors import ConfigError
 from hpd_megatron.training.config import RunConfig
 
 
