@@ -17,7 +17,7 @@ SMOKE_RANKS ?= 4
 SMOKE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo smoke test test-gpu venv clean system-packages
+.PHONY: demo smoke lint test test-fast test-gpu venv clean system-packages
 
 # The Slurm tests start a real single-node Slurm (Debian's slurm-wlm and munge) and check the
 # templates with shellcheck. As root on Debian they are installed when missing; elsewhere the
@@ -58,8 +58,17 @@ system-packages:
 		{ apt-get update -q >/dev/null && apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null; }; \
 	fi
 
-test: $(COMPILED) system-packages
+# ruff's linter and formatter, at the version requirements-dev.txt pins (make test runs it).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: $(COMPILED) system-packages lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# For development: the single-process tests only (no gloo ranks, torchrun, Slurm or servers).
+test-fast: $(STAMP) lint
+	$(BIN)/python -m pytest -m "not multirank and not slow" $(PYTEST_ARGS)
 
 test-gpu: $(COMPILED)
 	$(BIN)/python -m pytest tests/gpu $(PYTEST_ARGS)

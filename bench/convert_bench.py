@@ -29,18 +29,11 @@ from pathlib import Path
 MiB = 2**20
 
 
-def make_model(
-    directory: Path, hidden: int, layers: int, vocab: int, ffn: int, heads: int, kv_heads: int
-) -> int:
-    """A random llama-style HF checkpoint; returns its size in bytes."""
-    import torch
-    from safetensors.torch import save_file
-
-    from hpd_megatron.convert.mapping import hf_shapes
-    from hpd_megatron.models.description import ModelDescription
-
-    directory.mkdir(parents=True)
-    config = {
+def llama_config(
+    hidden: int, layers: int, vocab: int, ffn: int, heads: int, kv_heads: int
+) -> dict[str, object]:
+    """The config.json of the benchmark's bf16 llama-style model."""
+    return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": hidden,
@@ -56,6 +49,20 @@ def make_model(
         "hidden_act": "silu",
         "torch_dtype": "bfloat16",
     }
+
+
+def make_model(
+    directory: Path, hidden: int, layers: int, vocab: int, ffn: int, heads: int, kv_heads: int
+) -> int:
+    """A random llama-style HF checkpoint; returns its size in bytes."""
+    import torch
+    from safetensors.torch import save_file
+
+    from hpd_megatron.convert.mapping import hf_shapes
+    from hpd_megatron.models.description import ModelDescription
+
+    directory.mkdir(parents=True)
+    config = llama_config(hidden, layers, vocab, ffn, heads, kv_heads)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     description = ModelDescription(
         family="llama",
@@ -72,7 +79,7 @@ def make_model(
         groups.setdefault(part, {})[name] = shape
     generator = torch.Generator().manual_seed(0)
     weight_map, total = {}, 0
-    for index, (part, shapes) in enumerate(sorted(groups.items())):
+    for index, (_, shapes) in enumerate(sorted(groups.items())):
         file = f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
         tensors = {
             name: (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
@@ -107,7 +114,12 @@ def worker(hf_dir: str, out: str, tp: int, pp: int, report_dir: str) -> None:
     with conversion_processes(tp, pp):
         import torch.distributed as dist
 
-        stats = convert(hf_dir, out, tp, pp, progress=False)
+        measured = {}
+
+        def measure_before_save() -> None:
+            measured["rss_before_save"] = psutil.Process().memory_info().rss
+
+        stats = convert(hf_dir, out, tp, pp, progress=False, before_save=measure_before_save)
         dist.barrier()
         rank = dist.get_rank()
     elapsed = time.perf_counter() - start
@@ -123,7 +135,7 @@ def worker(hf_dir: str, out: str, tp: int, pp: int, report_dir: str) -> None:
                 "peak_rss_mib": own / MiB,
                 "peak_rss_above_imports_mib": (own - baseline) / MiB,
                 "writer_helper_peak_rss_mib": helpers / MiB,
-                "rss_after_reading_shard_mib": stats["rss_before_save"] / MiB,
+                "rss_after_reading_shard_mib": measured["rss_before_save"] / MiB,
                 "shard_mib": stats["shard_bytes"] / MiB,
                 "bytes_read_mib": stats["bytes_read"] / MiB,
             }
@@ -172,11 +184,7 @@ def run(hf_dir: Path, out: Path, tp: int, pp: int, processes: int, layer_bytes: 
     }
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        hf_dir, out, tp, pp, report_dir = sys.argv[2:7]
-        worker(hf_dir, out, int(tp), int(pp), report_dir)
-        return
+def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True, help="where to write the results")
     parser.add_argument("--hidden", type=int, default=1024)
@@ -188,52 +196,71 @@ def main() -> None:
     parser.add_argument(
         "--workdir", default=None, help="scratch directory (default: a temporary one)"
     )
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def layer_bytes_of(args: argparse.Namespace) -> int:
+    """Bytes of one decoder layer in bf16."""
+    kv = args.hidden // args.heads * args.kv_heads
+    return 2 * (
+        2 * args.hidden * args.hidden
+        + 2 * args.hidden * kv
+        + 3 * args.hidden * args.ffn
+        + 2 * args.hidden
+    )
+
+
+def summarise(
+    args: argparse.Namespace, model_bytes: int, layer_bytes: int, baseline: dict, sharded: dict
+) -> dict:
+    """The results file: the model, both runs and the 4-process run against the baseline."""
+    worst = max(r["peak_rss_above_imports_mib"] for r in sharded["ranks"])
+    return {
+        "what": "python bench/convert_bench.py --json OUT",
+        "model": {
+            "family": "llama",
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "vocab": args.vocab,
+            "ffn": args.ffn,
+            "heads": args.heads,
+            "kv_heads": args.kv_heads,
+            "dtype": "bfloat16",
+            "size_mib": model_bytes / MiB,
+            "layer_mib": layer_bytes / MiB,
+        },
+        "machine": {"cpus": os.cpu_count()},
+        "baseline_1_process": baseline,
+        "tp2_pp2_4_processes": sharded,
+        "ratios_4_processes_vs_1": {
+            "worst_peak_rss_above_imports": worst
+            / baseline["ranks"][0]["peak_rss_above_imports_mib"],
+            "worst_shard": max(r["shard_mib"] for r in sharded["ranks"])
+            / baseline["ranks"][0]["shard_mib"],
+            "wall_including_launch": sharded["wall_s_including_launch"]
+            / baseline["wall_s_including_launch"],
+        },
+        "target": "peak RSS above the after-import RSS <= 1.5 x shard + one layer, per process",
+        "target_met": sharded["target_met_on_every_rank"],
+    }
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        hf_dir, out, tp, pp, report_dir = sys.argv[2:7]
+        worker(hf_dir, out, int(tp), int(pp), report_dir)
+        return
+    args = parse_arguments()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="convert_bench_"))
     try:
         hf_dir = work / "hf"
         model_bytes = make_model(
             hf_dir, args.hidden, args.layers, args.vocab, args.ffn, args.heads, args.kv_heads
         )
-        kv = args.hidden // args.heads * args.kv_heads
-        layer_bytes = 2 * (
-            2 * args.hidden * args.hidden
-            + 2 * args.hidden * kv
-            + 3 * args.hidden * args.ffn
-            + 2 * args.hidden
-        )
+        layer_bytes = layer_bytes_of(args)
         baseline = run(hf_dir, work / "single", 1, 1, 1, layer_bytes)
         sharded = run(hf_dir, work / "tp2pp2", 2, 2, 4, layer_bytes)
-        worst = max(r["peak_rss_above_imports_mib"] for r in sharded["ranks"])
-        results = {
-            "what": "python bench/convert_bench.py --json OUT",
-            "model": {
-                "family": "llama",
-                "hidden": args.hidden,
-                "layers": args.layers,
-                "vocab": args.vocab,
-                "ffn": args.ffn,
-                "heads": args.heads,
-                "kv_heads": args.kv_heads,
-                "dtype": "bfloat16",
-                "size_mib": model_bytes / MiB,
-                "layer_mib": layer_bytes / MiB,
-            },
-            "machine": {"cpus": os.cpu_count()},
-            "baseline_1_process": baseline,
-            "tp2_pp2_4_processes": sharded,
-            "ratios_4_processes_vs_1": {
-                "worst_peak_rss_above_imports": worst
-                / baseline["ranks"][0]["peak_rss_above_imports_mib"],
-                "worst_shard": max(r["shard_mib"] for r in sharded["ranks"])
-                / baseline["ranks"][0]["shard_mib"],
-                "wall_including_launch": sharded["wall_s_including_launch"]
-                / baseline["wall_s_including_launch"],
-            },
-            "target": "peak RSS above the after-import RSS <= 1.5 x shard + one layer, per process",
-            "target_met": sharded["target_met_on_every_rank"],
-        }
+        results = summarise(args, model_bytes, layer_bytes, baseline, sharded)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps(results, indent=2))

@@ -49,7 +49,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hpd_megatron.losses import distillation_loss  # noqa: E402
+from hpd_megatron.losses import SamplingOptions, distillation_loss  # noqa: E402
 
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
@@ -141,6 +141,8 @@ def variants(methods, samplers, chunk_size):
 
     def ours(method, sampler):
         def prepare(student, teacher, labels):
+            sampling = SamplingOptions(sampler=sampler, seed=1)
+
             def step():
                 loss, _ = distillation_loss(
                     student,
@@ -148,9 +150,8 @@ def variants(methods, samplers, chunk_size):
                     labels,
                     method,
                     vocab_size=student.shape[-1],
-                    seed=1,
-                    sampler=sampler,
                     chunk_size=chunk_size,
+                    sampling=sampling,
                 )
                 return torch.autograd.grad(loss, student)[0]
 
@@ -359,10 +360,12 @@ def main() -> None:
             summary.append({"shape": spec, **row})
             print(
                 f"{spec:>12} {row['variant']:<32} {row['seconds']:7.3f} s  "
-                f"(dense {row['dense_seconds']:6.3f}, megatron_ce {row['megatron_ce_seconds']:6.3f}; "
+                f"(dense {row['dense_seconds']:6.3f}, "
+                f"megatron_ce {row['megatron_ce_seconds']:6.3f}; "
                 f"x{row['time_vs_megatron_ce']:.2f} CE, x{row['time_vs_dense']:.2f} dense)  "
                 f"extra {row['extra_MiB']:7.0f} MiB (dense {row['dense_extra_MiB']:6.0f}, "
-                f"CE {row['megatron_ce_extra_MiB']:5.0f}, target <= {row['memory_target_MiB']:.0f})",
+                f"CE {row['megatron_ce_extra_MiB']:5.0f}, "
+                f"target <= {row['memory_target_MiB']:.0f})",
                 flush=True,
             )
     destroy_parallel()
@@ -374,7 +377,8 @@ def main() -> None:
             "their median. extra_bytes: peak memory of the call beyond the resident inputs "
             "(CPU: measured in a child process per shape with glibc forced to mmap/trim, as "
             "VmHWM (reset via /proc/self/clear_refs) minus VmRSS before the call, the last of the "
-            "calls for the library and Megatron, the only call for dense; GPU: torch.cuda.max_memory_allocated minus memory_allocated). It includes "
+            "calls for the library and Megatron, the only call for dense; GPU: "
+            "torch.cuda.max_memory_allocated minus memory_allocated). It includes "
             "the freshly allocated gradient (gradient_bytes), which Megatron's CE instead writes "
             "over its own input. memory_target = gradient + one fp32 chunk. The dense HPD samples "
             "by inverse CDF (torch.multinomial would add ~2.5 s per 2048x32000 on 2 cores)."

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 STUDENT = dict(
@@ -39,22 +40,11 @@ STUDENT = dict(
 TEACHER = dict(STUDENT, num_layers=8, hidden_size=512, ffn_hidden_size=1408)
 
 
-def worker(
-    out_path: str, repeats: int, seq_length: int, micro_batch_size: int, micro_batches: int
-) -> None:
-    import torch
-
+def run_configs(tp: int, seq_length: int, micro_batch_size: int, micro_batches: int):
+    """The HPD and the SFT run of the benchmark (the same models, batch and layout)."""
     from hpd_megatron.config import from_dict
-    from hpd_megatron.models.description import ModelDescription
-    from hpd_megatron.parallel.initialize import initialize_parallel
-    from hpd_megatron.parallel.layout import ParallelLayout
-    from hpd_megatron.training.components import build_models, build_optimizer, make_forward_step
     from hpd_megatron.training.config import RunConfig
-    from hpd_megatron.training.pair import DistillationPair
-    from hpd_megatron.training.schedule import causal_lm_forward, run_schedule
 
-    tp = int(os.environ["WORLD_SIZE"])
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
     base = {
         "student": {"model": STUDENT},
         "teacher": {"model": TEACHER},
@@ -68,16 +58,12 @@ def worker(
     }
     hpd_run = from_dict(RunConfig, dict(base, loss={"method": "hpd"}))
     sft_run = from_dict(RunConfig, dict(base, loss={"method": "sft"}))
-    student_description = ModelDescription.from_dict(STUDENT)
-    teacher_description = ModelDescription.from_dict(TEACHER)
-    initialize_parallel(
-        ParallelLayout(tp, 1),
-        seed=0,
-        models=[("student", student_description), ("teacher", teacher_description)],
-    )
-    models = build_models(hpd_run, student_description, teacher_description)
-    optimizer, _ = build_optimizer(hpd_run, models.student)
-    sft_pair = DistillationPair(models.student, None, STUDENT["hidden_size"], 0)
+    return hpd_run, sft_run
+
+
+def random_batches(seq_length: int, micro_batch_size: int, micro_batches: int) -> list[dict]:
+    """Seeded random micro-batches, the first quarter of each sequence a prompt."""
+    import torch
 
     generator = torch.Generator().manual_seed(0)
     batches = []
@@ -95,13 +81,59 @@ def worker(
                 "sample_index": torch.arange(micro_batch_size) + index * micro_batch_size,
             }
         )
+    return batches
+
+
+def time_variants(variants: dict, repeats: int) -> dict[str, list[float]]:
+    """Wall seconds of each variant per round, interleaved; the first round is dropped."""
+    import torch
+
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for repeat in range(repeats + 1):  # the first round warms up and is dropped
+        for name, run_variant in variants.items():
+            torch.distributed.barrier()
+            start = time.perf_counter()
+            run_variant(repeat + 1)
+            torch.distributed.barrier()
+            if repeat:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def worker(
+    out_path: str, repeats: int, seq_length: int, micro_batch_size: int, micro_batches: int
+) -> None:
+    import torch
+
+    from hpd_megatron.models.description import ModelDescription
+    from hpd_megatron.parallel.initialize import initialize_parallel
+    from hpd_megatron.parallel.layout import ParallelLayout
+    from hpd_megatron.training.components import build_models, build_optimizer
+    from hpd_megatron.training.objective import DistillationObjective
+    from hpd_megatron.training.pair import DistillationPair
+    from hpd_megatron.training.schedule import causal_lm_forward, run_schedule
+
+    tp = int(os.environ["WORLD_SIZE"])
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
+    hpd_run, sft_run = run_configs(tp, seq_length, micro_batch_size, micro_batches)
+    student_description = ModelDescription.from_dict(STUDENT)
+    teacher_description = ModelDescription.from_dict(TEACHER)
+    initialize_parallel(
+        ParallelLayout(tp, 1),
+        seed=0,
+        models=[("student", student_description), ("teacher", teacher_description)],
+    )
+    models = build_models(hpd_run, student_description, teacher_description)
+    optimizer, _ = build_optimizer(hpd_run, models.student)
+    sft_pair = DistillationPair(models.student, None, STUDENT["hidden_size"], 0)
+    batches = random_batches(seq_length, micro_batch_size, micro_batches)
 
     def train_step(run, pair, step):
         models.student.zero_grad_buffer()
         optimizer.zero_grad()
-        run_schedule(
-            pair, batches, make_forward_step(run, models, step), seq_length, micro_batch_size
-        )
+        objective = DistillationObjective(run, student_description.vocab_size)
+        forward_step = partial(objective.forward_step, step)
+        run_schedule(pair, batches, forward_step, seq_length, micro_batch_size)
         optimizer.step()
 
     def teacher_forward(_step):
@@ -114,17 +146,33 @@ def worker(
         "sft": lambda step: train_step(sft_run, sft_pair, step),
         "teacher": teacher_forward,
     }
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for repeat in range(repeats + 1):  # the first round warms up and is dropped
-        for name, run_variant in variants.items():
-            torch.distributed.barrier()
-            start = time.perf_counter()
-            run_variant(repeat + 1)
-            torch.distributed.barrier()
-            if repeat:
-                times[name].append(time.perf_counter() - start)
+    times = time_variants(variants, repeats)
     if torch.distributed.get_rank() == 0:
         Path(out_path).write_text(json.dumps(times))
+
+
+def time_layout(args: argparse.Namespace, tp: int) -> dict:
+    """The three variants' times at TP ``tp`` (``tp`` ranks under torchrun), their medians
+    and the ratio, printed."""
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as scratch:
+        raw = Path(scratch) / "times.json"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        command += [f"--nproc-per-node={tp}", str(Path(__file__).resolve())]
+        command += ["--json", args.json, "--worker", str(raw), "--repeats", str(args.repeats)]
+        command += ["--seq-length", str(args.seq_length)]
+        command += ["--micro-batch-size", str(args.micro_batch_size)]
+        command += ["--micro-batches", str(args.micro_batches)]
+        subprocess.run(command, check=True, cwd=root, env=dict(os.environ, PYTHONPATH=str(root)))
+        times = json.loads(raw.read_text())
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    ratio = medians["hpd"] / (medians["sft"] + medians["teacher"])
+    print(
+        f"TP{tp}: hpd {medians['hpd']:.3f} s, sft {medians['sft']:.3f} s, "
+        f"teacher forward {medians['teacher']:.3f} s -> ratio {ratio:.3f}",
+        flush=True,
+    )
+    return {"median_s": medians, "times_s": times, "ratio_hpd_over_sft_plus_teacher": ratio}
 
 
 def main() -> None:
@@ -142,7 +190,6 @@ def main() -> None:
             args.worker, args.repeats, args.seq_length, args.micro_batch_size, args.micro_batches
         )
         return
-
     results = {
         "what": __doc__.split("\n\n")[1].strip(),
         "student": STUDENT,
@@ -151,50 +198,8 @@ def main() -> None:
         "micro_batch_size": args.micro_batch_size,
         "micro_batches": args.micro_batches,
         "repeats": args.repeats,
-        "layouts": {},
+        "layouts": {f"TP{tp}": time_layout(args, tp) for tp in args.tp},
     }
-    root = Path(__file__).resolve().parent.parent
-    for tp in args.tp:
-        with tempfile.TemporaryDirectory() as scratch:
-            raw = Path(scratch) / "times.json"
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "torch.distributed.run",
-                    "--standalone",
-                    f"--nproc-per-node={tp}",
-                    str(Path(__file__).resolve()),
-                    "--json",
-                    args.json,
-                    "--worker",
-                    str(raw),
-                    "--repeats",
-                    str(args.repeats),
-                    "--seq-length",
-                    str(args.seq_length),
-                    "--micro-batch-size",
-                    str(args.micro_batch_size),
-                    "--micro-batches",
-                    str(args.micro_batches),
-                ],
-                check=True,
-                cwd=root,
-                env=dict(os.environ, PYTHONPATH=str(root)),
-            )
-            times = json.loads(raw.read_text())
-        medians = {name: statistics.median(values) for name, values in times.items()}
-        ratio = medians["hpd"] / (medians["sft"] + medians["teacher"])
-        results["layouts"][f"TP{tp}"] = {
-            "median_s": medians,
-            "times_s": times,
-            "ratio_hpd_over_sft_plus_teacher": ratio,
-        }
-        print(
-            f"TP{tp}: hpd {medians['hpd']:.3f} s, sft {medians['sft']:.3f} s, "
-            f"teacher forward {medians['teacher']:.3f} s -> ratio {ratio:.3f}",
-            flush=True,
-        )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -24,22 +24,16 @@ T = TypeVar("T")
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """``value`` as the type ``annotation`` says, or a ConfigError naming the key."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, where)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(
-            errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {annotation}"
-        )
+        return _coerce_union(value, typing.get_args(annotation), where)
+    if origin is typing.Literal:
+        allowed = typing.get_args(annotation)
+        if value in allowed:
+            return value
+        choices = ", ".join(str(choice) for choice in allowed)
+        raise ConfigError(f"{where}: expected one of {choices}, got {value!r}")
     if dataclasses.is_dataclass(annotation):
         return from_dict(annotation, value, where)
     if origin is dict or annotation is dict:
@@ -47,37 +41,74 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
     if origin in (list, tuple) or annotation in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        args = typing.get_args(annotation)
-        item_type = args[0] if args else Any
-        items = [_coerce(item, item_type, f"{where}[{i}]") for i, item in enumerate(value)]
-        return tuple(items) if (origin or annotation) is tuple else items
-    if annotation is Any:
-        return value
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            # YAML 1.1 reads "3e-4" (no dot) as a string; accept what float() accepts.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return _coerce_sequence(value, annotation, where)
+    if annotation in _SCALARS:
+        return _SCALARS[annotation](value, where)
     return value
+
+
+def _coerce_union(value: Any, options: tuple, where: str) -> Any:
+    if value is None and type(None) in options:
+        return None
+    errors = []
+    for option in options:
+        if option is type(None):
+            continue
+        try:
+            return _coerce(value, option, where)
+        except ConfigError as error:
+            errors.append(str(error))
+    if len(errors) == 1:
+        raise ConfigError(errors[0])
+    raise ConfigError(f"{where}: {value!r} fits none of {' | '.join(map(str, options))}")
+
+
+def _coerce_sequence(value: Any, annotation: Any, where: str) -> list | tuple:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    args = typing.get_args(annotation)
+    item_type = args[0] if args else Any
+    items = [_coerce(item, item_type, f"{where}[{i}]") for i, item in enumerate(value)]
+    return tuple(items) if (typing.get_origin(annotation) or annotation) is tuple else items
+
+
+def _as_bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{where}: expected true or false, got {value!r}")
+
+
+def _as_int(value: Any, where: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ConfigError(f"{where}: expected an integer, got {value!r}")
+
+
+def _as_float(value: Any, where: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        # YAML 1.1 reads "3e-4" (no dot) as a string; accept what float() accepts.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{where}: expected a number, got {value!r}")
+
+
+def _as_str(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}: expected a string, got {value!r}")
+
+
+_SCALARS = {
+    Any: lambda value, _where: value,
+    bool: _as_bool,
+    int: _as_int,
+    float: _as_float,
+    str: _as_str,
+}
 
 
 def from_dict(cls: type[T], data: Any, where: str = "") -> T:

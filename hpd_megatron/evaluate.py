@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hpd_megatron.data.files import DataError, staged_files
-from hpd_megatron.errors import CheckpointError, ConfigError
+from hpd_megatron.cli import run_cli
+from hpd_megatron.data.files import staged_files
 from hpd_megatron.eval.answers import answers_match, avg_at_k, extract_answer
 from hpd_megatron.eval.runner import (
     GenerationRun,
@@ -35,10 +34,24 @@ from hpd_megatron.eval.runner import (
     job_from_arguments,
     run_generation,
 )
+from hpd_megatron.eval.source import CheckpointInfo
 from hpd_megatron.eval.tracking import log_evaluation, tracking_target
+from hpd_megatron.tracking import TrackingConfig
 
 GENERATIONS = "generations.jsonl"
 SUMMARY = "summary.json"
+TRACKED_PARAMS = (
+    "data",
+    "samples",
+    "temperature",
+    "top_p",
+    "max_new_tokens",
+    "seed",
+    "checkpoint",
+    "layout",
+    "context_length",
+)
+"""The summary's settings logged as the MLflow run's parameters."""
 
 
 def score(run: GenerationRun) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -111,38 +124,36 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
         summary_file.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(metrics), flush=True)
     print(f"wrote {out / GENERATIONS} and {out / SUMMARY}", flush=True)
-
     if tracking is not None:
-        name = Path(job.data).stem
-        run_id = log_evaluation(
-            tracking,
-            f"eval-{name}",
-            out,
-            params={
-                key: summary[key]
-                for key in (
-                    "data",
-                    "samples",
-                    "temperature",
-                    "top_p",
-                    "max_new_tokens",
-                    "seed",
-                    "checkpoint",
-                    "layout",
-                    "context_length",
-                )
-            },
-            # MLflow metric names allow no "@".
-            metrics={
-                f"eval/{name}/{key.replace('@', '_at_')}": value for key, value in metrics.items()
-            },
-            step=info.step or 0,
-            parent_run_id=args.run_id or info.tracking_run_id,
-            tags={"hpd.evaluated_checkpoint": str(info.path)},
-            artifacts=[out / SUMMARY],
-        )
-        print(f"logged to {tracking.tracking_uri} (run {run_id})", flush=True)
+        track(tracking, args, info, out, summary, metrics)
     return summary
+
+
+def track(
+    tracking: TrackingConfig,
+    args: argparse.Namespace,
+    info: CheckpointInfo,
+    out: Path,
+    summary: dict[str, Any],
+    metrics: dict[str, Any],
+) -> None:
+    """The summary into MLflow, as a child run of the checkpoint's training run."""
+    name = Path(summary["data"]).stem
+    run_id = log_evaluation(
+        tracking,
+        f"eval-{name}",
+        out,
+        params={key: summary[key] for key in TRACKED_PARAMS},
+        # MLflow metric names allow no "@".
+        metrics={
+            f"eval/{name}/{key.replace('@', '_at_')}": value for key, value in metrics.items()
+        },
+        step=info.step or 0,
+        parent_run_id=args.run_id or info.tracking_run_id,
+        tags={"hpd.evaluated_checkpoint": str(info.path)},
+        artifacts=[out / SUMMARY],
+    )
+    print(f"logged to {tracking.tracking_uri} (run {run_id})", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -160,13 +171,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--run-id", help="the training run to nest the evaluation under (default: the checkpoint's)"
     )
     parser.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow")
-    args = parser.parse_args(argv)
-    try:
-        evaluate(args)
-    except (ConfigError, DataError, CheckpointError) as error:
-        # Bad input: one line naming the file, line or option, on every rank alike.
-        sys.exit(f"error: {error}")
+    evaluate(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

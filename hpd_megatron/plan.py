@@ -35,7 +35,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from hpd_megatron.errors import ConfigError
+from hpd_megatron.cli import run_cli
 from hpd_megatron.models.builder import padded_vocab_size
 from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.parallel.layout import LayoutError, ParallelLayout, validate_layout
@@ -101,7 +101,8 @@ def stage_parameters_per_gpu(count: ParameterCount, tp: int, pp: int, stage: int
 def activation_bytes_per_layer(
     model: ModelDescription, micro_batch: int, seq: int, tp: int, element_bytes: int
 ) -> int:
-    """Saved activations of one transformer layer for one micro-batch (formula in the module doc)."""
+    """Saved activations of one transformer layer for one micro-batch (formula in the module
+    doc)."""
     d = model.kv_channels
     split = (
         2 * model.num_attention_heads * d
@@ -112,7 +113,8 @@ def activation_bytes_per_layer(
 
 
 def matmul_flops_per_token(model: ModelDescription, count: ParameterCount, seq: int) -> int:
-    """Forward FLOPs per token: 2 per matmul weight plus attention (QK^T and AV, no causal saving)."""
+    """Forward FLOPs per token: 2 per matmul weight plus attention (QK^T and AV, no causal
+    saving)."""
     matmul = (
         count.total
         - count.embedding
@@ -177,8 +179,8 @@ def layout_problems(
 ) -> tuple[ParallelLayout, list[str], list[str]]:
     """Every violated divisibility rule (one string each) and warnings; the layout with DP set."""
     models = [("student", run.student.description("student"))]
-    if run.teacher is not None:
-        models.append(("teacher", run.teacher.description("teacher")))
+    if run.uses_teacher:
+        models.append(("teacher", run.teacher_description()))
     problems: list[str] = []
     layout = run.parallel
     try:
@@ -209,76 +211,131 @@ def layout_problems(
     return layout, problems, warnings
 
 
+@dataclass
+class Setting:
+    """What a plan's numbers depend on: the run, its layout and both models' sizes."""
+
+    run: RunConfig
+    layout: ParallelLayout
+    student: ModelDescription
+    teacher: ModelDescription | None
+    student_count: ParameterCount
+    """With the padded vocabulary, as for all the memory numbers."""
+    teacher_count: ParameterCount | None
+    vocab: int
+    """The student's vocabulary padded for TP."""
+    micro_batches: int
+    """Per step and data-parallel rank."""
+
+    @property
+    def element_bytes(self) -> int:
+        """Bytes of one student weight or activation element."""
+        return 2 if self.run.params_dtype == "bf16" else 4
+
+
+def make_setting(run: RunConfig, layout: ParallelLayout) -> Setting:
+    tp = layout.tensor_model_parallel_size
+    student = run.student.description("student")
+    teacher = run.teacher_description()
+    vocab = padded_vocab_size(student.vocab_size, tp)
+    mbs = run.schedule.micro_batch_size
+    return Setting(
+        run,
+        layout,
+        student,
+        teacher,
+        count_parameters(student, vocab),
+        count_parameters(teacher, padded_vocab_size(teacher.vocab_size, tp)) if teacher else None,
+        vocab,
+        max(run.schedule.global_batch_size // (mbs * layout.data_parallel_size), 1),
+    )
+
+
+def stage_memory(setting: Setting, stage: int) -> StageMemory:
+    """The memory of one GPU of pipeline ``stage`` (formulas in the module doc)."""
+    run, student, element = setting.run, setting.student, setting.element_bytes
+    tp, pp = setting.layout.tensor_model_parallel_size, setting.layout.pipeline_model_parallel_size
+    mbs, seq = run.schedule.micro_batch_size, run.data.seq_length
+    n = stage_parameters_per_gpu(setting.student_count, tp, pp, stage)
+    n_teacher = (
+        stage_parameters_per_gpu(setting.teacher_count, tp, pp, stage)
+        if setting.teacher_count
+        else 0
+    )
+    in_flight = min(pp - stage, setting.micro_batches)  # 1F1B: stage i holds PP - i
+    layer_activation = activation_bytes_per_layer(student, mbs, seq, tp, element)
+    activations = in_flight * (student.num_layers // pp) * layer_activation
+    if stage == 0:
+        activations += in_flight * element * mbs * seq * student.hidden_size  # embedding output
+    logits = 0
+    if stage == pp - 1:
+        copies = 3 if setting.teacher else 2  # student logits, its gradient, teacher logits
+        shard = setting.vocab // tp
+        logits = copies * mbs * seq * shard * 4
+        logits += LOSS_KERNEL_BUFFERS * min(run.loss.chunk_size, mbs * seq) * shard * 4
+    optimizer_shards = (
+        setting.layout.data_parallel_size if run.optimizer.use_distributed_optimizer else 1
+    )
+    master = 4 if run.params_dtype == "bf16" else 0
+    return StageMemory(
+        stage=stage,
+        teacher_weights=2 * n_teacher / GIB,
+        student_weights=element * n / GIB,
+        student_grads=4 * n / GIB,
+        optimizer=(master + 8) * n / optimizer_shards / GIB,
+        activations=activations / GIB,
+        logits_and_loss=logits / GIB,
+    )
+
+
+def training_flops_per_token(
+    student: ModelDescription, teacher: ModelDescription | None, seq: int, tp: int = 1
+) -> float:
+    """Training FLOPs per token: the student's forward and backward (3 forwards), the
+    teacher's forward; vocabularies padded for TP as Megatron pads them."""
+    flops = 3 * matmul_flops_per_token(
+        student, count_parameters(student, padded_vocab_size(student.vocab_size, tp)), seq
+    )
+    if teacher is not None:
+        teacher_count = count_parameters(teacher, padded_vocab_size(teacher.vocab_size, tp))
+        flops += matmul_flops_per_token(teacher, teacher_count, seq)
+    return float(flops)
+
+
 def make_plan(
     run: RunConfig, nodes: int, gpus_per_node: int, gpu_mem_gib: float, tflops: float = 400.0
 ) -> Plan:
     world = nodes * gpus_per_node
     layout, problems, warnings = layout_problems(run, world, gpus_per_node)
-    tp, pp, dp = (
-        layout.tensor_model_parallel_size,
-        layout.pipeline_model_parallel_size,
-        layout.data_parallel_size,
-    )
-    student = run.student.description("student")
-    teacher = run.teacher.description("teacher") if run.teacher is not None else None
-    vocab = padded_vocab_size(student.vocab_size, tp)
-    s_count = count_parameters(student, vocab)
-    t_count = (
-        count_parameters(teacher, padded_vocab_size(teacher.vocab_size, tp)) if teacher else None
-    )
-    mbs, seq = run.schedule.micro_batch_size, run.data.seq_length
-    micro_batches = max(run.schedule.global_batch_size // (mbs * dp), 1)
-    bf16 = run.params_dtype == "bf16"
-    element = 2 if bf16 else 4
-    optimizer_shards = dp if run.optimizer.use_distributed_optimizer else 1
-    layer_activation = activation_bytes_per_layer(student, mbs, seq, tp, element)
-
-    stages = []
-    for stage in range(pp):
-        n = stage_parameters_per_gpu(s_count, tp, pp, stage)
-        n_teacher = stage_parameters_per_gpu(t_count, tp, pp, stage) if t_count else 0
-        in_flight = min(pp - stage, micro_batches)  # 1F1B: stage i holds PP - i micro-batches
-        activations = in_flight * (student.num_layers // pp) * layer_activation
-        if stage == 0:
-            activations += in_flight * element * mbs * seq * student.hidden_size  # embedding output
-        logits = 0
-        if stage == pp - 1:
-            copies = 3 if teacher else 2  # student logits, its gradient, teacher logits
-            logits = copies * mbs * seq * (vocab // tp) * 4
-            logits += LOSS_KERNEL_BUFFERS * min(run.loss.chunk_size, mbs * seq) * (vocab // tp) * 4
-        stages.append(
-            StageMemory(
-                stage=stage,
-                teacher_weights=2 * n_teacher / GIB,
-                student_weights=element * n / GIB,
-                student_grads=4 * n / GIB,
-                optimizer=((4 if bf16 else 0) + 8) * n / optimizer_shards / GIB,
-                activations=activations / GIB,
-                logits_and_loss=logits / GIB,
-            )
-        )
+    setting = make_setting(run, layout)
+    stages = [stage_memory(setting, stage) for stage in range(layout.pipeline_model_parallel_size)]
     worst = max(stages, key=lambda m: m.total)
-
-    flops = 3 * matmul_flops_per_token(student, s_count, seq)
-    if teacher:
-        flops += matmul_flops_per_token(teacher, t_count, seq)
-    tokens = run.schedule.global_batch_size * seq
-    bubble = 1 + (pp - 1) / micro_batches
-    step_seconds = tokens * flops / (world * tflops * 1e12) * bubble
+    flops = training_flops_per_token(
+        setting.student,
+        setting.teacher,
+        setting.run.data.seq_length,
+        setting.layout.tensor_model_parallel_size,
+    )
+    tokens = run.schedule.global_batch_size * run.data.seq_length
+    bubble = 1 + (layout.pipeline_model_parallel_size - 1) / setting.micro_batches
     return Plan(
-        layout={"TP": tp, "PP": pp, "DP": dp},
+        layout={
+            "TP": layout.tensor_model_parallel_size,
+            "PP": layout.pipeline_model_parallel_size,
+            "DP": layout.data_parallel_size,
+        },
         world_size=world,
-        micro_batches_per_step=micro_batches,
-        padded_vocab=vocab,
-        student_parameters=count_parameters(student).total,
-        teacher_parameters=count_parameters(teacher).total if teacher else 0,
+        micro_batches_per_step=setting.micro_batches,
+        padded_vocab=setting.vocab,
+        student_parameters=count_parameters(setting.student).total,
+        teacher_parameters=count_parameters(setting.teacher).total if setting.teacher else 0,
         stages=stages,
         worst_stage=worst.stage,
         worst_gib=worst.total,
         available_gib=gpu_mem_gib,
         flops_per_token=flops,
         tokens_per_step=tokens,
-        step_seconds=step_seconds,
+        step_seconds=tokens * flops / (world * tflops * 1e12) * bubble,
         problems=problems,
         warnings=warnings,
     )
@@ -297,8 +354,10 @@ def format_table(plan: Plan) -> str:
     lay = plan.layout
     lines = [
         f"world {plan.world_size} GPUs: TP={lay['TP']} PP={lay['PP']} DP={lay['DP']}, "
-        f"{plan.micro_batches_per_step} micro-batches per step, padded vocab {plan.padded_vocab:,}",
-        f"parameters (real vocab): student {plan.student_parameters:,}, teacher {plan.teacher_parameters:,}",
+        f"{plan.micro_batches_per_step} micro-batches per step, "
+        f"padded vocab {plan.padded_vocab:,}",
+        f"parameters (real vocab): student {plan.student_parameters:,}, "
+        f"teacher {plan.teacher_parameters:,}",
         "",
         f"{'GiB per GPU':<18}" + "".join(f"{'stage ' + str(m.stage):>10}" for m in plan.stages),
     ]
@@ -308,8 +367,8 @@ def format_table(plan: Plan) -> str:
     lines += [
         "",
         f"worst stage {plan.worst_stage}: {plan.worst_gib:.2f} GiB of {plan.available_gib:.2f} GiB",
-        f"compute: {plan.flops_per_token / 1e9:.1f} GFLOP per token, {plan.tokens_per_step:,} tokens "
-        f"per step, about {plan.step_seconds:.1f} s per step",
+        f"compute: {plan.flops_per_token / 1e9:.1f} GFLOP per token, "
+        f"{plan.tokens_per_step:,} tokens per step, about {plan.step_seconds:.1f} s per step",
     ]
     lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)
@@ -332,14 +391,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also check that the checkpoints and data the run reads exist",
     )
     args = parser.parse_args(argv)
-    try:
-        run = load_run_config(args.config, args.overrides)
-        if args.check_inputs:
-            check_inputs(run)
-        plan = make_plan(run, args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.tflops)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    run = load_run_config(args.config, args.overrides)
+    if args.check_inputs:
+        check_inputs(run)
+    plan = make_plan(run, args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.tflops)
     print(format_table(plan))
     if args.json:
         data = asdict(plan) | {
@@ -362,4 +417,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

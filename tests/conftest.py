@@ -59,3 +59,28 @@ def setup(tmp_path_factory, prepared_data) -> dict:
         )
     )
     return {"root": root, "recipe": str(recipe)}
+
+
+# Modules whose tests start several processes (gloo ranks, torchrun, a Slurm job), and
+# those that also wait on services; `make test-fast` skips both, `make test` runs all.
+MULTIRANK_MODULES = {
+    "test_checkpoints",
+    "test_convert",
+    "test_cpu_emulation",
+    "test_generation",
+    "test_layout_equivalence",
+    "test_losses_tp",
+    "test_slurm",
+    "test_trainer",
+    "test_training_tracking",
+}
+SLOW_MODULES = {"test_slurm", "test_tracking", "test_training_tracking"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in MULTIRANK_MODULES:
+            item.add_marker(pytest.mark.multirank)
+        if module in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

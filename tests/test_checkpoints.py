@@ -71,28 +71,28 @@ def test_tracker_problems_name_the_file(tmp_path):
 
 
 def _train_until_signal(recipe: str, overrides: list[str], signal_during_step: int) -> dict:
-    """Rank 0 sends itself SIGTERM while fetching that step's data; all ranks must stop."""
+    """Rank 0 sends itself SIGTERM during that step; all ranks must stop after it."""
     import os
     import signal
 
-    import hpd_megatron.train as trainer
     from hpd_megatron.checkpoint.signals import StopRequested
+    from hpd_megatron.training.config import load_run_config
+    from hpd_megatron.training.trainer import DistillationTrainer
 
-    fetch = trainer.TrainingFeed.next_step
-    calls = {"n": 0}
+    class SignalledTrainer(DistillationTrainer):
+        def train_step(self, step):
+            if step == signal_during_step and torch.distributed.get_rank() == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)  # a second one must change nothing
+            return super().train_step(step)
 
-    def fetch_and_signal(self):
-        calls["n"] += 1
-        if calls["n"] == signal_during_step and torch.distributed.get_rank() == 0:
-            os.kill(os.getpid(), signal.SIGTERM)
-            os.kill(os.getpid(), signal.SIGTERM)  # a second one must change nothing
-        return fetch(self)
-
-    trainer.TrainingFeed.next_step = fetch_and_signal
+    trainer = SignalledTrainer(load_run_config(recipe, overrides))
     try:
-        trainer.train(trainer.load_run_config(recipe, overrides))
+        trainer.train()
     except StopRequested as stopped:
         return {"stopped_after": stopped.step}
+    finally:
+        trainer.close()
     return {"stopped_after": None}
 
 
@@ -126,25 +126,28 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_continues(setup):
 
 
 def _train_with_nan_steps(recipe: str, overrides: list[str], nan_steps: list[int]) -> dict:
-    """Make the loss NaN in the given steps (2 micro-batches a step in this recipe)."""
-    import hpd_megatron.train as trainer
-    import hpd_megatron.training.components as components
+    """Make the loss NaN in the given steps, through an objective that poisons it."""
+    from hpd_megatron.errors import NonFiniteTraining
+    from hpd_megatron.training.config import load_run_config
+    from hpd_megatron.training.objective import DistillationObjective
+    from hpd_megatron.training.trainer import DistillationTrainer
 
-    loss_fn = components.distillation_loss
-    calls = {"n": 0}
+    class PoisonedObjective(DistillationObjective):
+        def compute_loss(self, step, batch, teacher_logits, logits):
+            loss, diagnostics = super().compute_loss(step, batch, teacher_logits, logits)
+            return (loss * float("nan") if step in nan_steps else loss), diagnostics
 
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        loss, diagnostics = loss_fn(*args, **kwargs)
-        if (calls["n"] + 1) // 2 in nan_steps:
-            loss = loss * float("nan")
-        return loss, diagnostics
+    class PoisonedTrainer(DistillationTrainer):
+        def build_objective(self):
+            return PoisonedObjective(self.run, self.student_description.vocab_size)
 
-    components.distillation_loss = poisoned
+    trainer = PoisonedTrainer(load_run_config(recipe, overrides))
     try:
-        return {"history": trainer.train(trainer.load_run_config(recipe, overrides)), "error": None}
-    except trainer.NonFiniteTraining as error:
+        return {"history": trainer.train(), "error": None}
+    except NonFiniteTraining as error:
         return {"history": None, "error": str(error)}
+    finally:
+        trainer.close()
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(setup):

@@ -14,7 +14,6 @@ one line and leave nothing behind.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -24,6 +23,7 @@ import pytest
 import torch
 
 from tests.multiprocess import run_on_ranks
+from tests.tool_runs import load_tool, run_main
 
 SEQ, BATCH, GREEDY = 96, 2, 4
 # TP and PP together; TP-only and PP-only loading of the same GPTModels is covered by
@@ -62,14 +62,6 @@ MODELS = {
 }
 SHARDED = "llama31"  # saved in several files with an index
 BF16 = "mistral"  # saved (and so converted) in bf16
-
-
-def _tool(name: str):
-    path = Path(__file__).parents[1] / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _write_tokenizer(directory: Path) -> None:
@@ -160,10 +152,24 @@ def _checkpoint_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.size) for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
 
 
-def _verify_all(tp: int, pp: int, hf_root: str, meg_root: str, export_root: str | None) -> dict:
-    """Every model at this layout: the verify report, plus what the layout's model expects."""
+def _key_mismatches(model: torch.nn.Module, directory: Path) -> list[tuple]:
+    """Keys and global shapes this layout's GPTModel asks for that the checkpoint in
+    ``directory`` does not have (every rank's)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+    stored = _checkpoint_shapes(directory)
+    mismatches = []
+    for item in model.sharded_state_dict().values():
+        if isinstance(item, ShardedTensor) and not item.allow_shape_mismatch:
+            if stored.get(item.key) != tuple(item.global_shape):
+                mismatches.append((item.key, stored.get(item.key), item.global_shape))
+    every_rank = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every_rank, mismatches)
+    return [m for ranks in every_rank for m in ranks]
+
+
+def _verify_all(tp: int, pp: int, hf_root: str, meg_root: str, export_root: str | None) -> dict:
+    """Every model at this layout: the verify report, plus what the layout's model expects."""
     from hpd_megatron.checkpoint.weights import load_model_weights, save_model_weights
     from hpd_megatron.convert.launch import conversion_processes
     from hpd_megatron.convert.verify import verify
@@ -183,17 +189,8 @@ def _verify_all(tp: int, pp: int, hf_root: str, meg_root: str, export_root: str 
                 greedy_steps=GREEDY,
                 keep_logits=(tp, pp) == (1, 1),
             )
-            # Keys and global shapes this layout's GPTModel asks for, against the file.
             model = build_gpt_model(description, transformer_config(description))
-            stored = _checkpoint_shapes(meg)
-            mismatches = []
-            for item in model.sharded_state_dict().values():
-                if isinstance(item, ShardedTensor) and not item.allow_shape_mismatch:
-                    if stored.get(item.key) != tuple(item.global_shape):
-                        mismatches.append((item.key, stored.get(item.key), item.global_shape))
-            every_rank = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(every_rank, mismatches)
-            report["key_mismatches"] = [m for ranks in every_rank for m in ranks]
+            report["key_mismatches"] = _key_mismatches(model, meg)
             if export_root is not None:
                 # What the trainer's export writes: this layout's padded vocab, model.yaml, hf/.
                 load_model_weights(model, meg)
@@ -223,7 +220,7 @@ def _reverse_all(jobs: list[tuple[str, str, str | None]]) -> None:
 
 
 def _cli(tool: str, argv: list[str]) -> int:
-    return _tool(tool).main(argv)
+    return load_tool(tool).main(argv)
 
 
 # ---- fixtures ------------------------------------------------------------------------
@@ -423,9 +420,9 @@ def test_cli_megatron_to_hf_two_processes_sharded_output(work):
 # ---- bad input -----------------------------------------------------------------------
 
 
-def _fails(tool: str, argv: list[str], out: Path, capsys, *fragments: str) -> str:
-    code = _tool(tool).main(argv + ["--no-progress"])
-    err = capsys.readouterr().err.strip()
+def _fails(tool: str, argv: list[str], out: Path, *fragments: str) -> str:
+    code, err = run_main(load_tool(tool).main, argv + ["--no-progress"])
+    err = err.strip()
     assert code == 1
     assert err.startswith("error: ") and "\n" not in err, err
     assert "Traceback" not in err
@@ -441,7 +438,7 @@ def _copy(work, name: str, tmp_path: Path) -> Path:
     return target
 
 
-def test_error_unsupported_architecture(work, tmp_path, capsys):
+def test_error_unsupported_architecture(work, tmp_path):
     source = _copy(work, "llama2", tmp_path)
     config = json.loads((source / "config.json").read_text())
     config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
@@ -451,7 +448,6 @@ def test_error_unsupported_architecture(work, tmp_path, capsys):
         "convert_hf_to_megatron",
         ["--hf-dir", str(source), "--out", str(out)],
         out,
-        capsys,
         "GPT2LMHeadModel",
         "LlamaForCausalLM",
         "MistralForCausalLM",
@@ -460,7 +456,7 @@ def test_error_unsupported_architecture(work, tmp_path, capsys):
     )
 
 
-def test_error_missing_shard(work, tmp_path, capsys):
+def test_error_missing_shard(work, tmp_path):
     source = _copy(work, SHARDED, tmp_path)
     shards = sorted(source.glob("model-*.safetensors"))
     assert len(shards) >= 2
@@ -470,24 +466,22 @@ def test_error_missing_shard(work, tmp_path, capsys):
         "convert_hf_to_megatron",
         ["--hf-dir", str(source), "--out", str(out)],
         out,
-        capsys,
         shards[1].name,
         "model.safetensors.index.json",
     )
 
 
-def test_error_tp_does_not_divide_kv_heads(work, tmp_path, capsys):
+def test_error_tp_does_not_divide_kv_heads(work, tmp_path):
     out = tmp_path / "out"
     _fails(
         "convert_hf_to_megatron",
         ["--hf-dir", str(work["hf"] / "qwen3"), "--out", str(out), "--tp", "4"],
         out,
-        capsys,
         "TP=4 does not divide num_query_groups (KV heads)=2",
     )
 
 
-def test_error_shape_disagrees_with_config(work, tmp_path, capsys):
+def test_error_shape_disagrees_with_config(work, tmp_path):
     source = _copy(work, "llama2", tmp_path)
     config = json.loads((source / "config.json").read_text())
     config["intermediate_size"] = 128
@@ -497,7 +491,6 @@ def test_error_shape_disagrees_with_config(work, tmp_path, capsys):
         "convert_hf_to_megatron",
         ["--hf-dir", str(source), "--out", str(out)],
         out,
-        capsys,
         "tensor model.layers.0.mlp.",
         "config.json",
     )
@@ -507,7 +500,7 @@ def test_error_shape_disagrees_with_config(work, tmp_path, capsys):
     ), err
 
 
-def test_error_pickle_weights_only(work, tmp_path, capsys):
+def test_error_pickle_weights_only(work, tmp_path):
     source = tmp_path / "bin_only"
     source.mkdir()
     shutil.copy(work["hf"] / "llama2" / "config.json", source / "config.json")
@@ -517,14 +510,13 @@ def test_error_pickle_weights_only(work, tmp_path, capsys):
         "convert_hf_to_megatron",
         ["--hf-dir", str(source), "--out", str(out)],
         out,
-        capsys,
         "pytorch_model.bin",
         "safetensors are required",
         "save_pretrained",
     )
 
 
-def test_error_reverse_without_model_description(work, tmp_path, capsys):
+def test_error_reverse_without_model_description(work, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(work["meg"] / "llama2", ckpt, ignore=shutil.ignore_patterns("model.yaml"))
     out = tmp_path / "out"
@@ -532,19 +524,19 @@ def test_error_reverse_without_model_description(work, tmp_path, capsys):
         "convert_megatron_to_hf",
         ["--ckpt", str(ckpt), "--out", str(out)],
         out,
-        capsys,
         "model.yaml",
         "--model",
     )
 
 
-def test_error_output_exists(work, tmp_path, capsys):
+def test_error_output_exists(work, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    code = _tool("convert_hf_to_megatron").main(
-        ["--hf-dir", str(work["hf"] / "llama2"), "--out", str(out), "--no-progress"]
+    code, err = run_main(
+        load_tool("convert_hf_to_megatron").main,
+        ["--hf-dir", str(work["hf"] / "llama2"), "--out", str(out), "--no-progress"],
     )
-    assert code == 1 and "already exists" in capsys.readouterr().err
+    assert code == 1 and "already exists" in err
     assert list(out.iterdir()) == []
 
 

@@ -28,6 +28,7 @@ from hpd_megatron.data.arithmetic import extract_answer, generate, solve, write_
 from hpd_megatron.data.chat import builtin_text
 from hpd_megatron.data.records import conversation
 from hpd_megatron.errors import ConfigError
+from tests.tool_runs import load_tool, run_main
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -323,7 +324,10 @@ def test_packing_keeps_records_apart(tmp_path, word_tokenizer):
     assert second["labels"].tolist() == [-100] * 5 + [11, 11, 11, 2] + [-100] * 11
     # Packing and padding supervise exactly the same tokens.
     padded = DistillationDataset(tmp_path / "d", seq_length=20)
-    labels = lambda ds: sorted(int(t) for i in range(len(ds)) for t in ds[i]["labels"] if t != -100)
+
+    def labels(ds: DistillationDataset) -> list[int]:
+        return sorted(int(t) for i in range(len(ds)) for t in ds[i]["labels"] if t != -100)
+
     assert labels(dataset) == labels(padded) == [2, 2, 2, 8, 9, 11, 11, 11, 11]
 
 
@@ -375,7 +379,8 @@ def test_overlong_truncate_and_drop(tmp_path, word_tokenizer):
         ),
         (
             '{"text": "hi"}',
-            r"""d.jsonl:2: expected \{"prompt", "response"\} or \{"messages"\}, got keys \['text'\]""",
+            r'd.jsonl:2: expected \{"prompt", "response"\} or \{"messages"\}, '
+            r"got keys \['text'\]",
         ),
         ('["hi"]', r"d.jsonl:2: expected a JSON object, got list"),
         (
@@ -439,34 +444,13 @@ def test_failure_keeps_earlier_outputs(tmp_path, word_tokenizer):
     assert after == before
 
 
-def test_prepare_tool_reports_one_line(tmp_path, word_tokenizer, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "prepare_data", Path(__file__).parents[1] / "tools" / "prepare_data.py"
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+def test_prepare_tool_reports_one_line(tmp_path, word_tokenizer):
     data = write_jsonl(tmp_path / "d.jsonl", ['{"prompt": 1'])
-    assert (
-        tool.main(
-            [
-                "--input",
-                str(data),
-                "--tokenizer",
-                str(word_tokenizer),
-                "--output-prefix",
-                str(tmp_path / "d"),
-                "--seq-length",
-                "8",
-            ]
-        )
-        == 1
-    )
-    assert (
-        capsys.readouterr().err.strip()
-        == f"error: {data}:1: not valid JSON (Expecting ',' delimiter at column 13)"
-    )
+    argv = ["--input", str(data), "--tokenizer", str(word_tokenizer)]
+    argv += ["--output-prefix", str(tmp_path / "d"), "--seq-length", "8"]
+    code, err = run_main(load_tool("prepare_data").main, argv)
+    assert code == 1
+    assert err.strip() == f"error: {data}:1: not valid JSON (Expecting ',' delimiter at column 13)"
 
 
 # --- the arithmetic task -------------------------------------------------------------------
@@ -483,7 +467,8 @@ def test_arithmetic_by_hand():
     )
     assert (
         solve(58, "*", 7)
-        == "8 * 7 = 56, write 6 carry 5.\n5 * 7 + 5 = 40, write 0 carry 4.\nWrite the carry 4.\nThe answer is 406."
+        == "8 * 7 = 56, write 6 carry 5.\n5 * 7 + 5 = 40, write 0 carry 4.\nWrite the carry 4.\n"
+        "The answer is 406."
     )
     assert extract_answer("... The answer is 12.\nThe answer is 406.") == 406
     assert extract_answer("The answer is") is None

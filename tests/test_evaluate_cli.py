@@ -24,6 +24,7 @@ from hpd_megatron.eval.teacher_data import training_records
 from hpd_megatron.eval.tracking import tracking_target
 from hpd_megatron.evaluate import main
 from tests.test_generation import TEST_PROBLEMS, write_eval_task
+from tests.tool_runs import run_main
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +33,10 @@ def task(tmp_path_factory) -> Path:
 
 
 def _fail(argv: list[str]) -> str:
-    """The one-line error ``main`` exits with."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    message = str(exit_info.value.code)
-    assert message.startswith("error: ") and "\n" not in message
+    """The one-line error ``main`` exits with (code 1)."""
+    code, err = run_main(main, argv)
+    message = err.strip()
+    assert code == 1 and message.startswith("error: ") and "\n" not in message, err
     return message
 
 

@@ -16,7 +16,6 @@ and at DP4 gives the same replies and skips the prompt longer than the context, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from hpd_megatron.data.arithmetic import write_task
 from hpd_megatron.data.records import read_records
 from hpd_megatron.eval.answers import avg_at_k
 from tests.multiprocess import free_port, run_on_ranks
+from tests.tool_runs import load_tool
 
 WIDTH = 16  # padded columns per TP rank at TP2 (32 at TP1)
 SHARP = [2.0, 1.0, 0.5, 0.0, -1.0, 3.0, 0.2, -0.5, 1.5, 0.7]  # 10 real tokens: TP rank 1 holds none
@@ -213,38 +213,60 @@ SAMPLING = [
     "--seed",
     "3",
 ]
-ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(model, prompts, settings, eos_id=None, context_length=64):
+    from hpd_megatron.eval.generate import generate
+
+    return generate(
+        model,
+        prompts,
+        settings,
+        vocab_size=MODEL["vocab_size"],
+        eos_id=eos_id,
+        context_length=context_length,
+        seed=5,
+    )
 
 
 def _generate_on_layouts(root: str, ports: list[int]) -> dict:
     """4 ranks: TP1 x PP1 (each rank a DP replica), then TP2 x PP2 from the same weights,
     then the commands (each starts and ends its own process group, on a fresh port)."""
-    import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from hpd_megatron.checkpoint.weights import export_model_weights, load_model_weights
-    from hpd_megatron.eval.generate import SamplingSettings, generate
-    from hpd_megatron.evaluate import main as evaluate
+    from hpd_megatron.checkpoint.weights import load_model_weights
+    from hpd_megatron.eval.generate import SamplingSettings
     from hpd_megatron.models.builder import build_gpt_model, transformer_config
     from hpd_megatron.models.description import ModelDescription
     from hpd_megatron.parallel.initialize import initialize_parallel
     from hpd_megatron.parallel.layout import ParallelLayout
 
-    root_path = Path(root)
     description = ModelDescription.from_dict(MODEL)
     greedy = SamplingSettings(max_new_tokens=NEW_TOKENS)
     sampled = SamplingSettings(temperature=0.9, top_p=0.8, max_new_tokens=NEW_TOKENS)
+    out = _generate_at_tp1(Path(root), description, greedy, sampled)
 
-    def run(model, prompts, settings, eos_id=None, context_length=64):
-        return generate(
-            model,
-            prompts,
-            settings,
-            vocab_size=MODEL["vocab_size"],
-            eos_id=eos_id,
-            context_length=context_length,
-            seed=5,
-        )
+    # At TP2 the padded vocabulary is 256: TP rank 1 holds no real token.
+    initialize_parallel(ParallelLayout(2, 2), seed=99, models=[("model", description)])
+    model = build_gpt_model(description, transformer_config(description)).eval()
+    load_model_weights(model, Path(root) / "export")
+    out["greedy_22"] = _run(model, PROMPTS, greedy)
+    out["sampled_22"] = _run(model, PROMPTS, sampled)
+    parallel_state.destroy_model_parallel()
+    _run_commands(Path(root), ports)
+    return out
+
+
+def _generate_at_tp1(root_path: Path, description, greedy, sampled) -> dict:
+    """A fresh model at TP1 x PP1, exported (with the tokenizer) for the other layouts and
+    the commands, and its generations."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from hpd_megatron.checkpoint.weights import export_model_weights
+    from hpd_megatron.models.builder import build_gpt_model, transformer_config
+    from hpd_megatron.parallel.initialize import initialize_parallel
+    from hpd_megatron.parallel.layout import ParallelLayout
 
     out = {}
     initialize_parallel(ParallelLayout(1, 1), seed=3, models=[("model", description)])
@@ -252,9 +274,9 @@ def _generate_on_layouts(root: str, ports: list[int]) -> dict:
     export_model_weights(model, root_path / "export", description=description)
     if dist.get_rank() == 0:
         shutil.copy(root_path / "data" / "tokenizer.model", root_path / "export")
-    out["greedy_11"] = run(model, PROMPTS, greedy)
-    out["sampled_11"] = run(model, PROMPTS, sampled)
-    out["one_at_a_time"] = [run(model, [prompt], greedy)[0] for prompt in PROMPTS]
+    out["greedy_11"] = _run(model, PROMPTS, greedy)
+    out["sampled_11"] = _run(model, PROMPTS, sampled)
+    out["one_at_a_time"] = [_run(model, [prompt], greedy)[0] for prompt in PROMPTS]
     # The reference without a KV cache: one full causal forward over prompt + reply.
     out["full_forward_argmax"] = []
     for prompt, generation in zip(PROMPTS, out["greedy_11"]):
@@ -268,44 +290,26 @@ def _generate_on_layouts(root: str, ports: list[int]) -> dict:
         predicted = logits[0, len(prompt) - 1 : -1, : MODEL["vocab_size"]].argmax(-1)
         out["full_forward_argmax"].append(predicted.tolist())
     out["eos_id"] = eos_id = out["greedy_11"][0].tokens[2]
-    out["with_eos"] = run(model, PROMPTS, greedy, eos_id=eos_id)
-    out["context"] = run(model, PROMPTS, greedy, context_length=CONTEXT)
+    out["with_eos"] = _run(model, PROMPTS, greedy, eos_id=eos_id)
+    out["context"] = _run(model, PROMPTS, greedy, context_length=CONTEXT)
     parallel_state.destroy_model_parallel()
+    return out
 
-    # At TP2 the padded vocabulary is 256: TP rank 1 holds no real token.
-    initialize_parallel(ParallelLayout(2, 2), seed=99, models=[("model", description)])
-    model = build_gpt_model(description, transformer_config(description)).eval()
-    load_model_weights(model, root_path / "export")
-    out["greedy_22"] = run(model, PROMPTS, greedy)
-    out["sampled_22"] = run(model, PROMPTS, sampled)
-    parallel_state.destroy_model_parallel()
+
+def _run_commands(root_path: Path, ports: list[int]) -> None:
+    """``hpd_megatron.evaluate`` at TP2 x PP2 and at DP4, then tools/generate_data.py."""
+    from hpd_megatron.evaluate import main as evaluate
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    common = [
-        "--ckpt",
-        str(root_path / "export"),
-        "--data",
-        str(root_path / "eval.jsonl"),
-        *SAMPLING,
-    ]
-    evaluate(
-        [*common, "--tp", "2", "--pp", "2", "--out", str(root_path / "tp2pp2")]
-    )  # no store: no tracking
+    common = ["--ckpt", str(root_path / "export"), "--data", str(root_path / "eval.jsonl")]
+    common += SAMPLING
+    # No store: no tracking.
+    evaluate([*common, "--tp", "2", "--pp", "2", "--out", str(root_path / "tp2pp2")])
     os.environ["MASTER_PORT"] = str(ports[0])  # the last run tore the process group down
     evaluate([*common, "--out", str(root_path / "dp4"), "--no-tracking"])
     os.environ["MASTER_PORT"] = str(ports[1])
-    spec = importlib.util.spec_from_file_location(
-        "generate_data", ROOT / "tools" / "generate_data.py"
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    assert (
-        tool.main(
-            [*common, "--pp", "2", "--keep-unfinished", "--out", str(root_path / "teacher.jsonl")]
-        )
-        == 0
-    )
-    return out
+    teacher = ["--pp", "2", "--keep-unfinished", "--out", str(root_path / "teacher.jsonl")]
+    assert load_tool("generate_data").main([*common, *teacher]) == 0
 
 
 @pytest.fixture(scope="module")

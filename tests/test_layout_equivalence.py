@@ -185,5 +185,9 @@ def test_gradients_equal_at_tp2_pp2(layouts, name):
         # fp32 sums in a different order: tolerate rounding relative to the tensor's scale.
         scale = grad.abs().max().item()
         torch.testing.assert_close(
-            other[key], grad, atol=1e-5 * max(scale, 1.0), rtol=1e-4, msg=lambda m: f"{key}: {m}"
+            other[key],
+            grad,
+            atol=1e-5 * max(scale, 1.0),
+            rtol=1e-4,
+            msg=lambda m, key=key: f"{key}: {m}",
         )

@@ -10,6 +10,7 @@ The tensor-parallel tests are in test_losses_tp.py.
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import pytest
 import torch
@@ -18,7 +19,11 @@ import torch.nn.functional as F
 from hpd_megatron.losses import (
     FULL_VOCAB_METHODS,
     METHODS,
+    SAMPLERS,
     TOKEN_METHODS,
+    MethodName,
+    Sampler,
+    SamplingOptions,
     distillation_loss,
     sample_student_tokens,
 )
@@ -108,10 +113,12 @@ def make_inputs(shape=(5, 3), dtype=torch.float64, seed=0, scale=2.0):
     return student.to(dtype).requires_grad_(), teacher.to(dtype), labels, sampled
 
 
-def run(method, student, teacher, labels, sampled=None, **kw):
+def run(method, student, teacher, labels, sampled=None, *, sampling=None, **kw):
+    """distillation_loss at TP = 1; ``sampled`` stands for SamplingOptions(sampled_tokens=...)."""
     kw.setdefault("tp_group", None)
+    sampling = sampling or SamplingOptions(sampled_tokens=sampled)
     return distillation_loss(
-        student, teacher, labels, method, vocab_size=VOCAB, sampled_tokens=sampled, **kw
+        student, teacher, labels, method, vocab_size=VOCAB, sampling=sampling, **kw
     )
 
 
@@ -285,7 +292,7 @@ def test_hpd_worked_example_end_to_end():
         torch.tensor([0]),
         "hpd",
         vocab_size=2,
-        sampled_tokens=torch.tensor([1]),
+        sampling=SamplingOptions(sampled_tokens=torch.tensor([1])),
         tp_group=None,
     )
     a = 0.3 * math.log(2) + 0.6 + 0.6  # 1.408
@@ -306,7 +313,7 @@ def test_hpd_worked_example_end_to_end():
 def test_all_masked_batch(method):
     student, teacher, labels, sampled = make_inputs(shape=(3, 2), dtype=torch.float32)
     labels = torch.full_like(labels, -100)
-    loss, diag = run(method, student, teacher, labels, seed=0)
+    loss, diag = run(method, student, teacher, labels, sampling=SamplingOptions(seed=0))
     assert float(loss) == 0.0
     assert all(math.isfinite(float(v)) for v in diag.values())
     assert int(diag["num_tokens"]) == 0
@@ -369,6 +376,17 @@ def test_errors_name_the_tensor():
         run("kl", student, teacher, labels)
     with pytest.raises(ValueError, match="alpha"):
         run("skl", student, teacher, labels, alpha=1.5)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        SamplingOptions(sampler="multinomial")
+    with pytest.raises(ValueError, match="sampled_tokens"):
+        sample_student_tokens(
+            student, labels, vocab_size=VOCAB, sampling=SamplingOptions(sampled_tokens=sampled)
+        )
+
+
+def test_literal_types_name_every_choice():
+    assert sorted(get_args(MethodName)) == sorted(METHODS)
+    assert get_args(Sampler) == SAMPLERS
 
 
 def test_sft_needs_no_teacher():
@@ -406,29 +424,36 @@ def test_sampler_matches_softmax_single_rank(sampler):
     )  # 2 padding columns
     logits = row.expand(20000, -1).contiguous()
     labels = torch.zeros(20000, dtype=torch.long)
-    samples = sample_student_tokens(
-        logits, labels, vocab_size=10, seed=3, sampler=sampler, tp_group=None, chunk_size=3000
-    )
+
+    def draw(seed):
+        sampling = SamplingOptions(sampler=sampler, seed=seed)
+        return sample_student_tokens(
+            logits, labels, vocab_size=10, tp_group=None, chunk_size=3000, sampling=sampling
+        )
+
+    samples = draw(3)
     assert samples.max() < 10
     assert _chi_square(samples, torch.softmax(row[:10], -1)) < 27.9
-    again = sample_student_tokens(
-        logits, labels, vocab_size=10, seed=3, sampler=sampler, tp_group=None, chunk_size=3000
-    )
-    other = sample_student_tokens(
-        logits, labels, vocab_size=10, seed=4, sampler=sampler, tp_group=None, chunk_size=3000
-    )
+    again, other = draw(3), draw(4)
     assert torch.equal(samples, again) and not torch.equal(samples, other)
 
 
-@pytest.mark.parametrize("sampler", ["inverse_cdf", "gumbel"])
-def test_hpd_draws_the_sampler_tokens(sampler):
-    """HPD with a seed equals HPD given sample_student_tokens(seed) explicitly."""
+@pytest.mark.parametrize("source", ["inverse_cdf", "gumbel", "uniforms"])
+def test_hpd_draws_the_sampler_tokens(source):
+    """HPD with a seed (or given uniforms) equals HPD given sample_student_tokens' draw."""
     student, teacher, labels, _ = make_inputs(shape=(6, 3), dtype=torch.float32)
+    if source == "uniforms":
+        u = torch.rand(
+            labels.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2)
+        )
+        sampling = SamplingOptions(uniforms=u)
+    else:
+        sampling = SamplingOptions(sampler=source, seed=11)
     drawn = sample_student_tokens(
-        student, labels, vocab_size=VOCAB, seed=11, sampler=sampler, tp_group=None, chunk_size=5
+        student, labels, vocab_size=VOCAB, tp_group=None, chunk_size=5, sampling=sampling
     )
     assert torch.equal(drawn == -100, labels == -100)
-    loss, diag = run("hpd", student, teacher, labels, seed=11, sampler=sampler, chunk_size=5)
+    loss, diag = run("hpd", student, teacher, labels, sampling=sampling, chunk_size=5)
     explicit, _ = run("hpd", student, teacher, labels, drawn, chunk_size=5)
     # Not bit-identical: the inverse-CDF pass sums exponentials as a running sum.
     torch.testing.assert_close(loss, explicit, rtol=1e-6, atol=1e-7)
@@ -439,11 +464,13 @@ def test_hpd_draws_the_sampler_tokens(sampler):
 def test_given_uniforms_make_each_sequence_draw_on_its_own():
     """uniforms= replaces the seeded draw exactly, and rows sampled together or alone agree."""
     student, teacher, labels, _ = make_inputs(shape=(6, 3), dtype=torch.float64)
-    seeded, _ = run("hpd", student, teacher, labels, seed=5, chunk_size=4)
+    seeded, _ = run("hpd", student, teacher, labels, sampling=SamplingOptions(seed=5), chunk_size=4)
     u = torch.rand(
         labels.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(5)
     ).view(labels.shape)
-    given, _ = run("hpd", student, teacher, labels, chunk_size=4, uniforms=u)
+    given, _ = run(
+        "hpd", student, teacher, labels, chunk_size=4, sampling=SamplingOptions(uniforms=u)
+    )
     assert torch.equal(seeded, given)
     # Columns are sequences here ([seq, batch] layout): the sum over all of them equals the
     # sum of each sequence's loss computed alone with its own uniforms.
@@ -456,7 +483,7 @@ def test_given_uniforms_make_each_sequence_draw_on_its_own():
             vocab_size=VOCAB,
             reduction="sum",
             tp_group=None,
-            uniforms=u[:, b],
+            sampling=SamplingOptions(uniforms=u[:, b]),
         )[0]
         for b in range(labels.shape[1])
     )
@@ -468,8 +495,8 @@ def test_given_uniforms_make_each_sequence_draw_on_its_own():
         vocab_size=VOCAB,
         reduction="sum",
         tp_group=None,
-        uniforms=u,
+        sampling=SamplingOptions(uniforms=u),
     )[0]
     torch.testing.assert_close(together, alone, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match=r"uniforms: shape \(3,\) != labels \(6, 3\)"):
-        run("hpd", student, teacher, labels, uniforms=u[0])
+        run("hpd", student, teacher, labels, sampling=SamplingOptions(uniforms=u[0]))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hpd_megatron.losses import METHODS
+from hpd_megatron.losses import METHODS, SamplingOptions
 from tests.multiprocess import run_on_ranks
 from tests.test_losses import dense_loss
 
@@ -72,7 +72,11 @@ def _tp_body(tp: int) -> dict:
 
     for method in METHODS:
         out["methods"][method] = one(
-            method, student_full, teacher_full, labels, sampled_tokens=sampled
+            method,
+            student_full,
+            teacher_full,
+            labels,
+            sampling=SamplingOptions(sampled_tokens=sampled),
         )
     # HPD drawing its own samples (fp32), with an explicit group argument for once.
     for sampler in ("inverse_cdf", "gumbel"):
@@ -81,11 +85,11 @@ def _tp_body(tp: int) -> dict:
             student_full.float(),
             teacher_full.float(),
             labels,
-            seed=7,
-            sampler=sampler,
+            sampling=SamplingOptions(sampler=sampler, seed=7),
             tp_group=parallel_state.get_tensor_model_parallel_group(),
         )
-    out["masked"] = one("hpd", student_full, teacher_full, torch.full_like(labels, -100), seed=7)
+    masked = torch.full_like(labels, -100)
+    out["masked"] = one("hpd", student_full, teacher_full, masked, sampling=SamplingOptions(seed=7))
 
     row = torch.tensor(SAMPLER_ROW + [30.0, 30.0])
     logits = _shard(row.expand(SAMPLER_DRAWS, -1), rank, tp)
@@ -94,9 +98,8 @@ def _tp_body(tp: int) -> dict:
             logits,
             torch.zeros(SAMPLER_DRAWS, dtype=torch.long),
             vocab_size=len(SAMPLER_ROW),
-            seed=3,
-            sampler=sampler,
             chunk_size=3000,
+            sampling=SamplingOptions(sampler=sampler, seed=3),
         )
     destroy_parallel()
     return out

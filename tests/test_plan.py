@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hpd_megatron.config import ConfigError, expand_variables
+from hpd_megatron.config import expand_variables
+from hpd_megatron.errors import ConfigError
 from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.plan import GIB, count_parameters, make_plan, stage_parameters_per_gpu
 from hpd_megatron.training.config import load_run_config

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hpd_megatron.eval.study_report import format_table, plot_curves
+from hpd_megatron.study.report import format_table, plot_curves
 
 
 def _results() -> dict:

@@ -172,6 +172,7 @@ def test_command_line_reports_bad_input_in_one_line(prepared_data, tmp_path):
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: data.train: {tmp_path / 'missing'}.json: no such file (write the dataset with tools/prepare_data.py)"
+        f"error: data.train: {tmp_path / 'missing'}.json: no such file "
+        "(write the dataset with tools/prepare_data.py)"
     )
     assert "Traceback" not in result.stderr

@@ -50,30 +50,29 @@ def save_initial_weights(directory: str) -> None:
 
 def train_on_rank(recipe: str, overrides: list[str]) -> dict:
     """Train on this rank; also report whether the teacher's weights stayed bit-identical."""
-    import hpd_megatron.train as trainer
+    from hpd_megatron.training.config import load_run_config
+    from hpd_megatron.training.trainer import DistillationTrainer
 
-    captured = {}
-    build_models = trainer.build_models
+    class TeacherWatchingTrainer(DistillationTrainer):
+        def build_models(self, resuming: bool):
+            self.watched = super().build_models(resuming)
+            self.teacher_before = _tensors(self.watched.pair.teacher)
+            return self.watched
 
-    def build_and_capture(*args, **kwargs):
-        models = build_models(*args, **kwargs)
-        captured["models"] = models
-        captured["teacher_before"] = {
-            k: v.detach().clone()
-            for k, v in models.pair.teacher.state_dict().items()
-            if isinstance(v, torch.Tensor)
-        }
-        return models
-
-    trainer.build_models = build_and_capture
-    history = trainer.train(trainer.load_run_config(recipe, overrides))
-    after = {
-        k: v
-        for k, v in captured["models"].pair.teacher.state_dict().items()
-        if isinstance(v, torch.Tensor)
-    }
-    unchanged = all(torch.equal(after[k], v) for k, v in captured["teacher_before"].items())
+    trainer = TeacherWatchingTrainer(load_run_config(recipe, overrides))
+    try:
+        history = trainer.train()
+        after = _tensors(trainer.watched.pair.teacher)
+    finally:
+        trainer.close()
+    unchanged = all(torch.equal(after[k], v) for k, v in trainer.teacher_before.items())
     return {"history": history, "teacher_unchanged": unchanged}
+
+
+def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        k: v.detach().clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)
+    }
 
 
 def logged(results: list[dict]) -> list[dict]:

@@ -1,7 +1,9 @@
 """Convert a Megatron-Core distributed checkpoint (any TP/PP) into Hugging Face safetensors.
 
-    python tools/convert_megatron_to_hf.py --ckpt DIR --out OUT [--model model.yaml] [--shard-size 5GB] [--verify]
-    torchrun --nproc-per-node N tools/convert_megatron_to_hf.py --ckpt DIR --out OUT [--tp T --pp P]
+    python tools/convert_megatron_to_hf.py --ckpt DIR --out OUT [--model model.yaml] \\
+        [--shard-size 5GB] [--verify]
+    torchrun --nproc-per-node N tools/convert_megatron_to_hf.py --ckpt DIR --out OUT \\
+        [--tp T --pp P]
 
 DIR is a distributed checkpoint with model.yaml (unless --model is given) and optionally
 hf/ (original config.json, generation config, tokenizer; config.json is synthesised
@@ -14,10 +16,15 @@ and writes OUT/verify.json; it exits 2 when a threshold is exceeded.
 from __future__ import annotations
 
 import argparse
-import sys
+
+from hpd_megatron.cli import run_cli
+from hpd_megatron.convert import megatron_to_hf, verify
+from hpd_megatron.convert.hf_to_megatron import check_layout
+from hpd_megatron.convert.launch import conversion_processes, world_layout
+from hpd_megatron.models.dtypes import DTYPES
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--ckpt", required=True, help="Megatron-Core distributed checkpoint directory"
@@ -31,48 +38,42 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--dtype",
-        choices=("bf16", "fp32", "fp16"),
+        choices=tuple(DTYPES),
         default=None,
         help="output dtype (default: hf/config.json's dtype, else the checkpoint's)",
     )
     parser.add_argument("--tp", type=int, default=1, help="layout the --verify model runs at")
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--no-progress", action="store_true")
-    from hpd_megatron.convert import megatron_to_hf, verify
-
     verify.add_verify_arguments(parser)
-    args = parser.parse_args(argv)
-    from hpd_megatron.convert.hf_to_megatron import check_layout
-    from hpd_megatron.convert.launch import conversion_processes, world_layout
+    return parser.parse_args(argv)
 
-    dtype = args.dtype
-    try:
-        checked = megatron_to_hf.plan(args.ckpt, args.out, args.model, args.shard_size, dtype)
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(argv)
+    checked = megatron_to_hf.plan(args.ckpt, args.out, args.model, args.shard_size, args.dtype)
+    if args.verify:
+        check_layout(checked.description, args.tp, args.pp)
+    world_layout(args.tp, args.pp)
+    with conversion_processes(args.tp, args.pp):
+        import torch.distributed as dist
+
+        megatron_to_hf.convert(
+            args.ckpt,
+            args.out,
+            args.model,
+            args.shard_size,
+            args.dtype,
+            progress=not args.no_progress,
+        )
+        if dist.get_rank() == 0:
+            print(f"wrote {args.out}", flush=True)
         if args.verify:
-            check_layout(checked.description, args.tp, args.pp)
-        world_layout(args.tp, args.pp)
-        with conversion_processes(args.tp, args.pp):
-            import torch.distributed as dist
-
-            megatron_to_hf.convert(
-                args.ckpt,
-                args.out,
-                args.model,
-                args.shard_size,
-                dtype,
-                progress=not args.no_progress,
+            return verify.verify_for_cli(
+                args, args.out, args.ckpt, checked.description, "megatron_to_hf", args.out
             )
-            if dist.get_rank() == 0:
-                print(f"wrote {args.out}", flush=True)
-            if args.verify:
-                return verify.verify_for_cli(
-                    args, args.out, args.ckpt, checked.description, "megatron_to_hf", args.out
-                )
-    except ValueError as error:  # ConversionError, ConfigError: one line, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

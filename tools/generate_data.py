@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from hpd_megatron.data.files import DataError, staged_files
-from hpd_megatron.errors import CheckpointError, ConfigError
+from hpd_megatron.cli import run_cli
+from hpd_megatron.data.files import staged_files
 from hpd_megatron.eval.runner import add_generation_arguments, job_from_arguments, run_generation
 from hpd_megatron.eval.teacher_data import training_records
 
@@ -34,11 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         "--keep-unfinished", action="store_true", help="also keep replies cut off before EOS"
     )
     args = parser.parse_args(argv)
-    try:
-        run = run_generation(job_from_arguments(args, require_answer=args.only_correct))
-    except (ConfigError, DataError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    run = run_generation(job_from_arguments(args, require_answer=args.only_correct))
     if run.is_writer:
         records, dropped = training_records(run.replies, args.only_correct, args.keep_unfinished)
         with staged_files([args.out]) as (out,):
@@ -52,4 +47,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

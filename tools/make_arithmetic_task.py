@@ -9,8 +9,8 @@ See hpd_megatron/data/arithmetic.py for the format.
 from __future__ import annotations
 
 import argparse
-import sys
 
+from hpd_megatron.cli import run_cli
 from hpd_megatron.data.arithmetic import write_task
 
 
@@ -28,16 +28,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also train OUT/tokenizer.model (SentencePiece) of this size on the training split",
     )
     args = parser.parse_args(argv)
-    try:
-        paths = write_task(
-            args.out, args.train, args.test, args.seed, args.max_digits, args.tokenizer_vocab_size
-        )
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    paths = write_task(
+        args.out, args.train, args.test, args.seed, args.max_digits, args.tokenizer_vocab_size
+    )
     print("wrote " + ", ".join(map(str, paths)))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

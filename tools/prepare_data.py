@@ -1,7 +1,8 @@
 """Tokenize off-policy JSONL with the student's tokenizer into Megatron indexed datasets.
 
-    python tools/prepare_data.py --input train.jsonl --tokenizer TOKENIZER --output-prefix data/train \
-        --seq-length 256 [--overlong truncate|drop] [--chat-template auto|builtin|FILE.jinja]
+    python tools/prepare_data.py --input train.jsonl --tokenizer TOKENIZER \
+        --output-prefix data/train --seq-length 256 [--overlong truncate|drop] \
+        [--chat-template auto|builtin|FILE.jinja]
 
 Writes PREFIX_tokens.bin/.idx, PREFIX_loss_mask.bin/.idx and PREFIX.json (see
 hpd_megatron/data/prepare.py); a bad input is one error naming the file and line, and then
@@ -11,8 +12,8 @@ nothing is written.
 from __future__ import annotations
 
 import argparse
-import sys
 
+from hpd_megatron.cli import run_cli
 from hpd_megatron.data.prepare import OVERLONG, prepare
 
 
@@ -38,20 +39,16 @@ def main(argv: list[str] | None = None) -> int:
         help="auto (the tokenizer's, else builtin), builtin, or a Jinja file",
     )
     args = parser.parse_args(argv)
-    try:
-        prepare(
-            args.input,
-            args.tokenizer,
-            args.output_prefix,
-            args.seq_length,
-            args.overlong,
-            args.chat_template,
-        )
-    except ValueError as error:  # DataError and ConfigError: one line, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    prepare(
+        args.input,
+        args.tokenizer,
+        args.output_prefix,
+        args.seq_length,
+        args.overlong,
+        args.chat_template,
+    )
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -20,7 +20,7 @@ STOP_EXIT_CODE = 75
 
 
 class StopRequested(Exception):
-    """Raised after the checkpoint of ``step`` is complete; the launcher exits with STOP_EXIT_CODE."""
+    """Raised after the checkpoint of ``step`` is complete; the CLI exits with STOP_EXIT_CODE."""
 
     def __init__(self, step: int) -> None:
         super().__init__(f"stopped by a signal after step {step}; the checkpoint is complete")

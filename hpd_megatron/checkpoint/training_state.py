@@ -24,6 +24,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from hpd_megatron.checkpoint.dist_save import save_sharded
+from hpd_megatron.checkpoint.publish import publish_directory
 from hpd_megatron.checkpoint.verify import CheckpointError, check_shapes, read_index
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -154,7 +155,6 @@ def save_checkpoint(
     optimizer: Any,
     scheduler: Any,
     extra: dict[str, Any],
-    keep_last: int = 2,
     optimizer_format: str = "dp_reshardable",
 ) -> Path:
     """Collectively save the state after ``step``; returns the iteration directory.
@@ -163,41 +163,60 @@ def save_checkpoint(
     ``dp_reshardable`` writes each rank's buffers as they are (fully parallel; resumes at
     another DP size only), ``fully_reshardable`` gathers each TP x PP shard's state on its
     DP rank 0 into per-parameter tensors (slower, more memory; resumes at any layout).
+    The tracker names the new step only once the directory is complete.
     """
     root = Path(root)
     final = iteration_dir(root, step)
-    partial = final.with_name(final.name + ".partial")
+    with publish_directory(final) as partial:
+        state = _sharded_state(
+            model, optimizer, is_loading=False, optimizer_format=optimizer_format
+        )
+        # Plain (non-sharded) entries are written once, by rank 0, into common.pt.
+        state.update(
+            step=step,
+            scheduler=scheduler.state_dict(),
+            extra=extra,
+            grid=_grid(),
+            distributed_optimizer=_uses_distributed_optimizer(optimizer),
+            optimizer_format=optimizer_format,
+        )
+        save_sharded(state, str(partial))
     if dist.get_rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir()
-    dist.barrier()
-    state = _sharded_state(model, optimizer, is_loading=False, optimizer_format=optimizer_format)
-    # Plain (non-sharded) entries are written once, by rank 0, into common.pt.
-    state.update(
-        step=step,
-        scheduler=scheduler.state_dict(),
-        extra=extra,
-        grid=_grid(),
-        distributed_optimizer=_uses_distributed_optimizer(optimizer),
-        optimizer_format=optimizer_format,
-    )
-    save_sharded(state, str(partial))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
         tracker = root / TRACKER
         temporary = tracker.with_name(TRACKER + ".tmp")
         temporary.write_text(f"{step}\n")
         os.replace(temporary, tracker)
-        complete = sorted(p for p in root.glob("iter_*") if p.suffix != ".partial")
-        for old in complete[: max(len(complete) - keep_last, 0)]:
-            shutil.rmtree(old)
     dist.barrier()
     return final
+
+
+def remove_old_checkpoints(root: str | Path, keep_last: int) -> None:
+    """Rank 0: delete all but the ``keep_last`` newest complete iteration directories."""
+    complete = sorted(p for p in Path(root).glob("iter_*") if p.suffix != ".partial")
+    for old in complete[: max(len(complete) - keep_last, 0)]:
+        shutil.rmtree(old)
+
+
+def _check_optimizer_resumable(directory: Path, common: dict[str, Any], optimizer: Any) -> None:
+    """The saved optimizer state fits this optimizer and layout, or one error saying how."""
+    saved_distributed = common.get("distributed_optimizer")
+    if saved_distributed != _uses_distributed_optimizer(optimizer):
+        raise CheckpointError(
+            f"{directory}: the optimizer state was saved with "
+            f"optimizer.use_distributed_optimizer={str(saved_distributed).lower()}; resume "
+            "with that setting, or set checkpoint.load_optimizer=false to keep the weights, "
+            "schedule and data position and restart the Adam moments from zero"
+        )
+    saved_grid = common.get("grid")
+    fixed_shards = saved_distributed and common.get("optimizer_format") == "dp_reshardable"
+    if fixed_shards and saved_grid[:2] != _grid()[:2]:
+        raise CheckpointError(
+            f"{directory}: the distributed optimizer's state was saved in the dp_reshardable "
+            f"format at TP{saved_grid[0]} PP{saved_grid[1]} and cannot be resharded to "
+            f"TP{_grid()[0]} PP{_grid()[1]}; resume at that TP x PP (any DP), or set "
+            "checkpoint.load_optimizer=false to restart the Adam moments from zero "
+            "(save with checkpoint.optimizer_format=fully_reshardable to avoid this)"
+        )
 
 
 def load_checkpoint(
@@ -218,28 +237,9 @@ def load_checkpoint(
     directory = iteration_dir(root, step)
     index = read_index(directory)
     common = dist_checkpointing.load_common_state_dict(str(directory))
-    saved_distributed = common.get("distributed_optimizer")
-    if load_optimizer and saved_distributed != _uses_distributed_optimizer(optimizer):
-        raise CheckpointError(
-            f"{directory}: the optimizer state was saved with optimizer.use_distributed_optimizer="
-            f"{str(saved_distributed).lower()}; resume with that setting, or set "
-            "checkpoint.load_optimizer=false to keep the weights, schedule and data position "
-            "and restart the Adam moments from zero"
-        )
+    if load_optimizer:
+        _check_optimizer_resumable(directory, common, optimizer)
     saved_format, saved_grid = common.get("optimizer_format"), common.get("grid")
-    if (
-        load_optimizer
-        and saved_distributed
-        and saved_format == "dp_reshardable"
-        and saved_grid[:2] != _grid()[:2]
-    ):
-        raise CheckpointError(
-            f"{directory}: the distributed optimizer's state was saved in the dp_reshardable "
-            f"format at TP{saved_grid[0]} PP{saved_grid[1]} and cannot be resharded to "
-            f"TP{_grid()[0]} PP{_grid()[1]}; resume at that TP x PP (any DP), or set "
-            "checkpoint.load_optimizer=false to restart the Adam moments from zero "
-            "(save with checkpoint.optimizer_format=fully_reshardable to avoid this)"
-        )
     # Per-rank RNG states only mean something on the same grid; on another layout the
     # generators keep the seeds initialize_parallel derived.
     same_grid = saved_grid == _grid()

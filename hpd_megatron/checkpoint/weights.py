@@ -11,7 +11,6 @@ converter back to Hugging Face reads.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import yaml
 from megatron.core import dist_checkpointing
 
 from hpd_megatron.checkpoint.dist_save import save_sharded
+from hpd_megatron.checkpoint.publish import publish_directory
 from hpd_megatron.checkpoint.training_state import TRACKER, iteration_dir, latest_step
 from hpd_megatron.checkpoint.verify import CheckpointError, check_shapes, read_index
 from hpd_megatron.models.description import ModelDescription
@@ -41,33 +41,20 @@ def export_model_weights(
     description: ModelDescription | None = None,
     hf_files_from: str | Path | None = None,
 ) -> None:
-    """Save into ``directory`` all or nothing: write beside it, then rename (all ranks call it).
+    """Save into ``directory`` all or nothing (all ranks call it; see ``publish_directory``).
 
     ``description`` is written as ``model.yaml``; ``hf_files_from`` names a checkpoint whose
     ``hf/`` folder is carried over (for the way back to Hugging Face). An existing export
     is replaced only once the new one is complete.
     """
-    directory = Path(directory)
-    partial = directory.with_name(directory.name + ".partial")
-    if dist.get_rank() == 0 and partial.exists():
-        shutil.rmtree(partial)
-    dist.barrier()
-    save_model_weights(model, partial)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        if description is not None:
-            (partial / "model.yaml").write_text(
-                yaml.safe_dump(description.to_dict(), sort_keys=False)
-            )
-        if hf_files_from is not None and (Path(hf_files_from) / HF_FILES).is_dir():
-            shutil.copytree(Path(hf_files_from) / HF_FILES, partial / HF_FILES)
-        previous = directory.with_name(directory.name + ".previous")
-        if directory.exists():
-            os.replace(directory, previous)
-        os.replace(partial, directory)
-        if previous.exists():
-            shutil.rmtree(previous)
-    dist.barrier()
+    with publish_directory(directory) as partial:
+        save_sharded(model.sharded_state_dict(), str(partial))
+        if dist.get_rank() == 0:
+            if description is not None:
+                text = yaml.safe_dump(description.to_dict(), sort_keys=False)
+                (partial / "model.yaml").write_text(text)
+            if hf_files_from is not None and (Path(hf_files_from) / HF_FILES).is_dir():
+                shutil.copytree(Path(hf_files_from) / HF_FILES, partial / HF_FILES)
 
 
 def weights_directory(path: str | Path) -> Path:

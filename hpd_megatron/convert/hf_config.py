@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from hpd_megatron.data.files import read_json_object
-from hpd_megatron.errors import ConfigError, ConversionError
+from hpd_megatron.errors import ConversionError
 from hpd_megatron.models.description import ModelDescription, RopeScaling
+from hpd_megatron.models.dtypes import DTYPES, HF_DTYPE_NAMES
 
 # family -> the Hugging Face class that holds it (config.json's "architectures").
 ARCHITECTURES: dict[str, str] = {
@@ -25,11 +26,8 @@ ARCHITECTURES: dict[str, str] = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+HF_DTYPES: dict[str, torch.dtype] = {name: DTYPES[ours] for name, ours in HF_DTYPE_NAMES.items()}
+"""config.json's dtype names -> torch dtypes."""
 DEFAULT_ROPE_THETA = 10000.0
 
 
@@ -64,7 +62,12 @@ def detect_family(config: dict[str, Any], where: str = "config.json") -> str:
 def config_dtype(config: dict[str, Any]) -> torch.dtype | None:
     """The checkpoint's dtype as config.json records it (``dtype`` or the older ``torch_dtype``)."""
     name = config.get("dtype") or config.get("torch_dtype")
-    return DTYPES.get(name) if isinstance(name, str) else None
+    return HF_DTYPES.get(name) if isinstance(name, str) else None
+
+
+def hf_dtype_name(dtype: torch.dtype) -> str:
+    """config.json's name of ``dtype`` (``bfloat16`` for torch.bfloat16)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _rope(config: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
@@ -112,6 +115,28 @@ def _require(config: dict[str, Any], key: str, where: str) -> Any:
     return config[key]
 
 
+# config.json flags that would make the model differ from what Megatron computes.
+UNSUPPORTED_FLAGS = {
+    "attention_bias": "attention_bias=true (a bias on the output projection) is not supported",
+    "mlp_bias": "mlp_bias=true is not supported",
+    "use_sliding_window": "use_sliding_window=true is not supported "
+    "(Megatron attends to the full context)",
+}
+
+
+def _check_supported(config: dict[str, Any], where: str) -> None:
+    if config.get("hidden_act", "silu") != "silu":
+        raise ConversionError(
+            f"{where}: hidden_act {config['hidden_act']!r} is not supported (only silu)"
+        )
+    for key, problem in UNSUPPORTED_FLAGS.items():
+        if config.get(key):
+            raise ConversionError(f"{where}: {problem}")
+    layer_types = config.get("layer_types") or []
+    if any(kind != "full_attention" for kind in layer_types):
+        raise ConversionError(f"{where}: layer_types other than full_attention are not supported")
+
+
 def description_from_hf(
     config: dict[str, Any], tokenizer_vocab_size: int | None = None, where: str = "config.json"
 ) -> ModelDescription:
@@ -122,28 +147,43 @@ def description_from_hf(
     ``extra["hf_vocab_size"]``.
     """
     family = detect_family(config, where)
-    if config.get("hidden_act", "silu") != "silu":
-        raise ConversionError(
-            f"{where}: hidden_act {config['hidden_act']!r} is not supported (only silu)"
-        )
-    if config.get("attention_bias"):
-        raise ConversionError(
-            f"{where}: attention_bias=true (a bias on the output projection) is not supported"
-        )
-    if config.get("mlp_bias"):
-        raise ConversionError(f"{where}: mlp_bias=true is not supported")
-    if config.get("use_sliding_window"):
-        raise ConversionError(
-            f"{where}: use_sliding_window=true is not supported (Megatron attends to the full context)"
-        )
-    layer_types = config.get("layer_types") or []
-    if any(kind != "full_attention" for kind in layer_types):
-        raise ConversionError(f"{where}: layer_types other than full_attention are not supported")
+    _check_supported(config, where)
+    try:
+        return _description(config, family, tokenizer_vocab_size, where)
+    except ConversionError:
+        raise
+    except (TypeError, ValueError) as error:
+        # A value of the wrong type, or one ModelDescription refuses (ConfigError).
+        raise ConversionError(f"{where}: {error}") from None
 
+
+def _description(
+    config: dict[str, Any], family: str, tokenizer_vocab_size: int | None, where: str
+) -> ModelDescription:
     heads = int(_require(config, "num_attention_heads", where))
     hidden = int(_require(config, "hidden_size", where))
     rows = int(_require(config, "vocab_size", where))
     theta, scaling = _rope(config, where)
+    return ModelDescription(
+        family=family,
+        num_layers=int(_require(config, "num_hidden_layers", where)),
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        ffn_hidden_size=int(_require(config, "intermediate_size", where)),
+        vocab_size=int(tokenizer_vocab_size or rows),
+        num_query_groups=int(config.get("num_key_value_heads") or heads),
+        kv_channels=int(config.get("head_dim") or hidden // heads),
+        max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+        rotary_base=theta,
+        rope_scaling=scaling,
+        norm_epsilon=float(config.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        extra=_extra(config, family, rows),
+    )
+
+
+def _extra(config: dict[str, Any], family: str, rows: int) -> dict[str, Any]:
+    """What the way back needs and Megatron does not (``ModelDescription.extra``)."""
     dtype = config.get("dtype") or config.get("torch_dtype")
     extra: dict[str, Any] = {
         "hf_model_type": config.get("model_type", family),
@@ -155,25 +195,7 @@ def description_from_hf(
     }
     if family == "mistral":
         extra["sliding_window"] = config.get("sliding_window")
-    try:
-        return ModelDescription(
-            family=family,
-            num_layers=int(_require(config, "num_hidden_layers", where)),
-            hidden_size=hidden,
-            num_attention_heads=heads,
-            ffn_hidden_size=int(_require(config, "intermediate_size", where)),
-            vocab_size=int(tokenizer_vocab_size or rows),
-            num_query_groups=int(config.get("num_key_value_heads") or heads),
-            kv_channels=int(config.get("head_dim") or hidden // heads),
-            max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
-            rotary_base=theta,
-            rope_scaling=scaling,
-            norm_epsilon=float(config.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            extra=extra,
-        )
-    except ConfigError as error:
-        raise ConversionError(f"{where}: {error}") from None
+    return extra
 
 
 def hf_config_from_description(description: ModelDescription) -> dict[str, Any]:
@@ -217,16 +239,23 @@ def hf_config_from_description(description: ModelDescription) -> dict[str, Any]:
             "high_freq_factor": scaling.high_freq_factor,
             "original_max_position_embeddings": scaling.original_max_position_embeddings,
         }
-    if family in ("llama", "mistral", "qwen3"):
-        config["attention_bias"] = False
-    if family == "llama":
-        config["mlp_bias"] = False
-    if family == "mistral":
-        config["sliding_window"] = extra.get("sliding_window")
-    if family in ("qwen2", "qwen3"):
-        config["use_sliding_window"] = False
-        config["sliding_window"] = None
+    config.update(_family_fields(family, extra))
     return config
+
+
+def _family_fields(family: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """The fields only some families' config classes have."""
+    fields: dict[str, Any] = {}
+    if family in ("llama", "mistral", "qwen3"):
+        fields["attention_bias"] = False
+    if family == "llama":
+        fields["mlp_bias"] = False
+    if family == "mistral":
+        fields["sliding_window"] = extra.get("sliding_window")
+    if family in ("qwen2", "qwen3"):
+        fields["use_sliding_window"] = False
+        fields["sliding_window"] = None
+    return fields
 
 
 # The fields that define the network; a round trip must reproduce them.

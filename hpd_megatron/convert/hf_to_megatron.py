@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,15 +25,15 @@ from typing import Any
 import torch
 import yaml
 
+from hpd_megatron.checkpoint.publish import publish_directory
 from hpd_megatron.convert import hf_config, mapping
-from hpd_megatron.convert.launch import staged_directory
 from hpd_megatron.errors import ConversionError
 from hpd_megatron.models.description import ModelDescription
+from hpd_megatron.models.dtypes import DTYPES
 from hpd_megatron.parallel.layout import LayoutError, ParallelLayout, validate_layout
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Files copied verbatim into OUT/hf/ (the way back needs them; the trainer reads the tokenizer).
 HF_SIDE_FILES = (
     "config.json",
@@ -97,8 +98,9 @@ def weight_files(hf_dir: Path) -> dict[str, Path]:
     if pickled:
         raise ConversionError(
             f"{hf_dir}: has only PyTorch pickle weights ({', '.join(pickled)}); safetensors are "
-            "required. Convert them once with transformers: AutoModelForCausalLM.from_pretrained(DIR)"
-            ".save_pretrained(NEW_DIR, safe_serialization=True), then copy the tokenizer files"
+            "required. Convert them once with transformers: "
+            "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR, "
+            "safe_serialization=True), then copy the tokenizer files"
         )
     raise ConversionError(f"{hf_dir}: no {SINGLE_FILE} or {INDEX_FILE}")
 
@@ -172,9 +174,9 @@ def check_layout(description: ModelDescription, tp: int, pp: int) -> None:
 def resolve_dtype(name: str | None, default: torch.dtype) -> torch.dtype:
     if name is None:
         return default
-    if name not in DTYPE_NAMES:
-        raise ConversionError(f"--dtype: {name!r} is not one of {', '.join(DTYPE_NAMES)}")
-    return DTYPE_NAMES[name]
+    if name not in DTYPES:
+        raise ConversionError(f"--dtype: {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 class SliceReader:
@@ -318,15 +320,16 @@ def convert(
     pp: int = 1,
     dtype: str | None = None,
     progress: bool = True,
+    before_save: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Collective (every process of the launch calls it) HF -> Megatron conversion.
 
     torch.distributed must be initialised (see launch.conversion_processes). Returns
-    per-process statistics: bytes read and the positions written.
+    per-process statistics: bytes read, shard bytes and the positions written.
+    ``before_save`` is called once this process holds all its pieces, just before the
+    save (the benchmark measures memory there).
     """
     import torch.distributed as dist
-
-    from hpd_megatron.checkpoint.dist_save import save_sharded
 
     out = Path(out)
     source = open_hf_checkpoint(hf_dir)
@@ -338,22 +341,14 @@ def convert(
     rank, world = dist.get_rank(), dist.get_world_size()
     if world not in (1, tp * pp):
         raise ConversionError(f"launched with {world} processes; use 1 or TP x PP = {tp * pp}")
-    with staged_directory(out) as partial:
+    with publish_directory(out) as partial:
         positions = positions_of_rank(tp, pp, rank, world)
         state, reader = build_sharded_state(
             source, positions, tp, pp, target_dtype, progress and rank == 0
         )
-        import psutil
-
-        rss_before_save = psutil.Process().memory_info().rss  # reported by the benchmark
-        if progress and rank == 0:
-            print(f"writing the distributed checkpoint to {partial}", flush=True)
-        save_sharded(state, str(partial))
-        shard_bytes = sum(
-            t.data.numel() * t.data.element_size()
-            for t in state.values()
-            if hasattr(t, "global_shape") and t.data is not None
-        )
+        if before_save is not None:
+            before_save()
+        stats = save_state(state, partial, progress and rank == 0)
         del state
         if rank == 0:
             write_side_files(source, partial)
@@ -361,10 +356,25 @@ def convert(
         "rank": rank,
         "positions": positions,
         "bytes_read": reader.bytes_read,
-        "shard_bytes": shard_bytes,
-        "rss_before_save": rss_before_save,
-        "dtype": str(target_dtype).replace("torch.", ""),
+        **stats,
+        "dtype": hf_config.hf_dtype_name(target_dtype),
     }
+
+
+def save_state(state: dict[str, Any], directory: Path, progress: bool) -> dict[str, int]:
+    """Collective ``dist_checkpointing`` save of every process's pieces; returns this
+    process's shard bytes."""
+    from hpd_megatron.checkpoint.dist_save import save_sharded
+
+    if progress:
+        print(f"writing the distributed checkpoint to {directory}", flush=True)
+    save_sharded(state, str(directory))
+    shard_bytes = sum(
+        t.data.numel() * t.data.element_size()
+        for t in state.values()
+        if hasattr(t, "global_shape") and t.data is not None
+    )
+    return {"shard_bytes": shard_bytes}
 
 
 def read_output_description(out: str | Path) -> ModelDescription:

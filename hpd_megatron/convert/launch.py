@@ -8,11 +8,9 @@ writes every position's pieces itself and verifies at TP1 PP1.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 from hpd_megatron.errors import ConversionError
 from hpd_megatron.parallel.layout import ParallelLayout
@@ -54,28 +52,3 @@ def conversion_processes(tp: int, pp: int) -> Iterator[ParallelLayout]:
         yield layout
     finally:
         destroy_parallel()
-
-
-@contextmanager
-def staged_directory(out: Path) -> Iterator[Path]:
-    """Collective: every process writes into ``OUT.partial``, renamed to ``OUT`` only after all
-    of them finished; on an error it is removed, so nothing half-written is left behind."""
-    import torch.distributed as dist
-
-    partial = out.with_name(out.name + ".partial")
-    rank = dist.get_rank()
-    if rank == 0:
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
-    dist.barrier()
-    try:
-        yield partial
-        dist.barrier()
-        if rank == 0:
-            os.replace(partial, out)
-        dist.barrier()
-    except BaseException:
-        if rank == 0 and partial.exists():
-            shutil.rmtree(partial, ignore_errors=True)
-        raise

@@ -76,6 +76,10 @@ def embedding_entries(d: ModelDescription, rows: int) -> list[Entry]:
 
 
 def layer_entries(d: ModelDescription, layer: int) -> list[Entry]:
+    return _attention_entries(d, layer) + _mlp_entries(d, layer)
+
+
+def _attention_entries(d: ModelDescription, layer: int) -> list[Entry]:
     hf = f"model.layers.{layer}."
     attention = [hf + f"self_attn.{p}_proj" for p in "qkv"]
     entries = [
@@ -115,14 +119,21 @@ def layer_entries(d: ModelDescription, layer: int) -> list[Entry]:
                     (d.kv_channels,),
                 )
             )
-    entries += [
+    entries.append(
         Entry(
             "decoder.layers.self_attention.linear_proj.weight",
             layer,
             ROW_SPLIT_INPUT,
             (hf + "self_attn.o_proj.weight",),
             (d.hidden_size, d.num_attention_heads * d.kv_channels),
-        ),
+        )
+    )
+    return entries
+
+
+def _mlp_entries(d: ModelDescription, layer: int) -> list[Entry]:
+    hf = f"model.layers.{layer}."
+    return [
         Entry(
             "decoder.layers.mlp.linear_fc1.layer_norm_weight",
             layer,
@@ -145,7 +156,6 @@ def layer_entries(d: ModelDescription, layer: int) -> list[Entry]:
             (d.hidden_size, d.ffn_hidden_size),
         ),
     ]
-    return entries
 
 
 def final_entries(d: ModelDescription, rows: int) -> list[Entry]:
@@ -246,60 +256,74 @@ def tp_pieces(
     entry: Entry, d: ModelDescription, tp_rank: int, tp_size: int, read: SliceReader
 ) -> list[Piece]:
     """What TP rank ``tp_rank`` of ``tp_size`` writes for ``entry``, read slice by slice."""
-    everything = slice(None)
-    if entry.kind == REPLICATED:
-        return [
-            Piece(
-                read(entry.hf_names[0], (everything,)),
-                (0,) * len(entry.shape),
-                (1,) * len(entry.shape),
-            )
-        ]
-    if entry.kind == QKV:
-        groups = d.num_query_groups // tp_size
-        first = tp_rank * groups
-        per_group = d.num_attention_heads // d.num_query_groups
-        q_rows = groups * per_group * d.kv_channels
-        kv_rows = groups * d.kv_channels
-        q = read(
-            entry.hf_names[0],
-            (slice(first * per_group * d.kv_channels, first * per_group * d.kv_channels + q_rows),),
-        )
-        k, v = (
-            read(name, (slice(first * d.kv_channels, first * d.kv_channels + kv_rows),))
-            for name in entry.hf_names[1:]
-        )
-        data = interleave_qkv(q, k, v, groups)
-        return [
-            Piece(
-                data,
-                (tp_rank * data.shape[0],) + (0,) * (len(entry.shape) - 1),
-                (tp_size,) + (1,) * (len(entry.shape) - 1),
-            )
-        ]
-    if entry.kind == ROW_SPLIT_INPUT:
-        columns = entry.shape[1] // tp_size
-        data = read(
-            entry.hf_names[0], (everything, slice(tp_rank * columns, (tp_rank + 1) * columns))
-        )
-        return [Piece(data.contiguous(), (0, tp_rank * columns), (1, tp_size))]
-    if entry.kind == FC1:
-        # Global [gate; up]: gate's TP piece r is piece r of 2T, up's is piece T + r.
-        rows = d.ffn_hidden_size // tp_size
-        pieces = []
-        for half, name in enumerate(entry.hf_names):
-            data = read(name, (slice(tp_rank * rows, (tp_rank + 1) * rows),))
-            pieces.append(Piece(data, ((half * tp_size + tp_rank) * rows, 0), (2 * tp_size, 1)))
-        return pieces
-    if entry.kind == VOCAB:
-        rows = entry.shape[0]
-        start, end = _split(rows, tp_size, tp_rank)
-        if start == end:
-            return []
-        data = read(entry.hf_names[0], (slice(start, end),))
-        regular = rows % tp_size == 0
-        return [Piece(data, (start, 0), (tp_size, 1) if regular else None)]
-    raise ValueError(f"unknown tensor kind {entry.kind!r}")
+    pieces = {
+        REPLICATED: _replicated_pieces,
+        QKV: _qkv_pieces,
+        ROW_SPLIT_INPUT: _input_split_pieces,
+        FC1: _fc1_pieces,
+        VOCAB: _vocab_pieces,
+    }.get(entry.kind)
+    if pieces is None:
+        raise ValueError(f"unknown tensor kind {entry.kind!r}")
+    return pieces(entry, d, tp_rank, tp_size, read)
+
+
+def _replicated_pieces(
+    entry: Entry, d: ModelDescription, tp_rank: int, tp_size: int, read: SliceReader
+) -> list[Piece]:
+    dims = len(entry.shape)
+    return [Piece(read(entry.hf_names[0], (slice(None),)), (0,) * dims, (1,) * dims)]
+
+
+def _qkv_pieces(
+    entry: Entry, d: ModelDescription, tp_rank: int, tp_size: int, read: SliceReader
+) -> list[Piece]:
+    groups = d.num_query_groups // tp_size
+    first = tp_rank * groups
+    per_group = d.num_attention_heads // d.num_query_groups
+    q_rows = groups * per_group * d.kv_channels
+    kv_rows = groups * d.kv_channels
+    q_start = first * per_group * d.kv_channels
+    q = read(entry.hf_names[0], (slice(q_start, q_start + q_rows),))
+    k, v = (
+        read(name, (slice(first * d.kv_channels, first * d.kv_channels + kv_rows),))
+        for name in entry.hf_names[1:]
+    )
+    data = interleave_qkv(q, k, v, groups)
+    rest = len(entry.shape) - 1
+    return [Piece(data, (tp_rank * data.shape[0],) + (0,) * rest, (tp_size,) + (1,) * rest)]
+
+
+def _input_split_pieces(
+    entry: Entry, d: ModelDescription, tp_rank: int, tp_size: int, read: SliceReader
+) -> list[Piece]:
+    columns = entry.shape[1] // tp_size
+    data = read(entry.hf_names[0], (slice(None), slice(tp_rank * columns, (tp_rank + 1) * columns)))
+    return [Piece(data.contiguous(), (0, tp_rank * columns), (1, tp_size))]
+
+
+def _fc1_pieces(
+    entry: Entry, d: ModelDescription, tp_rank: int, tp_size: int, read: SliceReader
+) -> list[Piece]:
+    # Global [gate; up]: gate's TP piece r is piece r of 2T, up's is piece T + r.
+    rows = d.ffn_hidden_size // tp_size
+    pieces = []
+    for half, name in enumerate(entry.hf_names):
+        data = read(name, (slice(tp_rank * rows, (tp_rank + 1) * rows),))
+        pieces.append(Piece(data, ((half * tp_size + tp_rank) * rows, 0), (2 * tp_size, 1)))
+    return pieces
+
+
+def _vocab_pieces(
+    entry: Entry, d: ModelDescription, tp_rank: int, tp_size: int, read: SliceReader
+) -> list[Piece]:
+    rows = entry.shape[0]
+    start, end = _split(rows, tp_size, tp_rank)
+    if start == end:
+        return []
+    data = read(entry.hf_names[0], (slice(start, end),))
+    regular = rows % tp_size == 0
+    return [Piece(data, (start, 0), (tp_size, 1) if regular else None)]
 
 
 def hf_tensors(entry: Entry, d: ModelDescription, full: torch.Tensor) -> dict[str, torch.Tensor]:

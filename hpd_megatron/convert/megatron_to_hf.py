@@ -26,11 +26,12 @@ from typing import Any
 
 import torch
 
+from hpd_megatron.checkpoint.publish import publish_directory
 from hpd_megatron.convert import hf_config, mapping
-from hpd_megatron.convert.hf_to_megatron import DTYPE_NAMES, HF_SIDE_FILES, INDEX_FILE, SINGLE_FILE
-from hpd_megatron.convert.launch import staged_directory
-from hpd_megatron.errors import ConversionError
+from hpd_megatron.convert.hf_to_megatron import HF_SIDE_FILES, INDEX_FILE, SINGLE_FILE
+from hpd_megatron.errors import ConfigError, ConversionError
 from hpd_megatron.models.description import ModelDescription
+from hpd_megatron.models.dtypes import DTYPES
 
 # Fields both a description and config.json define; they must agree.
 _CHECKED_FIELDS = (
@@ -66,7 +67,7 @@ def parse_size(text: str | int) -> int:
     """'5GB' (10^9), '500MiB' (2^20), or a number of bytes."""
     if isinstance(text, int):
         return text
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", str(text))
     if not match or (match.group(2) and match.group(2) not in _UNITS):
         raise ConversionError(f"--shard-size: cannot read {text!r} (e.g. 5GB, 500MB, 2GiB)")
     return int(float(match.group(1)) * _UNITS.get(match.group(2) or "B", 1))
@@ -78,7 +79,7 @@ def read_description(ckpt: Path, model_yaml: str | Path | None) -> ModelDescript
         raise ConversionError(f"{ckpt}: no model.yaml next to the checkpoint; pass --model YAML")
     try:
         return ModelDescription.from_yaml(path)
-    except ValueError as error:
+    except ConfigError as error:
         raise ConversionError(f"{path}: {error}") from None
 
 
@@ -92,8 +93,8 @@ def target_config(ckpt: Path, description: ModelDescription) -> dict[str, Any]:
     for name in _CHECKED_FIELDS:
         if getattr(other, name) != getattr(description, name):
             raise ConversionError(
-                f"{side}: {name} is {getattr(other, name)!r} but the checkpoint's model description "
-                f"has {getattr(description, name)!r}"
+                f"{side}: {name} is {getattr(other, name)!r} but the checkpoint's model "
+                f"description has {getattr(description, name)!r}"
             )
     return config
 
@@ -247,8 +248,8 @@ def plan(
     config = target_config(ckpt, description)
     rows = int(config["vocab_size"])
     limit = parse_size(shard_size)
-    if dtype is not None and dtype not in DTYPE_NAMES:
-        raise ConversionError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     if out.exists():
         raise ConversionError(f"{out}: already exists; remove it or choose another --out")
     stored = stored_dtypes(ckpt)
@@ -262,9 +263,9 @@ def plan(
                 )
     # Default: the dtype the original config.json names (hf/), else the checkpoint's own.
     recorded = hf_config.config_dtype(config) if (ckpt / "hf" / "config.json").is_file() else None
-    out_dtype = DTYPE_NAMES[dtype] if dtype else (recorded or stored[work[0][0].key])
+    out_dtype = DTYPES[dtype] if dtype else (recorded or stored[work[0][0].key])
     config = dict(config)
-    config["dtype" if "dtype" in config else "torch_dtype"] = str(out_dtype).replace("torch.", "")
+    config["dtype" if "dtype" in config else "torch_dtype"] = hf_config.hf_dtype_name(out_dtype)
     return Plan(ckpt, out, description, config, work, stored, out_dtype, limit)
 
 
@@ -278,56 +279,53 @@ def convert(
 ) -> dict[str, Any]:
     """Collective (every process of the launch calls it) Megatron -> HF conversion."""
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing
     from tqdm import tqdm
 
     p = plan(ckpt, out, model_yaml, shard_size, dtype)
-    ckpt, out, description, work, stored, out_dtype = (
-        p.ckpt,
-        p.out,
-        p.description,
-        p.work,
-        p.stored,
-        p.out_dtype,
-    )
     rank, world = dist.get_rank(), dist.get_world_size()
-    with staged_directory(out) as partial:
+    with publish_directory(p.out) as partial:
         writer = ShardWriter(partial, rank, p.limit)
-        rounds = -(-len(work) // world)
+        rounds = -(-len(p.work) // world)
         with tqdm(
-            total=len(work),
+            total=len(p.work),
             unit="unit",
             desc="writing safetensors",
             disable=not (progress and rank == 0),
         ) as bar:
             for round_index in range(rounds):
                 order = round_index * world + rank
-                entries = work[order] if order < len(work) else []
-                state = {
-                    f"{e.key}/{e.layer}": request(e, description.num_layers, stored[e.key])
-                    for e in entries
-                }
-                # Collective: processes without a unit this round load nothing.
-                loaded = (
-                    dist_checkpointing.load(state, str(ckpt), validate_access_integrity=False)
-                    if world > 1 or state
-                    else {}
-                )
-                tensors: dict[str, torch.Tensor] = {}
-                for entry in entries:
-                    full = loaded[f"{entry.key}/{entry.layer}"]
-                    if entry.layer is not None:
-                        full = full[0]
-                    for name, tensor in mapping.hf_tensors(entry, description, full).items():
-                        tensors[name] = tensor.to(out_dtype).contiguous()
-                del loaded
+                tensors = hf_unit(p, p.work[order] if order < len(p.work) else [], world)
                 if tensors:
                     writer.add(order, tensors)
-                bar.update(min(world, len(work) - round_index * world))
+                bar.update(min(world, len(p.work) - round_index * world))
         writer.flush()
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, writer.written)
         if rank == 0:
             _name_files(partial, [item for items in gathered for item in items])
-            _write_side_files(ckpt, partial, p.config, description)
-    return {"rank": rank, "files": writer.written, "dtype": str(out_dtype).replace("torch.", "")}
+            _write_side_files(p.ckpt, partial, p.config, p.description)
+    return {"rank": rank, "files": writer.written, "dtype": hf_config.hf_dtype_name(p.out_dtype)}
+
+
+def hf_unit(p: Plan, entries: list[mapping.Entry], world: int) -> dict[str, torch.Tensor]:
+    """Collective: one unit's whole tensors, loaded from the checkpoint, as Hugging Face
+    tensors of the output dtype (none for a process without a unit this round)."""
+    from megatron.core import dist_checkpointing
+
+    state = {
+        f"{e.key}/{e.layer}": request(e, p.description.num_layers, p.stored[e.key]) for e in entries
+    }
+    # Collective: processes without a unit this round load nothing.
+    loaded = (
+        dist_checkpointing.load(state, str(p.ckpt), validate_access_integrity=False)
+        if world > 1 or state
+        else {}
+    )
+    tensors: dict[str, torch.Tensor] = {}
+    for entry in entries:
+        full = loaded[f"{entry.key}/{entry.layer}"]
+        if entry.layer is not None:
+            full = full[0]
+        for name, tensor in mapping.hf_tensors(entry, p.description, full).items():
+            tensors[name] = tensor.to(p.out_dtype).contiguous()
+    return tensors

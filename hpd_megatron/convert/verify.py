@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from typing import Any
 import torch
 
 from hpd_megatron.models.description import ModelDescription
+from hpd_megatron.parallel.cpu_emulation import original_torch_factories
 
 PROMPTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -37,11 +36,20 @@ class Thresholds:
     min_top1: float = 0.99
     max_kl: float = 1e-3
 
+    def passed(self, numbers: dict[str, float]) -> bool:
+        """Whether ``compare_logits``' numbers are within every threshold."""
+        return bool(
+            numbers["max_abs_logit_diff"] <= self.max_abs_diff
+            and numbers["top1_agreement"] >= self.min_top1
+            and numbers["mean_kl"] <= self.max_kl
+        )
+
 
 def prompt_tokens(
     hf_dir: Path | None, vocab_size: int, batch: int = 2, length: int = 32, seed: int = 0
 ) -> torch.Tensor:
-    """(batch, length) token ids: the tokenizer's encoding of fixed texts, else seeded random ids."""
+    """(batch, length) token ids: the tokenizer's encoding of fixed texts, else seeded random
+    ids."""
     from hpd_megatron.convert.hf_to_megatron import tokenizer_vocab_size
 
     if hf_dir is not None and tokenizer_vocab_size(hf_dir) is not None:
@@ -129,43 +137,6 @@ def megatron_greedy(
     return generated[:, tokens.shape[1] :]
 
 
-@contextmanager
-def original_torch_factories() -> Iterator[None]:
-    """Undo the CPU emulation's wrapping of torch's tensor factories for a while.
-
-    With ``torch.tensor`` wrapped, transformers 5's from_pretrained leaves the RoPE
-    ``inv_freq`` buffer uninitialised (garbage logits); the Hugging Face side never
-    needs the CUDA-to-CPU routing, so it loads and runs with the originals.
-    """
-    names = (
-        "empty",
-        "zeros",
-        "ones",
-        "full",
-        "tensor",
-        "as_tensor",
-        "arange",
-        "rand",
-        "randn",
-        "randint",
-        "empty_like",
-        "zeros_like",
-        "ones_like",
-    )
-    swapped = {
-        name: getattr(torch, name)
-        for name in names
-        if hasattr(getattr(torch, name), "__wrapped_factory__")
-    }
-    for name, wrapper in swapped.items():
-        setattr(torch, name, wrapper.__wrapped_factory__)
-    try:
-        yield
-    finally:
-        for name, wrapper in swapped.items():
-            setattr(torch, name, wrapper)
-
-
 def hf_model(hf_dir: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -201,6 +172,33 @@ def compare_logits(reference: torch.Tensor, other: torch.Tensor) -> dict[str, fl
     }
 
 
+def _layout() -> dict[str, int]:
+    from megatron.core import parallel_state
+
+    return {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+    }
+
+
+def megatron_side(
+    megatron_dir: str | Path, description: ModelDescription, tokens: torch.Tensor, steps: int
+) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+    """Collective: the Megatron model at the current layout, loaded from ``megatron_dir``:
+    its logits (on the reporting rank, else None), its ``steps`` greedy tokens, and the
+    reporting rank."""
+    from hpd_megatron.checkpoint.weights import load_model_weights
+    from hpd_megatron.models.builder import build_gpt_model, transformer_config
+
+    model = build_gpt_model(description, transformer_config(description, torch.float32))
+    load_model_weights(model, megatron_dir)
+    model.eval()
+    reporter = _reporting_rank()
+    logits = megatron_logits(model, tokens, description.vocab_size)
+    greedy = megatron_greedy(model, tokens, description.vocab_size, steps, reporter)
+    return logits, greedy, reporter
+
+
 def verify(
     hf_dir: str | Path,
     megatron_dir: str | Path,
@@ -217,47 +215,31 @@ def verify(
     ``keep_logits`` adds both logit tensors to the returned report (never to the JSON).
     """
     import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from hpd_megatron.checkpoint.weights import load_model_weights
-    from hpd_megatron.models.builder import build_gpt_model, transformer_config
 
     hf_dir, thresholds = Path(hf_dir), thresholds or Thresholds()
     if tokens is None:
         tokens = prompt_tokens(hf_dir, description.vocab_size)
-    model = build_gpt_model(description, transformer_config(description, torch.float32))
-    load_model_weights(model, megatron_dir)
-    model.eval()
-    reporter = _reporting_rank()
-    logits = megatron_logits(model, tokens, description.vocab_size)
-    greedy = megatron_greedy(model, tokens, description.vocab_size, greedy_steps, reporter)
-
+    logits, greedy, reporter = megatron_side(megatron_dir, description, tokens, greedy_steps)
     payload: list[Any] = [None]
     if dist.get_rank() == reporter:
         reference, reference_greedy = hf_logits_and_greedy(
             hf_dir, tokens, description.vocab_size, greedy_steps
         )
+        numbers = compare_logits(reference, logits)
         report: dict[str, Any] = {
             "direction": direction,
             "hf_dir": str(hf_dir),
             "megatron_dir": str(megatron_dir),
-            "layout": {
-                "tp": parallel_state.get_tensor_model_parallel_world_size(),
-                "pp": parallel_state.get_pipeline_model_parallel_world_size(),
-            },
+            "layout": _layout(),
             "prompts": list(tokens.shape),
             "real_vocab_size": description.vocab_size,
-            **compare_logits(reference, logits),
+            **numbers,
             "greedy_hf": reference_greedy.tolist(),
             "greedy_megatron": greedy.tolist(),
             "greedy_identical": bool(torch.equal(reference_greedy, greedy)),
             "thresholds": asdict(thresholds),
+            "passed": thresholds.passed(numbers),
         }
-        report["passed"] = bool(
-            report["max_abs_logit_diff"] <= thresholds.max_abs_diff
-            and report["top1_agreement"] >= thresholds.min_top1
-            and report["mean_kl"] <= thresholds.max_kl
-        )
         if keep_logits:
             report["logits"] = {"hf": reference, "megatron": logits}
         payload = [report]

@@ -53,7 +53,8 @@ def resolve_chat_template(tokenizer: Tokenizer, option: str) -> str | None:
         source = tokenizer.path
         if template is None and tokenizer.eos_id is None:
             raise DataError(
-                f"{source}: the builtin chat format ends replies with EOS, and this tokenizer has none"
+                f"{source}: the builtin chat format ends replies with EOS, "
+                "and this tokenizer has none"
             )
     else:
         source = Path(option)
@@ -118,7 +119,8 @@ def _builtin_segments(
 
 
 def builtin_text(messages: list[Message]) -> str:
-    """The text of the builtin format without BOS/EOS: what a tokenizer trained for it must cover."""
+    """The text of the builtin format without BOS/EOS: what a tokenizer trained for it must
+    cover."""
     return "".join(
         GENERATION_PROMPT + m["content"] if m["role"] == "assistant" else _builtin_turn(m)
         for m in messages

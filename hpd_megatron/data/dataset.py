@@ -27,9 +27,9 @@ import numpy
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from hpd_megatron.data.files import DataError, read_json_object
+from hpd_megatron.data.files import read_json_object
 from hpd_megatron.data.prepare import LOSS_MASK_SUFFIX, TOKENS_SUFFIX
-from hpd_megatron.errors import ConfigError
+from hpd_megatron.errors import ConfigError, DataError
 from hpd_megatron.losses import IGNORE_INDEX
 
 

@@ -1,5 +1,4 @@
-"""The data error type, reading a JSON object, and writing several output files so that a
-failure leaves none.
+"""Reading a JSON object, and writing several output files so that a failure leaves none.
 
 Every problem with an input file is one ``DataError`` whose message starts with the file
 (and line or record), e.g. ``train.jsonl:17: not valid JSON (Expecting ',' delimiter)``.
@@ -16,19 +15,26 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from hpd_megatron.errors import DataError
+from hpd_megatron.errors import DataError, HpdError
 
 
-def read_json_object(path: Path, error: type[ValueError] = DataError) -> dict[str, Any]:
+def read_json_object(path: Path, error: type[HpdError] = DataError) -> dict[str, Any]:
     """The JSON object in ``path``; ``error`` (naming the file, and the line when the JSON is
     broken) if it holds anything else."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as problem:
+        raise error(f"{path}: not UTF-8 text ({problem.reason} at byte {problem.start})") from None
     except json.JSONDecodeError as problem:
         raise error(f"{path}:{problem.lineno}: not valid JSON ({problem.msg})") from None
     if not isinstance(data, dict):
         raise error(f"{path}: expected a JSON object")
     return data
+
+
+def not_utf8(error: UnicodeDecodeError) -> str:
+    """What is wrong with a file that is not UTF-8 text."""
+    return f"not UTF-8 text ({error.reason} at byte {error.start})"
 
 
 @contextlib.contextmanager

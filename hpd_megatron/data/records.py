@@ -13,34 +13,57 @@ names the file and the line.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hpd_megatron.data.chat import ROLES, Message
+from hpd_megatron.data.files import not_utf8
 from hpd_megatron.errors import DataError
+
+T = TypeVar("T")
+SHOWN_LINES = 10
+"""How many line numbers of skipped, truncated or dropped records a message lists."""
 
 
 def read_records(path: str | Path) -> Iterator[tuple[int, list[Message]]]:
     """Yield (line number, conversation) for every record of a JSONL file."""
+    return read_jsonl(path, lambda record, _line: conversation(record), "no such data file")
+
+
+def read_jsonl(
+    path: str | Path, parse: Callable[[Any, int], T], missing: str
+) -> Iterator[tuple[int, T]]:
+    """Yield (line number, ``parse(object, line number)``) for every non-blank line of a
+    JSONL file. Broken JSON, or a ``DataError`` from ``parse``, becomes a ``DataError`` that
+    names the file and the line; a missing file is ``PATH: missing``."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such data file")
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+        raise DataError(f"{path}: {missing}")
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path}:{number}: {not_utf8(error)}") from None
             if not line.strip():
                 continue
             try:
-                record = json.loads(line.rstrip("\r\n"))
+                value = json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataError(
                     f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})"
                 ) from None
             try:
-                messages = conversation(record)
+                parsed = parse(value, number)
             except DataError as error:
                 raise DataError(f"{path}:{number}: {error}") from None
-            yield number, messages
+            yield number, parsed
+
+
+def shown_lines(lines: Sequence[int]) -> str:
+    """The first ``SHOWN_LINES`` line numbers, comma-separated, then "..." if there are more."""
+    return ", ".join(map(str, lines[:SHOWN_LINES])) + (", ..." if len(lines) > SHOWN_LINES else "")
 
 
 def conversation(record: Any) -> list[Message]:

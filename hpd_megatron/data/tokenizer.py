@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from hpd_megatron.data.files import DataError, read_json_object
-from hpd_megatron.errors import ConfigError
+from hpd_megatron.data.files import read_json_object
+from hpd_megatron.errors import ConfigError, DataError
 
 
 class Tokenizer:

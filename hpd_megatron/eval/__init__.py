@@ -7,5 +7,6 @@ prompts.py       evaluation JSONL, encoded with the training chat format
 source.py        a checkpoint's model description, tokenizer and chat format
 runner.py        the shared driver of ``hpd_megatron.evaluate`` and ``tools/generate_data.py``
 teacher_data.py  replies as training records
+divergence.py    teacher-forced KL of student checkpoints to the teacher (the demo's study)
 tracking.py      the summary into MLflow
 """

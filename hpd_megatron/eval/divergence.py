@@ -16,6 +16,7 @@ import torch
 
 from hpd_megatron.checkpoint.weights import load_model_weights
 from hpd_megatron.data.dataset import DistillationDataset
+from hpd_megatron.errors import ConfigError
 from hpd_megatron.eval.source import inspect_checkpoint
 from hpd_megatron.losses import IGNORE_INDEX
 from hpd_megatron.models.builder import build_gpt_model, transformer_config
@@ -45,7 +46,7 @@ def compare_with_teacher(
     """``{"teacher_entropy": float, "students": [{"kl_to_teacher", "entropy"} per checkpoint]}``."""
     teacher = inspect_checkpoint(teacher_ckpt).description
     if teacher.vocab_size != student.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"teacher vocab_size {teacher.vocab_size} != student's {student.vocab_size}"
         )
     vocab = student.vocab_size

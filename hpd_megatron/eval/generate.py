@@ -8,7 +8,7 @@ position per step, as the cache needs. Each forward goes through Megatron's pipe
 schedule (``run_schedule``, forward only); the last stage picks the next token of each row
 from its vocab-parallel logits (``sampling.next_tokens``) and broadcasts the tokens (and
 their entropies) to the other stages. For evaluation at scale, export to Hugging Face and
-use an inference engine (README, "Evaluation").
+use an inference engine (docs/evaluation.md).
 
 A row stops at EOS (kept as its last token), after ``max_new_tokens``, or when prompt plus
 reply fill ``context_length``; finished rows leave the batch and the cache.
@@ -52,6 +52,29 @@ class Generation:
     """eos, length (max_new_tokens reached) or context (prompt + reply fill the context)."""
 
 
+@dataclass
+class _Rows:
+    """The batch being generated: prompts then replies, and which rows still generate."""
+
+    tokens: torch.Tensor
+    """[rows, width] ids: each prompt, then its reply as it grows (zeros beyond)."""
+    lengths: list[int]
+    """Each row's prompt length."""
+    generations: list[Generation]
+    active: list[int]
+    """The rows still generating, in their order in the batch and the KV cache."""
+    context_length: int
+
+    @classmethod
+    def of(cls, prompts: Sequence[Sequence[int]], width: int, context_length: int) -> _Rows:
+        tokens = torch.zeros(len(prompts), width, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            tokens[row, : len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
+        lengths = [len(prompt) for prompt in prompts]
+        generations = [Generation() for _ in prompts]
+        return cls(tokens, lengths, generations, list(range(len(prompts))), context_length)
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -68,31 +91,19 @@ def generate(
     Sampled tokens depend on ``seed`` and on the batch (one uniform per row and position,
     drawn for the whole batch), not on the TP or PP size.
     """
-    if settings.max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {settings.max_new_tokens}")
-    for i, prompt in enumerate(prompts):
-        if not 0 < len(prompt) < context_length:
-            raise ValueError(
-                f"prompt {i}: {len(prompt)} tokens; need 1 to {context_length - 1} "
-                f"(context_length {context_length})"
-            )
+    _check_prompts(prompts, settings, context_length)
     device = (
         torch.device("cuda", torch.cuda.current_device())
         if torch.cuda.is_available()
         else torch.device("cpu")
     )
-    lengths = [len(prompt) for prompt in prompts]
-    width = min(context_length, max(lengths) + settings.max_new_tokens)
-    tokens = torch.zeros(len(prompts), width, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        tokens[row, : len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
-    generations = [Generation() for _ in prompts]
+    width = min(context_length, max(map(len, prompts)) + settings.max_new_tokens)
+    rows = _Rows.of(prompts, width, context_length)
     cache = StaticInferenceContext(max_batch_size=len(prompts), max_sequence_length=width)
     # The shortest prompt is encoded in one forward; from there every row moves one position
     # per step, and a row whose prompt is longer is fed its own next token instead of a sample.
-    start = min(lengths)
-    active = list(range(len(prompts)))
-    chunk = tokens[:, :start]
+    start = min(rows.lengths)
+    chunk = rows.tokens[:, :start]
     for position in range(start, width):
         ids, entropies = _next_step(
             model,
@@ -103,32 +114,58 @@ def generate(
             vocab_size,
             sample_seed(seed, position, 0),
         )
-        kept = []
-        for index, (row, token, entropy) in enumerate(
-            zip(active, ids.tolist(), entropies.tolist())
-        ):
-            if position < lengths[row]:
-                kept.append(index)
-                continue
-            generation = generations[row]
-            generation.tokens.append(token)
-            generation.entropies.append(entropy)
-            tokens[row, position] = token
-            if token == eos_id:
-                generation.finish = "eos"
-            elif len(generation.tokens) == settings.max_new_tokens:
-                generation.finish = "length"
-            elif position + 1 == context_length:
-                generation.finish = "context"
-            else:
-                kept.append(index)
+        kept = _take_step(rows, position, ids.tolist(), entropies.tolist(), settings, eos_id)
         if not kept:
             break
-        if len(kept) < len(active):
+        if len(kept) < len(rows.active):
             _keep_rows(cache, kept)
-            active = [active[index] for index in kept]
-        chunk = tokens[active, position : position + 1]
-    return generations
+            rows.active = [rows.active[index] for index in kept]
+        chunk = rows.tokens[rows.active, position : position + 1]
+    return rows.generations
+
+
+def _check_prompts(
+    prompts: Sequence[Sequence[int]], settings: SamplingSettings, context_length: int
+) -> None:
+    if settings.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {settings.max_new_tokens}")
+    for i, prompt in enumerate(prompts):
+        if not 0 < len(prompt) < context_length:
+            raise ValueError(
+                f"prompt {i}: {len(prompt)} tokens; need 1 to {context_length - 1} "
+                f"(context_length {context_length})"
+            )
+
+
+def _take_step(
+    rows: _Rows,
+    position: int,
+    ids: list[int],
+    entropies: list[float],
+    settings: SamplingSettings,
+    eos_id: int | None,
+) -> list[int]:
+    """Each active row's token at ``position``: a row still within its prompt keeps its own,
+    the others append theirs to the reply. Returns the indices (into ``rows.active``) of the
+    rows that go on."""
+    kept = []
+    for index, (row, token, entropy) in enumerate(zip(rows.active, ids, entropies)):
+        if position < rows.lengths[row]:
+            kept.append(index)
+            continue
+        generation = rows.generations[row]
+        generation.tokens.append(token)
+        generation.entropies.append(entropy)
+        rows.tokens[row, position] = token
+        if token == eos_id:
+            generation.finish = "eos"
+        elif len(generation.tokens) == settings.max_new_tokens:
+            generation.finish = "length"
+        elif position + 1 == rows.context_length:
+            generation.finish = "context"
+        else:
+            kept.append(index)
+    return kept
 
 
 def _keep_rows(cache: StaticInferenceContext, rows: list[int]) -> None:
@@ -159,6 +196,34 @@ def _next_step(
         .expand(rows, -1),
     }
     cache.sequence_len_offset = offset
+    reports = run_schedule(
+        model,
+        [batch],
+        _cached_forward_step(cache),
+        seq_length=length,
+        micro_batch_size=rows,
+        forward_only=True,
+    )
+    if parallel_state.is_pipeline_last_stage():
+        ids, entropies = next_tokens(
+            reports[0]["logits"], vocab_size, settings.temperature, settings.top_p, seed
+        )
+    else:
+        ids = torch.empty(rows, dtype=torch.long, device=tokens.device)
+        entropies = torch.empty(rows, dtype=torch.float64, device=tokens.device)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        # Every TP rank of the last stage holds the same tokens: each pipeline (one per TP
+        # rank) takes them from its own last stage.
+        source = parallel_state.get_pipeline_model_parallel_last_rank()
+        group = parallel_state.get_pipeline_model_parallel_group()
+        dist.broadcast(ids, src=source, group=group)
+        dist.broadcast(entropies, src=source, group=group)
+    return ids.cpu(), entropies.cpu()
+
+
+def _cached_forward_step(cache: StaticInferenceContext):
+    """The schedule's forward step through the KV cache; the last stage reports this TP
+    rank's shard of the last position's logits."""
 
     def forward_step(stage: torch.nn.Module, micro_batch: Batch):
         def last_logits(logits: torch.Tensor):
@@ -178,21 +243,4 @@ def _next_step(
             runtime_gather_output=True,
         ), last_logits
 
-    reports = run_schedule(
-        model, [batch], forward_step, seq_length=length, micro_batch_size=rows, forward_only=True
-    )
-    if parallel_state.is_pipeline_last_stage():
-        ids, entropies = next_tokens(
-            reports[0]["logits"], vocab_size, settings.temperature, settings.top_p, seed
-        )
-    else:
-        ids = torch.empty(rows, dtype=torch.long, device=tokens.device)
-        entropies = torch.empty(rows, dtype=torch.float64, device=tokens.device)
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        # Every TP rank of the last stage holds the same tokens: each pipeline (one per TP
-        # rank) takes them from its own last stage.
-        source = parallel_state.get_pipeline_model_parallel_last_rank()
-        group = parallel_state.get_pipeline_model_parallel_group()
-        dist.broadcast(ids, src=source, group=group)
-        dist.broadcast(entropies, src=source, group=group)
-    return ids.cpu(), entropies.cpu()
+    return forward_step

@@ -14,19 +14,15 @@ naming the file and line.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hpd_megatron.data.chat import Message, encode_prompt
-from hpd_megatron.data.records import checked_messages
+from hpd_megatron.data.records import checked_messages, read_jsonl, shown_lines
 from hpd_megatron.data.tokenizer import Tokenizer
 from hpd_megatron.errors import DataError
 from hpd_megatron.eval.answers import extract_answer
-
-SHOWN_LINES = 10
-"""How many line numbers of skipped prompts a message lists."""
 
 
 @dataclass
@@ -42,30 +38,14 @@ class EvalRecord:
 
 def read_eval_records(path: str | Path, require_answer: bool = True) -> list[EvalRecord]:
     """Every record of an evaluation JSONL file; ``require_answer``: each needs a reference."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such evaluation file")
     records = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(
-                    f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})"
-                ) from None
-            try:
-                record = _record(raw, number)
-            except DataError as error:
-                raise DataError(f"{path}:{number}: {error}") from None
-            if require_answer and record.reference is None:
-                raise DataError(
-                    f'{path}:{number}: no reference answer (give "answer", or a reply '
-                    "whose answer can be extracted)"
-                )
-            records.append(record)
+    for number, record in read_jsonl(path, _record, "no such evaluation file"):
+        if require_answer and record.reference is None:
+            raise DataError(
+                f'{path}:{number}: no reference answer (give "answer", or a reply '
+                "whose answer can be extracted)"
+            )
+        records.append(record)
     if not records:
         raise DataError(f"{path}: no records (the file is empty)")
     return records
@@ -88,7 +68,8 @@ def _record(raw: Any, line: int) -> EvalRecord:
             reply = messages.pop()["content"]
         if not messages or messages[-1]["role"] != "user":
             raise DataError(
-                '"messages" must end with a user message (or a user message and the reference reply)'
+                '"messages" must end with a user message '
+                "(or a user message and the reference reply)"
             )
         prompt = messages
     if reply is not None and not isinstance(reply, str):
@@ -133,10 +114,7 @@ def encode_prompts(
 
 def describe_skipped(path: str | Path, skipped: list[int], context_length: int) -> str:
     """One line: how many prompts were skipped, why, and their first line numbers."""
-    shown = ", ".join(map(str, skipped[:SHOWN_LINES])) + (
-        ", ..." if len(skipped) > SHOWN_LINES else ""
-    )
     return (
         f"{path}: skipped {len(skipped)} prompt(s) of {context_length} tokens or more "
-        f"(no room for a reply in the context of {context_length}): lines {shown}"
+        f"(no room for a reply in the context of {context_length}): lines {shown_lines(skipped)}"
     )

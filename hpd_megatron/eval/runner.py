@@ -18,11 +18,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 import torch.distributed as dist
 
 from hpd_megatron.checkpoint.weights import load_model_weights
 from hpd_megatron.data.chat import resolve_chat_template
-from hpd_megatron.data.tokenizer import load_tokenizer
+from hpd_megatron.data.tokenizer import Tokenizer, load_tokenizer
 from hpd_megatron.errors import ConfigError, DataError
 from hpd_megatron.eval.generate import Generation, SamplingSettings, generate
 from hpd_megatron.eval.prompts import (
@@ -33,9 +34,14 @@ from hpd_megatron.eval.prompts import (
 )
 from hpd_megatron.eval.source import CheckpointInfo, inspect_checkpoint
 from hpd_megatron.models.builder import build_gpt_model, transformer_config
-from hpd_megatron.parallel.initialize import destroy_parallel, initialize_parallel
+from hpd_megatron.models.dtypes import DTYPES
+from hpd_megatron.parallel.initialize import (
+    ParallelContext,
+    destroy_parallel,
+    initialize_parallel,
+)
 from hpd_megatron.parallel.layout import ParallelLayout
-from hpd_megatron.training.components import DTYPES, sample_seed
+from hpd_megatron.training.components import sample_seed
 
 
 @dataclass
@@ -149,7 +155,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--context-length", type=int, help="default: the model's max_position_embeddings"
     )
-    parser.add_argument("--params-dtype", default="fp32", help="fp32 or bf16")
+    parser.add_argument("--params-dtype", default="fp32", help=f"one of {', '.join(DTYPES)}")
     parser.add_argument("--limit", type=int, help="only the first N records")
 
 
@@ -167,14 +173,23 @@ def inspect_job(job: GenerationJob) -> CheckpointInfo:
     return inspect_checkpoint(job.ckpt, job.model, job.tokenizer, job.chat_template)
 
 
-def run_generation(
-    job: GenerationJob, info: CheckpointInfo | None = None, log: Callable[[str], object] = print
-) -> GenerationRun:
-    """Generate on this rank's share; rank 0 returns every reply. ``info``: the job's
-    ``inspect_job``, when the caller has it already. ``log`` runs on rank 0."""
-    # Everything that can be wrong with the inputs fails here, alike on every rank, before
-    # any process group exists.
-    info = info or inspect_job(job)
+@dataclass
+class EncodedPrompts:
+    """The job's prompts, read and encoded (``encode_job_prompts``)."""
+
+    tokenizer: Tokenizer
+    context_length: int
+    records: int
+    """Records read (after --limit)."""
+    kept: list[tuple[EvalRecord, list[int]]]
+    """(record, prompt ids) of every prompt that leaves room for a reply."""
+    skipped: list[int]
+    """Lines of the prompts skipped for length."""
+
+
+def encode_job_prompts(job: GenerationJob, info: CheckpointInfo) -> EncodedPrompts:
+    """The tokenizer, the context length and the encoded prompts; every input error fails
+    here, alike on every rank, before any process group exists."""
     description = info.description
     tokenizer = load_tokenizer(info.tokenizer)
     if tokenizer.vocab_size != description.vocab_size:
@@ -195,70 +210,103 @@ def run_generation(
         raise DataError(
             describe_skipped(job.data, skipped, context_length) + "; nothing left to generate"
         )
+    return EncodedPrompts(tokenizer, context_length, len(records), kept, skipped)
 
+
+def run_generation(
+    job: GenerationJob, info: CheckpointInfo | None = None, log: Callable[[str], object] = print
+) -> GenerationRun:
+    """Generate on this rank's share; rank 0 returns every reply. ``info``: the job's
+    ``inspect_job``, when the caller has it already. ``log`` runs on rank 0."""
+    info = info or inspect_job(job)
+    prompts = encode_job_prompts(job, info)
     context = initialize_parallel(
         ParallelLayout(job.tensor_parallel, job.pipeline_parallel),
         seed=job.seed,
-        models=[("model", description)],
+        models=[("model", info.description)],
     )
     run = GenerationRun(
-        info, context.layout, context_length, len(records), skipped, is_writer=context.rank == 0
+        info,
+        context.layout,
+        prompts.context_length,
+        prompts.records,
+        prompts.skipped,
+        is_writer=context.rank == 0,
     )
     say = log if run.is_writer else (lambda _message: None)
     try:
-        if skipped:
-            say(describe_skipped(job.data, skipped, context_length))
+        if prompts.skipped:
+            say(describe_skipped(job.data, prompts.skipped, prompts.context_length))
         model = build_gpt_model(
-            description, transformer_config(description, params_dtype=DTYPES[job.params_dtype])
+            info.description,
+            transformer_config(info.description, params_dtype=DTYPES[job.params_dtype]),
         )
         load_model_weights(model, info.path)
         model.eval()
-        settings = SamplingSettings(job.temperature, job.top_p, job.max_new_tokens)
-        sequences = sorted(
-            ((i, j) for i in range(len(kept)) for j in range(job.samples)),
-            key=lambda pair: len(kept[pair[0]][1]),
-        )
-        batches = [
-            sequences[b : b + job.batch_size] for b in range(0, len(sequences), job.batch_size)
-        ]
-        dp_size = context.layout.data_parallel_size
-        say(
-            f"{len(sequences)} sequences ({len(kept)} prompts x {job.samples}) in {len(batches)} batches "
-            f"at {context.layout.describe()}"
-        )
         start = time.perf_counter()
-        mine: dict[tuple[int, int], Generation] = {}
-        for b in range(context.dp_rank, len(batches), dp_size):
-            prompts = [kept[i][1] for i, _ in batches[b]]
-            generations = generate(
-                model,
-                prompts,
-                settings,
-                vocab_size=description.vocab_size,
-                eos_id=tokenizer.eos_id,
-                context_length=context_length,
-                seed=sample_seed(job.seed, 0, b),
-            )
-            mine.update(zip(batches[b], generations))
-            say(f"batch {b + 1}/{len(batches)} done ({time.perf_counter() - start:.1f} s)")
+        mine = generate_share(model, job, info, prompts, context, say)
         # One copy per replica travels: its first TP and PP rank's.
         shared = mine if context.tp_rank == 0 and context.pp_rank == 0 else {}
         gathered: list | None = [None] * context.world_size if run.is_writer else None
         dist.gather_object(shared, gathered, dst=0)
         run.elapsed_s = time.perf_counter() - start
         if run.is_writer:
-            every: dict[tuple[int, int], Generation] = {}
-            for part in gathered:
-                every.update(part)
-            for (i, j), generation in sorted(every.items()):
-                record, ids = kept[i]
-                text = tokenizer.decode(
-                    generation.tokens[:-1] if generation.finish == "eos" else generation.tokens
-                )
-                run.replies.append(Reply(record, j, len(ids), generation, text))
+            run.replies = collect_replies(gathered, prompts)
         return run
     finally:
         destroy_parallel()
+
+
+def generate_share(
+    model: torch.nn.Module,
+    job: GenerationJob,
+    info: CheckpointInfo,
+    prompts: EncodedPrompts,
+    context: ParallelContext,
+    say: Callable[[str], object],
+) -> dict[tuple[int, int], Generation]:
+    """This replica's batches (module doc): (prompt index, sample) -> its generation."""
+    kept = prompts.kept
+    sequences = sorted(
+        ((i, j) for i in range(len(kept)) for j in range(job.samples)),
+        key=lambda pair: len(kept[pair[0]][1]),
+    )
+    batches = [sequences[b : b + job.batch_size] for b in range(0, len(sequences), job.batch_size)]
+    say(
+        f"{len(sequences)} sequences ({len(kept)} prompts x {job.samples}) in "
+        f"{len(batches)} batches at {context.layout.describe()}"
+    )
+    settings = SamplingSettings(job.temperature, job.top_p, job.max_new_tokens)
+    start = time.perf_counter()
+    mine: dict[tuple[int, int], Generation] = {}
+    for b in range(context.dp_rank, len(batches), context.layout.data_parallel_size):
+        generations = generate(
+            model,
+            [kept[i][1] for i, _ in batches[b]],
+            settings,
+            vocab_size=info.description.vocab_size,
+            eos_id=prompts.tokenizer.eos_id,
+            context_length=prompts.context_length,
+            seed=sample_seed(job.seed, 0, b),
+        )
+        mine.update(zip(batches[b], generations))
+        say(f"batch {b + 1}/{len(batches)} done ({time.perf_counter() - start:.1f} s)")
+    return mine
+
+
+def collect_replies(
+    gathered: list[dict[tuple[int, int], Generation]], prompts: EncodedPrompts
+) -> list[Reply]:
+    """Every replica's generations as replies in file order, samples in order."""
+    every: dict[tuple[int, int], Generation] = {}
+    for part in gathered:
+        every.update(part)
+    replies = []
+    for (i, j), generation in sorted(every.items()):
+        record, ids = prompts.kept[i]
+        tokens = generation.tokens[:-1] if generation.finish == "eos" else generation.tokens
+        replies.append(Reply(record, j, len(ids), generation, prompts.tokenizer.decode(tokens)))
+    return replies
 
 
 def describe_run(run: GenerationRun) -> dict[str, object]:

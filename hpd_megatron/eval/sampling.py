@@ -12,11 +12,11 @@ returns the same values on every TP rank; only ids below ``vocab_size`` are cand
   (the token that crosses it included, as Hugging Face and vLLM do) by masking everything
   below a per-row threshold logit before sampling. Masked entries get the most negative
   finite float, not -inf: the sampler shifts each shard by its own maximum, and a shard
-  that is all -inf would become NaN; a finite floor gets exactly zero probability. The threshold needs the global
-  order of only the top of the distribution, so each rank sends its ``k`` best logits
-  (``k`` = 64, doubled until the exactly ordered part of the gathered candidates reaches
-  ``top_p``, at most the shard width); the vocabulary itself never travels. Tokens tied with the threshold
-  logit are all kept.
+  that is all -inf would become NaN; a finite floor gets exactly zero probability. The
+  threshold needs the global order of only the top of the distribution, so each rank sends
+  its ``k`` best logits (``k`` = 64, doubled until the exactly ordered part of the gathered
+  candidates reaches ``top_p``, at most the shard width); the vocabulary itself never
+  travels. Tokens tied with the threshold logit are all kept.
 - Entropy of ``softmax(logits / temperature)`` (temperature 1 for greedy), before top-p.
 """
 
@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hpd_megatron.losses import sample_student_tokens
+from hpd_megatron.losses import SamplingOptions, sample_student_tokens
 from hpd_megatron.losses.vocab_parallel import (
     FROM_PARALLEL_STATE,
     TPGroup,
@@ -64,7 +64,13 @@ def next_tokens(
     if top_p < 1:
         scaled = top_p_filter(scaled, top_p, shard, tp)
     labels = torch.zeros(scaled.shape[0], dtype=torch.long, device=scaled.device)
-    ids = sample_student_tokens(scaled, labels, vocab_size=vocab_size, tp_group=tp.group, seed=seed)
+    ids = sample_student_tokens(
+        scaled,
+        labels,
+        vocab_size=vocab_size,
+        tp_group=tp.group,
+        sampling=SamplingOptions(seed=seed),
+    )
     return ids, entropy
 
 

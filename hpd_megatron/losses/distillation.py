@@ -31,9 +31,18 @@ there are none); ``"sum"`` returns the sum so that Megatron's schedule with
 ``calculate_per_token_loss`` can divide by the global batch's token count, which is
 the HPD objective's token mean over the whole global batch (``num_tokens`` is in the
 diagnostics).
+
+Diagnostics: detached scalars, identical on all TP ranks: ``loss`` (the token mean),
+``loss_sum``, ``num_tokens``, ``cross_entropy`` (data-token CE), for full-vocab methods
+``divergence`` (mean), for HPD the shares ``hpd/sample_differs`` (yh != y),
+``hpd/a_negative`` (A < 0), ``hpd/b_active`` (m2 and yh != y: the sample term
+contributes), ``hpd/m1_and_m2`` and the means ``hpd/a_mean``, ``hpd/b_mean``. Shares and
+means are over this call's supervised tokens.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -49,18 +58,23 @@ from hpd_megatron.losses.methods import (
     FULL_VOCAB_METHODS,
     METHODS,
     TOKEN_METHODS,
+    FullVocabMethod,
+    MethodName,
     TokenMethod,
     TokenWeights,
 )
-from hpd_megatron.losses.sampling import SAMPLERS, base_seed, draw_uniforms
+from hpd_megatron.losses.sampling import SamplingOptions, base_seed, draw_uniforms
 from hpd_megatron.losses.vocab_parallel import (
     FROM_PARALLEL_STATE,
+    TPGroup,
     TPGroupArg,
     resolve_tp_group,
     vocab_shard,
 )
 
 IGNORE_INDEX = -100
+
+Reduction = Literal["mean", "sum"]
 
 
 def _check_ids(name: str, ids: Tensor, supervised: Tensor, vocab_size: int) -> None:
@@ -79,9 +93,13 @@ def _check_logits(name: str, logits: Tensor, leading: torch.Size) -> None:
     if not torch.is_floating_point(logits):
         raise ValueError(f"{name}: expected floating-point logits, got {logits.dtype}")
     if logits.dim() < 1 or logits.shape[:-1] != leading:
-        raise ValueError(
-            f"{name}: shape {tuple(logits.shape)} does not match labels {tuple(leading)} + [vocab/TP]"
-        )
+        expected = f"labels {tuple(leading)} + [vocab/TP]"
+        raise ValueError(f"{name}: shape {tuple(logits.shape)} does not match {expected}")
+
+
+def _check_shape(name: str, tensor: Tensor, labels: Tensor) -> None:
+    if tensor.shape != labels.shape:
+        raise ValueError(f"{name}: shape {tuple(tensor.shape)} != labels {tuple(labels.shape)}")
 
 
 def _chunk_tokens(chunk_size: int | None, widest: int) -> int:
@@ -92,53 +110,55 @@ def _chunk_tokens(chunk_size: int | None, widest: int) -> int:
     return int(chunk_size)
 
 
+def _sample_source(
+    method: FullVocabMethod | TokenMethod,
+    sampling: SamplingOptions,
+    labels: Tensor,
+    vocab_size: int,
+    device: torch.device,
+    tp: TPGroup,
+) -> tuple[Tensor | None, int | None]:
+    """(uniforms, Gumbel seed) of a method that draws its sample here; checks given inputs."""
+    if not method.needs_sample:
+        return None, None
+    if sampling.sampled_tokens is not None:
+        _check_shape("sampled_tokens", sampling.sampled_tokens, labels)
+        supervised = labels != IGNORE_INDEX
+        _check_ids("sampled_tokens", sampling.sampled_tokens, supervised, vocab_size)
+        return None, None
+    if sampling.sampler == "gumbel":
+        return None, base_seed(sampling.generator, sampling.seed)
+    if sampling.uniforms is not None:
+        _check_shape("uniforms", sampling.uniforms, labels)
+        return sampling.uniforms.reshape(-1).to(device, torch.float64), None
+    return draw_uniforms(labels.numel(), device, tp, sampling.generator, sampling.seed), None
+
+
 def _plan(
     student_logits: Tensor,
     teacher_logits: Tensor | None,
     labels: Tensor,
-    method,
-    vocab_size: int,
+    method: FullVocabMethod | TokenMethod,
     param: float,
+    *,
+    vocab_size: int,
     tp_group: TPGroupArg,
-    sampled_tokens: Tensor | None,
-    generator: torch.Generator | None,
-    seed: int | None,
-    sampler: str,
     chunk_size: int | None,
-    given_uniforms: Tensor | None = None,
+    sampling: SamplingOptions,
 ) -> LossPlan:
+    """Check the inputs; resolve the TP group, the shards, the chunk size and the sample source."""
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     _check_logits("student_logits", student_logits, labels.shape)
-    supervised = labels != IGNORE_INDEX
-    _check_ids("labels", labels, supervised, vocab_size)
+    _check_ids("labels", labels, labels != IGNORE_INDEX, vocab_size)
     tp = resolve_tp_group(tp_group)
     student = vocab_shard("student_logits", student_logits.shape[-1], vocab_size, tp)
     teacher = None
     if teacher_logits is not None:
         _check_logits("teacher_logits", teacher_logits, labels.shape)
         teacher = vocab_shard("teacher_logits", teacher_logits.shape[-1], vocab_size, tp)
-    needs_sample = isinstance(method, TokenMethod) and method.needs_sample
-    uniforms, gumbel_seed = None, None
-    if needs_sample:
-        if sampled_tokens is not None:
-            if sampled_tokens.shape != labels.shape:
-                raise ValueError(
-                    f"sampled_tokens: shape {tuple(sampled_tokens.shape)} != labels {tuple(labels.shape)}"
-                )
-            _check_ids("sampled_tokens", sampled_tokens, supervised, vocab_size)
-        elif sampler == "inverse_cdf" and given_uniforms is not None:
-            if given_uniforms.shape != labels.shape:
-                raise ValueError(
-                    f"uniforms: shape {tuple(given_uniforms.shape)} != labels {tuple(labels.shape)}"
-                )
-            uniforms = given_uniforms.reshape(-1).to(student_logits.device, torch.float64)
-        elif sampler == "inverse_cdf":
-            uniforms = draw_uniforms(labels.numel(), student_logits.device, tp, generator, seed)
-        else:
-            gumbel_seed = base_seed(generator, seed)
+    device = student_logits.device
+    uniforms, gumbel_seed = _sample_source(method, sampling, labels, vocab_size, device, tp)
     widest = max(student.width, teacher.width if teacher is not None else 0)
     return LossPlan(
         method=method,
@@ -149,115 +169,98 @@ def _plan(
         teacher=teacher,
         chunk_size=_chunk_tokens(chunk_size, widest),
         ignore_index=IGNORE_INDEX,
-        sampler=sampler,
+        sampler=sampling.sampler,
         uniforms=uniforms,
         gumbel_seed=gumbel_seed,
     )
+
+
+def _method(
+    method: str, reduction: str, teacher_logits: Tensor | None, alpha: float, beta: float
+) -> tuple[FullVocabMethod | TokenMethod, float, Tensor | None]:
+    """The method's spec, its coefficient and the (detached) teacher logits it reads."""
+    spec = FULL_VOCAB_METHODS.get(method) or TOKEN_METHODS.get(method)
+    if spec is None:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if spec.needs_teacher and teacher_logits is None:
+        raise ValueError(f"teacher_logits: method {method!r} needs the teacher's logits, got None")
+    param = {"alpha": alpha, "beta": beta}.get(getattr(spec, "param", None) or "", 0.0)
+    if not 0.0 <= param <= 1.0:
+        raise ValueError(f"{spec.param} must be in [0, 1], got {param}")
+    return spec, param, (teacher_logits.detach() if spec.needs_teacher else None)
 
 
 def _mean(x: Tensor, count: int) -> Tensor:
     return x.double().sum().div(max(count, 1)).float()
 
 
-def distillation_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor | None,
-    labels: Tensor,
-    method: str = "hpd",
-    *,
-    vocab_size: int,
-    alpha: float = 0.1,
-    beta: float = 0.5,
-    reduction: str = "mean",
-    tp_group: TPGroupArg = FROM_PARALLEL_STATE,
-    sampled_tokens: Tensor | None = None,
-    generator: torch.Generator | None = None,
-    seed: int | None = None,
-    sampler: str = "inverse_cdf",
-    chunk_size: int | None = None,
-    uniforms: Tensor | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Distillation loss over supervised tokens, exact under tensor parallelism.
-
-    Args:
-        student_logits: this rank's vocab-parallel shard ``[..., V_s/TP]`` (requires grad).
-        teacher_logits: the teacher's shard ``[..., V_t/TP]`` (padded widths may differ
-            from the student's); never receives a gradient. None only for ``"sft"``.
-        labels: ``[...]`` already-shifted target ids, -100 where there is no loss.
-        method: one of ``sft, hpd, fkl, rkl, skl, srkl, tvd, jsd``.
-        vocab_size: the real (tokenizer) vocabulary size; columns at or beyond it are
-            padding and excluded from every softmax.
-        alpha: skew of ``skl``/``srkl``; beta: mixture weight of ``jsd``.
-        reduction: ``"mean"`` (token mean) or ``"sum"``.
-        tp_group: the TP process group; default Megatron's (none if uninitialised);
-            None means no tensor parallelism.
-        sampled_tokens: HPD's yh per position (same shape as labels), instead of sampling.
-        generator, seed: where HPD's sample comes from; must be the same on all TP ranks
-            (neither: torch's default generator, still made identical across TP ranks
-            for the inverse-CDF sampler by a broadcast from TP rank 0).
-        sampler: ``"inverse_cdf"`` (default) or ``"gumbel"``; see ``sampling.py``.
-        chunk_size: tokens per chunk (default: 4 Mi elements of the widest shard).
-
-    Returns:
-        ``(loss, diagnostics)``: the loss (fp32, fp64 for fp64 logits) and a dict of
-        detached scalars, identical on all TP ranks: ``loss`` (same value), ``loss_sum``,
-        ``num_tokens``, ``cross_entropy`` (data-token CE), for full-vocab methods
-        ``divergence`` (mean), for HPD the shares ``hpd/sample_differs`` (yh != y),
-        ``hpd/a_negative`` (A < 0), ``hpd/b_active`` (m2 and yh != y: the sample term
-        contributes), ``hpd/m1_and_m2`` and the means ``hpd/a_mean``, ``hpd/b_mean``.
-        Shares and means are over this call's supervised tokens.
-    """
-    if method in FULL_VOCAB_METHODS:
-        spec = FULL_VOCAB_METHODS[method]
-    elif method in TOKEN_METHODS:
-        spec = TOKEN_METHODS[method]
-    else:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    needs_teacher = not isinstance(spec, TokenMethod) or spec.needs_teacher
-    if needs_teacher and teacher_logits is None:
-        raise ValueError(f"teacher_logits: method {method!r} needs the teacher's logits, got None")
-    if not needs_teacher:
-        teacher_logits = None
-    param = {"alpha": alpha, "beta": beta}.get(getattr(spec, "param", None) or "", 0.0)
-    if not 0.0 <= param <= 1.0:
-        raise ValueError(f"{spec.param} must be in [0, 1], got {param}")
-
-    plan = _plan(
-        student_logits,
-        teacher_logits,
-        labels,
-        spec,
-        vocab_size,
-        param,
-        tp_group,
-        sampled_tokens,
-        generator,
-        seed,
-        sampler,
-        chunk_size,
-        uniforms,
-    )
-    record = ForwardRecord()
-    teacher = teacher_logits.detach() if teacher_logits is not None else None
-    loss_sum = VocabParallelDistillation.apply(
-        student_logits, teacher, labels, sampled_tokens, plan, record
-    )
+def _diagnostics(loss_sum: Tensor, record: ForwardRecord, dense: bool) -> dict[str, Tensor]:
     count = int(record.rows.numel())
-    loss = loss_sum if reduction == "sum" else loss_sum / max(count, 1)
-
     diagnostics = {
         "loss": _mean(record.values, count),
         "loss_sum": loss_sum.detach().float(),
         "num_tokens": torch.tensor(count, device=loss_sum.device),
         "cross_entropy": _mean(record.cross_entropy, count),
     }
-    if method in FULL_VOCAB_METHODS:
+    if dense:
         diagnostics["divergence"] = diagnostics["loss"]
     for name, per_token in record.stats.items():
         diagnostics[name] = _mean(per_token, count)
-    return loss, diagnostics
+    return diagnostics
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    labels: Tensor,
+    method: MethodName = "hpd",
+    *,
+    vocab_size: int,
+    alpha: float = 0.1,
+    beta: float = 0.5,
+    reduction: Reduction = "mean",
+    tp_group: TPGroupArg = FROM_PARALLEL_STATE,
+    chunk_size: int | None = None,
+    sampling: SamplingOptions = SamplingOptions(),
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Distillation loss over supervised tokens, exact under tensor parallelism.
+
+    Args:
+        student_logits: this rank's vocab-parallel shard ``[..., V_s/TP]`` (requires grad).
+        teacher_logits: the teacher's shard ``[..., V_t/TP]`` (its padded width may differ
+            from the student's); never receives a gradient. None only for ``"sft"``.
+        labels: ``[...]`` already-shifted target ids, -100 where there is no loss.
+        method, reduction: see the module docstring.
+        vocab_size: the real (tokenizer) vocabulary; columns at or beyond it are padding.
+        alpha: skew of ``skl``/``srkl``; beta: mixture weight of ``jsd``.
+        tp_group: the TP group; default Megatron's (none if uninitialised); None: no TP.
+        chunk_size: tokens per chunk (default: 4 Mi elements of the widest shard).
+        sampling: where HPD's sample comes from.
+
+    Returns:
+        ``(loss, diagnostics)``: the loss (fp32, fp64 for fp64 logits) and the detached
+        scalars listed in the module docstring.
+    """
+    spec, param, teacher = _method(method, reduction, teacher_logits, alpha, beta)
+    plan = _plan(
+        student_logits,
+        teacher,
+        labels,
+        spec,
+        param,
+        vocab_size=vocab_size,
+        tp_group=tp_group,
+        chunk_size=chunk_size,
+        sampling=sampling,
+    )
+    record = ForwardRecord()
+    loss_sum = VocabParallelDistillation.apply(
+        student_logits, teacher, labels, sampling.sampled_tokens, plan, record
+    )
+    loss = loss_sum if reduction == "sum" else loss_sum / max(int(record.rows.numel()), 1)
+    return loss, _diagnostics(loss_sum, record, plan.dense)
 
 
 def _no_weights(point) -> TokenWeights:
@@ -275,30 +278,27 @@ def sample_student_tokens(
     *,
     vocab_size: int,
     tp_group: TPGroupArg = FROM_PARALLEL_STATE,
-    generator: torch.Generator | None = None,
-    seed: int | None = None,
-    sampler: str = "inverse_cdf",
     chunk_size: int | None = None,
+    sampling: SamplingOptions = SamplingOptions(),
 ) -> Tensor:
     """One token per supervised position from the student's fp32 softmax (real vocab only).
 
-    Exactly the sampler ``distillation_loss(method="hpd")`` uses: with the same seed (and
-    chunk size) it returns the tokens HPD draws. Returns a tensor shaped like ``labels``
-    with -100 at unsupervised positions; identical on all TP ranks.
+    Exactly the sampler ``distillation_loss(method="hpd")`` uses: with the same
+    ``sampling`` (and chunk size) it returns the tokens HPD draws. Returns a tensor shaped
+    like ``labels`` with -100 at unsupervised positions; identical on all TP ranks.
     """
+    if sampling.sampled_tokens is not None:
+        raise ValueError("sampling.sampled_tokens: sample_student_tokens draws the tokens itself")
     plan = _plan(
         student_logits,
         None,
         labels,
         _SAMPLE_ONLY,
-        vocab_size,
         0.0,
-        tp_group,
-        None,
-        generator,
-        seed,
-        sampler,
-        chunk_size,
+        vocab_size=vocab_size,
+        tp_group=tp_group,
+        chunk_size=chunk_size,
+        sampling=sampling,
     )
     _, _, record = forward_pass(student_logits, None, labels, None, plan)
     out = torch.full(labels.shape, IGNORE_INDEX, dtype=torch.long, device=labels.device)

@@ -7,13 +7,26 @@ chunks; per chunk it holds a few [chunk, vocab/TP] buffers in the compute dtype
 (allocated once per call and reused, which on the CPU also avoids page faults), so the
 peak beyond the inputs is the gradient plus a small constant number of chunks.
 
-Communication per chunk (nothing when TP = 1): an all-reduce MAX of the row maxima, an
-all-reduce SUM of the rescaled exponential sums and of the logits at known ids
-(non-owners contribute 0), and, depending on the method, a SUM of the vocabulary sums
-(full-vocab) or two rounds for the sampled token's id and logits (HPD). Every reduced
-quantity is detached: each rank ends up with the full per-token value and computes the
-gradient of its own shard locally, so no autograd all-reduce over the loss exists that
-could multiply gradients by the TP size.
+Each chunk goes through one function per step, in the order ``forward_pass`` lists them
+(communication only when TP > 1):
+
+* ``_student_local``, ``_teacher_local``: each model's row maxima, exponential sums and
+  logits at the known ids on this rank's shard (no communication, except that full-vocab
+  methods move the teacher's columns onto the student's layout when the padded widths
+  differ);
+* ``_reduce_max``, round 1: an all-reduce MAX of the row maxima (and of the best Gumbel
+  score);
+* ``_reduce_sums``, round 2: an all-reduce SUM of the rescaled exponential sums and of the
+  logits at known ids (non-owners contribute 0), giving the log-sum-exps;
+* full-vocab methods, ``_dense_terms``, round 3: a SUM of the vocabulary sums of the
+  weights and of the divergence terms;
+* HPD drawing its own sample, ``_draw_sample`` and ``_sample_logits``, rounds 3 and 4:
+  the sample's id, then both models' logits at it;
+* token methods, ``_token_weights``: the weights of y (and yh) (no communication).
+
+Every reduced quantity is detached: each rank ends up with the full per-token value and
+computes the gradient of its own shard locally, so no autograd all-reduce over the loss
+exists that could multiply gradients by the TP size.
 """
 
 from __future__ import annotations
@@ -25,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hpd_megatron.losses.methods import FullVocabMethod, PointLogProbs, TokenMethod
+from hpd_megatron.losses.methods import FullVocabMethod, PointLogProbs, TokenMethod, TokenWeights
 from hpd_megatron.losses.sampling import (
     chunk_generator,
     gumbel_scores,
@@ -61,6 +74,10 @@ class LossPlan:
         return isinstance(self.method, FullVocabMethod)
 
     @property
+    def needs_sample(self) -> bool:
+        return self.method.needs_sample
+
+    @property
     def realign(self) -> bool:
         """Full-vocab methods need teacher and student columns of the same ids on a rank."""
         return (
@@ -87,8 +104,35 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunks(rows_all: Tensor, chunk_size: int) -> list[tuple[int, int, tuple[int, int] | None]]:
-    """(start, end) into the supervised rows per chunk, and the row span when consecutive.
+def _real_columns(logits: Tensor, shard: VocabShard) -> Tensor:
+    """[tokens, real columns] view of a [..., width] shard: padding never enters a softmax."""
+    return logits.reshape(-1, logits.shape[-1])[:, : shard.real_width]
+
+
+# ---------------------------------------------------------------- chunks and buffers
+
+
+@dataclass(slots=True)
+class _Chunk:
+    """Consecutive supervised tokens processed together, and their ids."""
+
+    index: int
+    part: slice
+    """[start, end): the chunk's entries of the per-supervised-token tensors."""
+    n: int
+    span: tuple[int, int] | None
+    """The chunk's rows of the logits as (first, last + 1), when they are consecutive."""
+    rows: Tensor
+    y: Tensor | None
+    """The data token of each row (None in the full-vocab backward, which needs no ids)."""
+    given: Tensor | None
+    """The caller's sample yh of each row, when the method uses one and it was given."""
+
+
+def _chunks(
+    rows_all: Tensor, chunk_size: int, labels: Tensor | None, given: Tensor | None = None
+) -> list[_Chunk]:
+    """The chunks of the supervised rows, each with its row span when consecutive.
 
     Consecutive rows (the usual case: a response is one run of supervised positions) are
     read as a view of the logits, fused into the first arithmetic op, instead of being
@@ -96,11 +140,15 @@ def _chunks(rows_all: Tensor, chunk_size: int) -> list[tuple[int, int, tuple[int
     """
     host = rows_all.cpu()
     out = []
-    for start in range(0, host.numel(), chunk_size):
+    for index, start in enumerate(range(0, host.numel(), chunk_size)):
         piece = host[start : start + chunk_size]
         first, last = int(piece[0]), int(piece[-1])
         span = (first, last + 1) if last - first + 1 == piece.numel() else None
-        out.append((start, start + piece.numel(), span))
+        n = piece.numel()
+        rows = rows_all[start : start + n]
+        y = None if labels is None else labels[rows]
+        ids = None if given is None else given[rows]
+        out.append(_Chunk(index, slice(start, start + n), n, span, rows, y, ids))
     return out
 
 
@@ -120,20 +168,160 @@ class _Buffers:
         return buffer[:n]
 
 
-def _chunk_rows(
-    source: Tensor, rows: Tensor, span: tuple[int, int] | None, buffers: _Buffers, name: str
-) -> Tensor:
+def _chunk_rows(source: Tensor, chunk: _Chunk, buffers: _Buffers, name: str) -> Tensor:
     """The chunk's rows of ``source``: a view when consecutive, else gathered (native dtype)."""
-    if span is not None:
-        return source[span[0] : span[1]]
-    out = buffers.get(name, rows.numel(), source.shape[1], source.dtype)
-    return torch.index_select(source, 0, rows, out=out)
+    if chunk.span is not None:
+        return source[chunk.span[0] : chunk.span[1]]
+    out = buffers.get(name, chunk.n, source.shape[1], source.dtype)
+    return torch.index_select(source, 0, chunk.rows, out=out)
+
+
+def _teacher_rows(plan: LossPlan, t_real: Tensor, chunk: _Chunk, buffers: _Buffers) -> Tensor:
+    """The chunk's teacher logits, moved onto the student's layout when full-vocab needs it."""
+    source = _chunk_rows(t_real, chunk, buffers, "teacher_in")
+    if plan.realign:
+        return realign_columns(
+            source, plan.teacher.width, plan.student.width, plan.vocab_size, plan.tp
+        )
+    return source
+
+
+def _log_softmaxes(
+    buffers: _Buffers, student_rows: Tensor, teacher_rows: Tensor, lse_q: Tensor, lse_p: Tensor
+) -> tuple[Tensor, Tensor]:
+    """log q and log p of a chunk on the student's layout, in the reused logq/logp buffers."""
+    n, width = student_rows.shape
+    logq = torch.sub(student_rows, lse_q.unsqueeze(1), out=buffers.get("logq", n, width))
+    logp = torch.sub(teacher_rows, lse_p.unsqueeze(1), out=buffers.get("logp", n, width))
+    return logq, logp
+
+
+# ---------------------------------------------------------------- per-call state
+
+
+@dataclass
+class _Call:
+    """One forward's logits as [tokens, real columns], its ids, and what it computes."""
+
+    plan: LossPlan
+    student: Tensor
+    teacher: Tensor | None
+    labels: Tensor
+    """[tokens]: the flattened labels."""
+    rows: Tensor
+    """The rows of the supervised tokens."""
+    dtype: torch.dtype
+    """The compute dtype: fp32, fp64 for fp64 logits."""
+    buffers: _Buffers
+    given: Tensor | None = None
+    """[tokens] the caller's samples, when the method uses a sample."""
+    draw: str | None = None
+    """The sampler that draws the sample in this call (None: given, or no sample used)."""
+
+
+def _prepare(
+    student: Tensor, teacher: Tensor | None, labels: Tensor, sampled: Tensor | None, plan: LossPlan
+) -> _Call:
+    """The call's flattened inputs, and whether its sample is given or drawn (and how)."""
+    dtype = _compute_dtype(student.dtype)
+    labels = labels.reshape(-1)
+    rows = (labels != plan.ignore_index).nonzero().squeeze(1)
+    t_real = None
+    if teacher is not None and plan.teacher is not None:
+        t_real = _real_columns(teacher, plan.teacher)
+    buffers = _Buffers(min(plan.chunk_size, max(rows.numel(), 1)), student.device, dtype)
+    call = _Call(plan, _real_columns(student, plan.student), t_real, labels, rows, dtype, buffers)
+    if plan.needs_sample and sampled is not None:
+        call.given = sampled.reshape(-1)
+    elif plan.needs_sample:
+        call.draw = plan.sampler
+    return call
+
+
+@dataclass
+class _PerToken:
+    """The forward's per-supervised-token results, filled chunk by chunk (compute dtype)."""
+
+    lse_q: Tensor
+    lse_p: Tensor
+    sum_w: Tensor
+    """sum_v w(v): the gradient with respect to logit j is sum_w q_j - w_j."""
+    values: Tensor
+    cross_entropy: Tensor
+    coef_y: Tensor
+    coef_s: Tensor
+    samples: Tensor
+    """long: the sample yh, for the methods that use one."""
+    stats: dict[str, list[Tensor]] = field(default_factory=dict)
+
+    @classmethod
+    def zeros(cls, n: int, dtype: torch.dtype, device: torch.device) -> _PerToken:
+        values = [torch.zeros(n, dtype=dtype, device=device) for _ in range(7)]
+        return cls(*values, samples=torch.zeros(n, dtype=torch.long, device=device))
+
+    def put_weights(self, part: slice, weights: TokenWeights, dtype: torch.dtype) -> None:
+        self.coef_y[part] = weights.coef_y
+        if weights.coef_s is not None:
+            self.coef_s[part] = weights.coef_s
+        self.values[part] = weights.value
+        self.sum_w[part] = self.coef_y[part] + self.coef_s[part]
+        for name, value in weights.stats.items():
+            self.stats.setdefault(name, []).append(value.to(dtype))
+
+    def finish(self, call: _Call) -> tuple[Tensor, dict[str, Tensor], ForwardRecord]:
+        """The loss sum, the tensors the backward needs, and the record for diagnostics."""
+        record = ForwardRecord(
+            rows=call.rows,
+            values=self.values,
+            cross_entropy=self.cross_entropy,
+            stats={name: torch.cat(parts) for name, parts in self.stats.items()},
+            sampled=self.samples if call.plan.needs_sample else None,
+        )
+        saved = dict(
+            rows=call.rows,
+            lse_q=self.lse_q,
+            lse_p=self.lse_p,
+            sum_w=self.sum_w,
+            coef_y=self.coef_y,
+            coef_s=self.coef_s,
+            labels=call.labels,
+            samples=self.samples,
+        )
+        return self.values.double().sum().to(call.dtype), saved, record
+
+
+# ---------------------------------------------------------------- local statistics
+
+
+@dataclass(slots=True)
+class _Local:
+    """One model's statistics of a chunk on this rank's shard, before any communication."""
+
+    logits: Tensor
+    """[n, columns]: the chunk's logits (a view of the input when its rows are consecutive)."""
+    row_max: Tensor
+    exp_sum: Tensor
+    """sum exp(z - row_max) over this shard."""
+    at_y: Tensor | None = None
+    """float64 logit at the data token where this rank owns it, else 0 (token methods)."""
+    at_sample: Tensor | None = None
+    """The same at the given sample."""
+    running: Tensor | None = None
+    """Student, inverse-CDF draw: running sums of exp(z - row_max), searched in round 3."""
+    gumbel: tuple[Tensor, Tensor] | None = None
+    """Student, Gumbel draw: the best local score and its local column."""
 
 
 def _row_max(x: Tensor) -> Tensor:
     if x.shape[-1] == 0:
         return torch.full((x.shape[0],), -torch.inf, dtype=x.dtype, device=x.device)
     return x.amax(dim=-1)
+
+
+def _exp_below_max(logits: Tensor, work: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The row maxima (compute dtype) and exp(z - row max), written into ``work``."""
+    row_max = _row_max(logits).to(dtype)
+    return row_max, torch.sub(logits, row_max.unsqueeze(1), out=work).exp_()
 
 
 def _owned_value(source: Tensor, rows: Tensor, ids: Tensor, shard: VocabShard) -> Tensor:
@@ -144,21 +332,199 @@ def _owned_value(source: Tensor, rows: Tensor, ids: Tensor, shard: VocabShard) -
     return torch.where(shard.owns(ids), values, 0.0)
 
 
+def _student_local(call: _Call, chunk: _Chunk) -> _Local:
+    """The student chunk's statistics; its logits are only read, never written."""
+    shard, rows = call.plan.student, chunk.rows
+    logits = _chunk_rows(call.student, chunk, call.buffers, "student_in")
+    work = call.buffers.get("work", chunk.n, shard.real_width)
+    gumbel = None
+    if call.draw == "gumbel":
+        # Before the exponentials: the scores use ``work`` as scratch.
+        seed, rank = call.plan.gumbel_seed, call.plan.tp.rank
+        gumbel = gumbel_scores(logits, work, chunk_generator(seed, chunk.index, rank, work.device))
+    row_max, exps = _exp_below_max(logits, work, call.dtype)
+    # The inverse-CDF draw needs the running sums, whose last column is the row's total.
+    running = exps if call.draw == "inverse_cdf" else None
+    exp_sum = running_mass_(exps) if running is not None else exps.sum(dim=-1)
+    at_y = _owned_value(call.student, rows, chunk.y, shard)
+    at_sample = None
+    if chunk.given is not None:
+        at_sample = _owned_value(call.student, rows, chunk.given, shard)
+    return _Local(logits, row_max, exp_sum, at_y, at_sample, running, gumbel)
+
+
+def _teacher_local(call: _Call, chunk: _Chunk) -> _Local:
+    """The teacher chunk's statistics (on the student's layout for the full-vocab methods)."""
+    plan, rows = call.plan, chunk.rows
+    logits = _teacher_rows(plan, call.teacher, chunk, call.buffers)
+    # The student's running sums must survive until the sample is drawn; the full-vocab
+    # methods draw none, so they reuse the student's scratch buffer.
+    work = call.buffers.get("work" if plan.dense else "teacher_work", chunk.n, logits.shape[1])
+    row_max, exps = _exp_below_max(logits, work, call.dtype)
+    local = _Local(logits, row_max, exps.sum(dim=-1))
+    if not plan.dense:
+        local.at_y = _owned_value(call.teacher, rows, chunk.y, plan.teacher)
+        if chunk.given is not None:
+            local.at_sample = _owned_value(call.teacher, rows, chunk.given, plan.teacher)
+    return local
+
+
+# ---------------------------------------------------------------- rounds 1 and 2
+
+
+def _reduce_max(call: _Call, student: _Local, teacher: _Local | None) -> Tensor:
+    """Round 1: all-reduce MAX of the row maxima [student, teacher?, best Gumbel score?]."""
+    local = [student.row_max]
+    if teacher is not None:
+        local.append(teacher.row_max)
+    if student.gumbel is not None:
+        local.append(student.gumbel[0])
+    return all_reduce_(torch.stack(local), dist.ReduceOp.MAX, call.plan.tp)
+
+
+@dataclass(slots=True)
+class _Totals:
+    """A chunk's per-token values after rounds 1 and 2, the same on every rank (float64)."""
+
+    maxima: Tensor
+    """Round 1's global maxima [student, teacher?, best Gumbel score?] (compute dtype)."""
+    max_s: Tensor
+    """The student's row (``maxima[0]``)."""
+    masses: Tensor
+    """[TP, n] each rank's student mass sum exp(z - global max) (inverse CDF), else [1, n]."""
+    lse_s: Tensor
+    logq_y: Tensor
+    lse_t: Tensor | None = None
+    t_y: Tensor | None = None
+    z_sample: Tensor | None = None
+    t_sample: Tensor | None = None
+
+
 def _rescaled(total: Tensor, local_max: Tensor, global_max: Tensor) -> Tensor:
     """sum exp(z - local max) expressed relative to the global max (float64)."""
     return total.double() * torch.exp(local_max.double() - global_max.double())
 
 
-def _teacher_rows(
-    plan: LossPlan, t_real: Tensor, rows: Tensor, span: tuple[int, int] | None, buffers: _Buffers
-) -> Tensor:
-    """The chunk's teacher logits, moved onto the student's layout when full-vocab needs it."""
-    source = _chunk_rows(t_real, rows, span, buffers, "teacher_in")
-    if plan.realign:
-        return realign_columns(
-            source, plan.teacher.width, plan.student.width, plan.vocab_size, plan.tp
-        )
-    return source
+def _reduce_sums(call: _Call, student: _Local, teacher: _Local | None, maxima: Tensor) -> _Totals:
+    """Round 2: all-reduce SUM of the rescaled exponential sums and of the logits at known ids.
+
+    For the inverse-CDF draw the student's mass stays per rank (each rank fills its own
+    row of a [TP, n] block): round 3 picks the rank that owns the sample from it.
+    """
+    tp, per_rank = call.plan.tp, call.draw == "inverse_cdf"
+    mass_rows = tp.size if per_rank else 1
+    masses = torch.zeros(mass_rows, maxima.shape[1], dtype=torch.float64, device=maxima.device)
+    max_s = maxima[0]
+    masses[tp.rank if per_rank else 0] = _rescaled(student.exp_sum, student.row_max, max_s)
+    named = {"z_y": student.at_y}
+    if teacher is not None:
+        max_t = maxima[1]
+        named["t_mass"] = _rescaled(teacher.exp_sum, teacher.row_max, max_t)
+        if teacher.at_y is not None:
+            named["t_y"] = teacher.at_y
+    if student.at_sample is not None:
+        named["z_sample"] = student.at_sample
+        if teacher is not None:
+            named["t_sample"] = teacher.at_sample
+    summed = torch.cat([masses, torch.stack(list(named.values()))])
+    reduced = all_reduce_(summed, dist.ReduceOp.SUM, tp)
+    masses = reduced[:mass_rows]
+    got = {name: reduced[mass_rows + i] for i, name in enumerate(named)}
+    lse_s = max_s.double() + masses.sum(dim=0).log()
+    totals = _Totals(maxima, max_s, masses, lse_s, got["z_y"] - lse_s, t_y=got.get("t_y"))
+    if teacher is not None:
+        totals.lse_t = max_t.double() + got["t_mass"].log()
+    totals.z_sample, totals.t_sample = got.get("z_sample"), got.get("t_sample")
+    return totals
+
+
+def _put_normalisers(out: _PerToken, part: slice, totals: _Totals, dtype: torch.dtype) -> None:
+    """Keep the log-sum-exps (for the backward) and the data token's cross-entropy."""
+    out.lse_q[part] = totals.lse_s.to(dtype)
+    out.cross_entropy[part] = (-totals.logq_y).to(dtype)
+    if totals.lse_t is not None:
+        out.lse_p[part] = totals.lse_t.to(dtype)
+
+
+# ---------------------------------------------------------------- round 3: full vocabulary
+
+
+def _dense_terms(
+    call: _Call, chunk: _Chunk, student: _Local, teacher: _Local, out: _PerToken
+) -> None:
+    """Round 3 of the full-vocab methods: all-reduce SUM of the per-token sums of w(v)
+    and of the divergence terms over each shard."""
+    lse_q, lse_p = out.lse_q[chunk.part], out.lse_p[chunk.part]
+    logq, logp = _log_softmaxes(call.buffers, student.logits, teacher.logits, lse_q, lse_p)
+    w, terms = call.plan.method.terms(logq, logp, call.plan.param, True)
+    sums = torch.stack([w.sum(dim=-1), terms.sum(dim=-1)]).double()
+    del w, terms  # two [chunk, vocab/TP] temporaries: gone before the collective
+    sums = all_reduce_(sums, dist.ReduceOp.SUM, call.plan.tp)
+    out.sum_w[chunk.part] = sums[0].to(call.dtype)
+    out.values[chunk.part] = sums[1].to(call.dtype)
+
+
+# ---------------------------------------------------------------- rounds 3 and 4: the sample
+
+
+def _draw_sample(call: _Call, chunk: _Chunk, student: _Local, totals: _Totals) -> Tensor:
+    """Round 3 of HPD drawing its own sample: the sample's global id, on every rank."""
+    plan, tp, shard = call.plan, call.plan.tp, call.plan.student
+    if call.draw == "inverse_cdf":
+        local_scale = torch.exp(student.row_max.double() - totals.max_s.double())
+        u = plan.uniforms[chunk.rows]
+        owned, ids, _ = inverse_cdf_pick(totals.masses, u, student.running, local_scale, shard, tp)
+        # Only the owning rank contributes its id, so the SUM hands it to every rank.
+        pick = torch.stack([torch.where(owned, ids.double(), 0.0)])
+        return all_reduce_(pick, dist.ReduceOp.SUM, tp)[0].round().long()
+    best, column = student.gumbel
+    winner = best == totals.maxima[-1]
+    # Ranks that tie on the best score exactly: the smallest id wins (2**53: not a winner).
+    candidate = torch.where(winner, (shard.start + column).double(), float(2**53))
+    return all_reduce_(candidate.unsqueeze(0), dist.ReduceOp.MIN, tp)[0].round().long()
+
+
+def _sample_logits(call: _Call, chunk: _Chunk, ids: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Round 4: all-reduce SUM of both models' logits at the drawn ids (non-owners add 0)."""
+    point = [_owned_value(call.student, chunk.rows, ids, call.plan.student)]
+    if call.teacher is not None:
+        point.append(_owned_value(call.teacher, chunk.rows, ids, call.plan.teacher))
+    point = all_reduce_(torch.stack(point), dist.ReduceOp.SUM, call.plan.tp)
+    return point[0], (point[1] if call.teacher is not None else None)
+
+
+def _sample(
+    call: _Call, chunk: _Chunk, student: _Local, totals: _Totals
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """yh and both models' float64 logits at it: given (reduced in round 2) or drawn."""
+    if chunk.given is not None:
+        return chunk.given, totals.z_sample, totals.t_sample
+    ids = _draw_sample(call, chunk, student, totals)
+    return (ids, *_sample_logits(call, chunk, ids))
+
+
+# ---------------------------------------------------------------- token weights
+
+
+def _token_weights(
+    call: _Call,
+    chunk: _Chunk,
+    totals: _Totals,
+    sample: tuple[Tensor, Tensor, Tensor | None] | None,
+    out: _PerToken,
+) -> None:
+    """The token method's weights of y (and yh) and its value; no communication."""
+    dtype = call.dtype
+    logq_s = logp_s = same = None
+    if sample is not None:
+        ids, z_sample, t_sample = sample
+        out.samples[chunk.part] = ids
+        logq_s = (z_sample - totals.lse_s).to(dtype)
+        logp_s = (t_sample - totals.lse_t).to(dtype) if t_sample is not None else None
+        same = ids == chunk.y
+    logp_y = (totals.t_y - totals.lse_t).to(dtype) if totals.lse_t is not None else None
+    point = PointLogProbs(totals.logq_y.to(dtype), logp_y, logq_s, logp_s, same)
+    out.put_weights(chunk.part, call.plan.method.weights(point), dtype)
 
 
 def forward_pass(
@@ -169,175 +535,56 @@ def forward_pass(
     plan: LossPlan,
 ) -> tuple[Tensor, dict[str, Tensor], ForwardRecord]:
     """Loss sum over supervised tokens, the state the backward needs, and the record."""
-    tp, shard, method = plan.tp, plan.student, plan.method
-    cdt = _compute_dtype(student.dtype)
-    z2d = student.reshape(-1, student.shape[-1])
-    z_real = z2d[:, : shard.real_width]
-    t_real = None
-    if teacher is not None and plan.teacher is not None:
-        t_real = teacher.reshape(-1, teacher.shape[-1])[:, : plan.teacher.real_width]
-    labels = labels.reshape(-1)
-    rows_all = (labels != plan.ignore_index).nonzero().squeeze(1)
-    n_sup = rows_all.numel()
-    device = z2d.device
-
-    needs_sample = isinstance(method, TokenMethod) and method.needs_sample
-    draw = needs_sample and sampled_tokens is None
-    inverse_cdf = draw and plan.sampler == "inverse_cdf"
-    gumbel = draw and plan.sampler == "gumbel"
-    use_teacher = t_real is not None
-    samples_in = sampled_tokens.reshape(-1) if sampled_tokens is not None else None
-
-    def per_token(dtype: torch.dtype = cdt) -> Tensor:
-        return torch.zeros(n_sup, dtype=dtype, device=device)
-
-    lse_q, lse_p, sum_w, values, ce = (
-        per_token(),
-        per_token(),
-        per_token(),
-        per_token(),
-        per_token(),
-    )
-    coef_y, coef_s = per_token(), per_token()
-    samples = torch.zeros(n_sup, dtype=torch.long, device=device)
-    stats: dict[str, list[Tensor]] = {}
-    buffers = _Buffers(min(plan.chunk_size, max(n_sup, 1)), device, cdt)
-
-    for index, (start, end, span) in enumerate(_chunks(rows_all, plan.chunk_size)):
-        rows = rows_all[start:end]
-        n = end - start
-        y = labels[rows]
-
-        # --- local statistics of the student chunk (its logits are only read, never written)
-        zc = _chunk_rows(z_real, rows, span, buffers, "student_in")
-        z_y = _owned_value(z_real, rows, y, shard)
-        if samples_in is not None and needs_sample:
-            y_s = samples_in[rows]
-            z_s = _owned_value(z_real, rows, y_s, shard)
-        work = buffers.get("work", n, shard.real_width)
-        if gumbel:
-            generator = chunk_generator(plan.gumbel_seed, index, tp.rank, device)
-            best, column = gumbel_scores(zc, work, generator)
-        m_s = _row_max(zc).to(cdt)
-        exps = torch.sub(zc, m_s.unsqueeze(1), out=work).exp_()
-        s_s = running_mass_(exps) if inverse_cdf else exps.sum(dim=-1)
-
-        # --- local statistics of the teacher chunk
-        if use_teacher:
-            tc = _teacher_rows(plan, t_real, rows, span, buffers)
-            if not plan.dense:
-                t_y = _owned_value(t_real, rows, y, plan.teacher)
-                if samples_in is not None:
-                    t_s = _owned_value(t_real, rows, y_s, plan.teacher)
-            m_t = _row_max(tc).to(cdt)
-            # The student's running sums must survive until the sample is drawn.
-            t_work = buffers.get("work" if plan.dense else "teacher_work", n, tc.shape[1])
-            s_t = torch.sub(tc, m_t.unsqueeze(1), out=t_work).exp_().sum(dim=-1)
-
-        # --- round 1: global maxima (and the best Gumbel score)
-        local_max = [m_s] + ([m_t] if use_teacher else []) + ([best] if gumbel else [])
-        global_max = all_reduce_(torch.stack(local_max), dist.ReduceOp.MAX, tp)
-        gm_s = global_max[0]
-
-        # --- round 2: exponential sums (per rank for the sampler) and logits at known ids
-        mass_rows = tp.size if inverse_cdf else 1
-        masses = torch.zeros(mass_rows, n, dtype=torch.float64, device=device)
-        masses[tp.rank if inverse_cdf else 0] = _rescaled(s_s, m_s, gm_s)
-        summed = [z_y]
-        if use_teacher:
-            summed.append(_rescaled(s_t, m_t, global_max[1]))
-            if not plan.dense:
-                summed.append(t_y)
-        if samples_in is not None and needs_sample:
-            summed += [z_s] + ([t_s] if use_teacher else [])
-        reduced = all_reduce_(torch.cat([masses, torch.stack(summed)]), dist.ReduceOp.SUM, tp)
-        masses, reduced = reduced[:mass_rows], reduced[mass_rows:]
-        lse_s64 = gm_s.double() + masses.sum(dim=0).log()
-        lse_q[start:end] = lse_s64.to(cdt)
-        logq_y = reduced[0] - lse_s64
-        ce[start:end] = (-logq_y).to(cdt)
-        if use_teacher:
-            lse_t64 = global_max[1].double() + reduced[1].log()
-            lse_p[start:end] = lse_t64.to(cdt)
-
+    call = _prepare(student, teacher, labels, sampled_tokens, plan)
+    out = _PerToken.zeros(call.rows.numel(), call.dtype, student.device)
+    for chunk in _chunks(call.rows, plan.chunk_size, call.labels, call.given):
+        s_local = _student_local(call, chunk)
+        t_local = _teacher_local(call, chunk) if call.teacher is not None else None
+        maxima = _reduce_max(call, s_local, t_local)  # round 1
+        totals = _reduce_sums(call, s_local, t_local, maxima)  # round 2
+        _put_normalisers(out, chunk.part, totals, call.dtype)
         if plan.dense:
-            # --- full vocabulary: weights and divergence terms, summed over all shards
-            logq = torch.sub(
-                zc, lse_q[start:end].unsqueeze(1), out=buffers.get("logq", n, shard.real_width)
-            )
-            logp = torch.sub(
-                tc, lse_p[start:end].unsqueeze(1), out=buffers.get("logp", n, shard.real_width)
-            )
-            w, terms = method.terms(logq, logp, plan.param, True)
-            sums = torch.stack([w.sum(dim=-1), terms.sum(dim=-1)]).double()
-            del w, terms
-            sums = all_reduce_(sums, dist.ReduceOp.SUM, tp)
-            sum_w[start:end] = sums[0].to(cdt)
-            values[start:end] = sums[1].to(cdt)
+            _dense_terms(call, chunk, s_local, t_local, out)  # round 3
             continue
+        # A drawn sample takes rounds 3 and 4; a given one came with round 2.
+        sample = _sample(call, chunk, s_local, totals) if plan.needs_sample else None
+        _token_weights(call, chunk, totals, sample, out)
+    return out.finish(call)
 
-        # --- the student's sample yh (rounds 3 and 4)
-        if needs_sample:
-            if samples_in is not None:
-                z_s64, t_s64 = (
-                    reduced[-2] if use_teacher else reduced[-1],
-                    reduced[-1] if use_teacher else None,
-                )
-            else:
-                if inverse_cdf:
-                    local_scale = torch.exp(m_s.double() - gm_s.double())
-                    owned, ids, _ = inverse_cdf_pick(
-                        masses, plan.uniforms[rows], exps, local_scale, shard, tp
-                    )
-                    pick = torch.stack([torch.where(owned, ids.double(), 0.0)])
-                    y_s = all_reduce_(pick, dist.ReduceOp.SUM, tp)[0].round().long()
-                else:
-                    winner = best == global_max[-1]
-                    candidate = torch.where(winner, (shard.start + column).double(), float(2**53))
-                    y_s = (
-                        all_reduce_(candidate.unsqueeze(0), dist.ReduceOp.MIN, tp)[0].round().long()
-                    )
-                point = [_owned_value(z_real, rows, y_s, shard)]
-                if use_teacher:
-                    point.append(_owned_value(t_real, rows, y_s, plan.teacher))
-                point = all_reduce_(torch.stack(point), dist.ReduceOp.SUM, tp)
-                z_s64, t_s64 = point[0], (point[1] if use_teacher else None)
-            samples[start:end] = y_s
-            logq_s = (z_s64 - lse_s64).to(cdt)
-            logp_s = (t_s64 - lse_t64).to(cdt) if use_teacher else None
-            same = y_s == y
-        else:
-            logq_s = logp_s = same = None
 
-        logp_y = (reduced[2] - lse_t64).to(cdt) if use_teacher else None
-        weights = method.weights(PointLogProbs(logq_y.to(cdt), logp_y, logq_s, logp_s, same))
-        coef_y[start:end] = weights.coef_y
-        if weights.coef_s is not None:
-            coef_s[start:end] = weights.coef_s
-        values[start:end] = weights.value
-        sum_w[start:end] = coef_y[start:end] + coef_s[start:end]
-        for name, value in weights.stats.items():
-            stats.setdefault(name, []).append(value.to(cdt))
+# ---------------------------------------------------------------- backward
 
-    loss_sum = values.double().sum().to(cdt)
-    record = ForwardRecord(
-        rows=rows_all,
-        values=values,
-        cross_entropy=ce,
-        stats={name: torch.cat(parts) for name, parts in stats.items()},
-        sampled=samples if needs_sample else None,
-    )
-    saved = dict(
-        rows=rows_all,
-        lse_q=lse_q,
-        lse_p=lse_p,
-        sum_w=sum_w,
-        coef_y=coef_y,
-        coef_s=coef_s,
-        labels=labels,
-        samples=samples,
-    )
-    return loss_sum, saved, record
+
+def _empty_gradient(z2d: Tensor, shard: VocabShard, n_sup: int) -> Tensor:
+    """The [tokens, width] gradient, already 0 wherever no chunk writes."""
+    if n_sup == z2d.shape[0]:
+        grad = torch.empty_like(z2d)
+        grad[:, shard.real_width :].zero_()  # padding columns get no gradient
+        return grad
+    return torch.zeros_like(z2d)
+
+
+def _subtract_point_weights(
+    out: Tensor, chunk: _Chunk, saved: dict[str, Tensor], shard: VocabShard, grad_scale: float
+) -> None:
+    """Token methods: subtract the weights of y and yh at their columns on this shard."""
+    if not shard.real_width:
+        return
+    for ids, coef in (
+        (chunk.y, saved["coef_y"]),
+        (saved["samples"][chunk.part], saved["coef_s"]),
+    ):
+        weight = torch.where(shard.owns(ids), -grad_scale * coef[chunk.part], 0.0)
+        out.scatter_add_(1, shard.local(ids).unsqueeze(1), weight.unsqueeze(1))
+
+
+def _store_rows(grad_real: Tensor, out: Tensor, chunk: _Chunk) -> None:
+    """Copy a chunk computed in the scratch buffer into the gradient's rows."""
+    if chunk.span is not None:
+        grad_real[chunk.span[0] : chunk.span[1]].copy_(out)
+    else:
+        rows = out if out.dtype == grad_real.dtype else out.to(grad_real.dtype)
+        grad_real.index_copy_(0, chunk.rows, rows)
 
 
 def backward_pass(
@@ -348,62 +595,35 @@ def backward_pass(
     plan: LossPlan,
 ) -> Tensor:
     """d(loss_sum)/d(student logits) * grad_scale, shard-local: grad_j = sum_w q_j - w_j."""
-    shard, method = plan.student, plan.method
-    cdt = _compute_dtype(student.dtype)
-    z2d = student.reshape(-1, student.shape[-1])
-    z_real = z2d[:, : shard.real_width]
-    rows_all = saved["rows"]
-    n_sup = rows_all.numel()
-    if n_sup == z2d.shape[0]:
-        grad = torch.empty_like(z2d)
-        grad[:, shard.real_width :].zero_()  # padding columns get no gradient
-    else:
-        grad = torch.zeros_like(z2d)
+    shard, rows_all, dtype = plan.student, saved["rows"], _compute_dtype(student.dtype)
+    z_real = _real_columns(student, shard)
+    grad = _empty_gradient(student.reshape(-1, student.shape[-1]), shard, rows_all.numel())
     grad_real = grad[:, : shard.real_width]
-    t_real = None
-    if plan.dense and teacher is not None:
-        t_real = teacher.reshape(-1, teacher.shape[-1])[:, : plan.teacher.real_width]
-    buffers = _Buffers(min(plan.chunk_size, max(n_sup, 1)), z2d.device, cdt)
-
-    for start, end, span in _chunks(rows_all, plan.chunk_size):
-        rows = rows_all[start:end]
-        n = end - start
-        zc = _chunk_rows(z_real, rows, span, buffers, "student_in")
-        lse_q = saved["lse_q"][start:end].unsqueeze(1)
-        scaled_sum = (saved["sum_w"][start:end] * grad_scale).unsqueeze(1)
+    t_real = _real_columns(teacher, plan.teacher) if plan.dense and teacher is not None else None
+    buffers = _Buffers(min(plan.chunk_size, max(rows_all.numel(), 1)), student.device, dtype)
+    labels = None if plan.dense else saved["labels"]
+    for chunk in _chunks(rows_all, plan.chunk_size, labels):
+        logits = _chunk_rows(z_real, chunk, buffers, "student_in")
+        lse_q = saved["lse_q"][chunk.part]
+        scaled_sum = (saved["sum_w"][chunk.part] * grad_scale).unsqueeze(1)
         # Write straight into the gradient when its rows are consecutive and in the compute dtype.
-        direct = span is not None and grad.dtype == cdt
-        out = grad_real[span[0] : span[1]] if direct else buffers.get("grad", n, shard.real_width)
+        direct = chunk.span is not None and grad.dtype == dtype
+        if direct:
+            out = grad_real[chunk.span[0] : chunk.span[1]]
+        else:
+            out = buffers.get("grad", chunk.n, shard.real_width)
         if plan.dense:
-            logq = torch.sub(zc, lse_q, out=buffers.get("logq", n, shard.real_width))
-            teacher_rows = _teacher_rows(plan, t_real, rows, span, buffers)
-            logp = torch.sub(
-                teacher_rows,
-                saved["lse_p"][start:end].unsqueeze(1),
-                out=buffers.get("logp", n, shard.real_width),
-            )
-            w, _ = method.terms(logq, logp, plan.param, False)
+            teacher_rows = _teacher_rows(plan, t_real, chunk, buffers)
+            lse_p = saved["lse_p"][chunk.part]
+            logq, logp = _log_softmaxes(buffers, logits, teacher_rows, lse_q, lse_p)
+            w, _ = plan.method.terms(logq, logp, plan.param, False)
             torch.exp(logq, out=out).mul_(scaled_sum).sub_(w, alpha=grad_scale)
             del w
         else:
-            torch.sub(zc, lse_q, out=out).exp_().mul_(scaled_sum)
-            if shard.real_width:
-                for ids, coef in (
-                    (saved["labels"][rows], saved["coef_y"]),
-                    (saved["samples"][start:end], saved["coef_s"]),
-                ):
-                    mine = shard.owns(ids)
-                    out.scatter_add_(
-                        1,
-                        shard.local(ids).unsqueeze(1),
-                        torch.where(mine, -grad_scale * coef[start:end], 0.0).unsqueeze(1),
-                    )
-        if direct:
-            continue
-        if span is not None:
-            grad_real[span[0] : span[1]].copy_(out)
-        else:
-            grad_real.index_copy_(0, rows, out if out.dtype == grad.dtype else out.to(grad.dtype))
+            torch.sub(logits, lse_q.unsqueeze(1), out=out).exp_().mul_(scaled_sum)
+            _subtract_point_weights(out, chunk, saved, shard, grad_scale)
+        if not direct:
+            _store_rows(grad_real, out, chunk)
     return grad.view_as(student)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -43,6 +44,8 @@ class FullVocabMethod:
     """Name of the method's coefficient argument (``alpha``/``beta``), or None."""
     value: str
     """What the reported loss value is (documentation)."""
+    needs_teacher: ClassVar[bool] = True
+    needs_sample: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)
@@ -216,3 +219,12 @@ TOKEN_METHODS: dict[str, TokenMethod] = {
 }
 
 METHODS = tuple(TOKEN_METHODS) + tuple(FULL_VOCAB_METHODS)
+
+MethodName = Literal["hpd", "fkl", "rkl", "skl", "srkl", "tvd", "jsd", "sft"]
+"""The recipes' ``loss.method``: every entry of the two tables above."""
+
+
+def needs_teacher(method: str) -> bool:
+    """Whether ``method`` compares with a teacher (every method but ``sft``)."""
+    spec = TOKEN_METHODS.get(method)
+    return spec.needs_teacher if spec is not None else method in FULL_VOCAB_METHODS

@@ -19,12 +19,40 @@ Two samplers, both exact for the fp32 distribution, both identical on every TP r
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor
 
 from hpd_megatron.losses.vocab_parallel import TPGroup, VocabShard, broadcast_from_first_
 
-SAMPLERS = ("inverse_cdf", "gumbel")
+Sampler = Literal["inverse_cdf", "gumbel"]
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
+
+
+# eq=False: a generated __eq__ would compare tensors, which has no single truth value.
+@dataclass(frozen=True, eq=False)
+class SamplingOptions:
+    """Where HPD's sample yh comes from; methods that use no sample ignore it.
+
+    Everything must be the same on all TP ranks (the inverse-CDF sampler's own uniforms
+    are made so anyway, by a broadcast from TP rank 0).
+    """
+
+    sampler: Sampler = "inverse_cdf"
+    sampled_tokens: Tensor | None = None
+    """yh per position, shaped like the labels, used instead of drawing."""
+    uniforms: Tensor | None = None
+    """The inverse-CDF sampler's U[0, 1) per position, shaped like the labels (e.g. drawn
+    per sequence), instead of drawing them; the Gumbel sampler ignores them."""
+    generator: torch.Generator | None = None
+    seed: int | None = None
+    """The draw's randomness: the seed wins over the generator; neither: torch's default."""
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
 
 
 def draw_uniforms(

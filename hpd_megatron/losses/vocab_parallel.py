@@ -15,7 +15,6 @@ single-process tests run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 import torch.distributed as dist
@@ -25,7 +24,7 @@ ProcessGroup = dist.ProcessGroup
 FROM_PARALLEL_STATE = "parallel_state"
 """Default ``tp_group``: Megatron's TP group when parallel_state is initialised, else none."""
 
-TPGroupArg = Union[ProcessGroup, None, str]
+TPGroupArg = ProcessGroup | None | str
 
 
 @dataclass(frozen=True)
@@ -48,9 +47,8 @@ def resolve_tp_group(tp_group: TPGroupArg = FROM_PARALLEL_STATE) -> TPGroup:
     """Turn the user's ``tp_group`` argument into a ``TPGroup``."""
     if isinstance(tp_group, str):
         if tp_group != FROM_PARALLEL_STATE:
-            raise ValueError(
-                f"tp_group: expected a ProcessGroup, None or {FROM_PARALLEL_STATE!r}, got {tp_group!r}"
-            )
+            expected = f"a ProcessGroup, None or {FROM_PARALLEL_STATE!r}"
+            raise ValueError(f"tp_group: expected {expected}, got {tp_group!r}")
         from megatron.core import parallel_state
 
         if not parallel_state.model_parallel_is_initialized():

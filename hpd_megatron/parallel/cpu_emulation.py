@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -140,3 +141,25 @@ def enable() -> bool:
 
     _enabled = True
     return True
+
+
+@contextmanager
+def original_torch_factories() -> Iterator[None]:
+    """Undo the CPU emulation's wrapping of torch's tensor factories for a while.
+
+    With ``torch.tensor`` wrapped, transformers 5's from_pretrained leaves the RoPE
+    ``inv_freq`` buffer uninitialised (garbage logits); the Hugging Face side never
+    needs the CUDA-to-CPU routing, so it loads and runs with the originals.
+    """
+    swapped = {
+        name: getattr(torch, name)
+        for name in _FACTORIES
+        if hasattr(getattr(torch, name), "__wrapped_factory__")
+    }
+    for name, wrapper in swapped.items():
+        setattr(torch, name, wrapper.__wrapped_factory__)
+    try:
+        yield
+    finally:
+        for name, wrapper in swapped.items():
+            setattr(torch, name, wrapper)

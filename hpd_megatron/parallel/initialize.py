@@ -53,6 +53,16 @@ class ParallelContext:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.layout.pipeline_model_parallel_size - 1
 
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.rank == logging_rank(self.world_size)
+
+
+def logging_rank(world_size: int | None = None) -> int:
+    """The one rank that prints, tracks and writes metrics: the last one. It sits on the
+    last pipeline stage, where the loss and its reports exist."""
+    return (dist.get_world_size() if world_size is None else world_size) - 1
+
 
 def _int_from(env: Mapping[str, str], *names: str) -> int | None:
     for name in names:
@@ -101,6 +111,15 @@ def read_launch_environment(env: Mapping[str, str] | None = None) -> LaunchEnvir
     )
 
 
+def _select_device(local_rank: int) -> tuple[str, torch.device]:
+    """NCCL on this process's GPU when CUDA is there; gloo on the CPU emulation otherwise."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return "nccl", torch.device("cuda", local_rank)
+    cpu_emulation.enable()
+    return "gloo", torch.device("cpu")
+
+
 def initialize_parallel(
     layout: ParallelLayout,
     seed: int = 1234,
@@ -118,15 +137,7 @@ def initialize_parallel(
     launch = read_launch_environment(env)
     layout = validate_layout(layout, launch.world_size, models)
 
-    if torch.cuda.is_available():
-        backend = "nccl"
-        torch.cuda.set_device(launch.local_rank)
-        device = torch.device("cuda", launch.local_rank)
-    else:
-        backend = "gloo"
-        cpu_emulation.enable()
-        device = torch.device("cpu")
-
+    backend, device = _select_device(launch.local_rank)
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,

@@ -42,6 +42,21 @@ class ParallelLayout:
         )
 
 
+def _model_problems(name: str, model: ModelDescription, tp: int, pp: int) -> list[str]:
+    """What stops ``model`` from being split TP ways per layer and into PP stages."""
+    problems = []
+    for key, size in (
+        ("num_attention_heads", model.num_attention_heads),
+        ("num_query_groups (KV heads)", model.num_query_groups),
+        ("ffn_hidden_size", model.ffn_hidden_size),
+    ):
+        if size % tp:
+            problems.append(f"{name}: TP={tp} does not divide {key}={size}")
+    if model.num_layers % pp:
+        problems.append(f"{name}: PP={pp} does not divide num_layers={model.num_layers}")
+    return problems
+
+
 def validate_layout(
     layout: ParallelLayout,
     world_size: int,
@@ -81,21 +96,7 @@ def validate_layout(
         )
 
     for name, model in models:
-        if model.num_attention_heads % tp:
-            problems.append(
-                f"{name}: TP={tp} does not divide num_attention_heads={model.num_attention_heads}"
-            )
-        if model.num_query_groups % tp:
-            problems.append(
-                f"{name}: TP={tp} does not divide num_query_groups (KV heads)="
-                f"{model.num_query_groups}"
-            )
-        if model.ffn_hidden_size % tp:
-            problems.append(
-                f"{name}: TP={tp} does not divide ffn_hidden_size={model.ffn_hidden_size}"
-            )
-        if model.num_layers % pp:
-            problems.append(f"{name}: PP={pp} does not divide num_layers={model.num_layers}")
+        problems += _model_problems(name, model, tp, pp)
     if problems:
         raise LayoutError("invalid parallel layout: " + "; ".join(problems))
     return ParallelLayout(tp, pp, cp, dp)

@@ -12,7 +12,6 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 MAX_METRICS_PER_REQUEST = 1000  # MLflow's log_batch limit
 MAX_TAGS_PER_REQUEST = 100
@@ -44,7 +43,7 @@ class Terminate:
     status: str
 
 
-Item = Union[MetricBatch, TagBatch, ArtifactUpload, Terminate]
+Item = MetricBatch | TagBatch | ArtifactUpload | Terminate
 
 
 class Outbox:

@@ -15,7 +15,8 @@ TRUNCATION_MARK = "...[truncated]"
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """``{"a": {"b": 1, "c": [1, 2]}, "d": None}`` -> ``{"a.b": "1", "a.c": "[1, 2]", "d": "None"}``.
+    """``{"a": {"b": 1, "c": [1, 2]}, "d": None}`` becomes
+    ``{"a.b": "1", "a.c": "[1, 2]", "d": "None"}``.
 
     Nested mappings (and dataclasses) become dotted keys; everything else, lists included,
     is ``str()``; an empty mapping is kept as ``"{}"`` so the key still shows up.

@@ -325,8 +325,9 @@ class Tracker:
         remote = self._remote
         if remote.resumed and remote.last_steps:
             say(
-                f"continuing run {remote.run_id} (recorded up to step {max(remote.last_steps.values())}); "
-                f"re-run steps already recorded are not logged again"
+                f"continuing run {remote.run_id} (recorded up to step "
+                f"{max(remote.last_steps.values())}); re-run steps already recorded are not "
+                "logged again"
             )
         self._start_system_metrics(resume=remote.resumed)
 
@@ -402,23 +403,15 @@ class Tracker:
             )
 
 
-class NullTracker(Tracker):
-    """Logs nothing: for the ranks that do not track, and for ``tracking.enabled: false``."""
+class NullTracker:
+    """Logs nothing: for the ranks that do not track, and for ``tracking.enabled: false``.
 
-    def __init__(self) -> None:  # no thread, no outbox
-        pass
+    A plain class with the ``Tracker``'s public methods: no thread, no outbox, no server.
+    """
 
-    @property
-    def run_id(self) -> str | None:
-        return None
-
-    @property
-    def run_token(self) -> str | None:
-        return None
-
-    @property
-    def tracking_uri(self) -> str:
-        return ""
+    run_id: str | None = None
+    run_token: str | None = None
+    tracking_uri = ""
 
     @property
     def stats(self) -> DeliveryStats:
@@ -444,12 +437,12 @@ def start_tracking(
     run_id: str | None = None,
     tags: dict[str, str] | None = None,
     run_token: str | None = None,
-) -> Tracker:
+) -> Tracker | NullTracker:
     """Start tracking this job (call it on the one logging rank; the others need nothing, or
     a ``NullTracker``). ``run_id`` (from the checkpoint) continues that run; else a
     ``run_token`` from the checkpoint continues the run created with it, if any; else a
-    new run is created in ``config.experiment``. ``params`` is the nested resolved config; ``tags`` are
-    added to ``default_tags()``. Returns at once, whatever the server's state."""
+    new run is created in ``config.experiment``. ``params`` is the nested resolved config;
+    ``tags`` are added to ``default_tags()``. Returns at once, whatever the server's state."""
     if not config.enabled:
         return NullTracker()
     try:

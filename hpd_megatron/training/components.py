@@ -1,13 +1,11 @@
-"""The pieces the training script assembles: models, optimizer, schedule hooks, loss step."""
+"""The pieces the trainer assembles: the model pair with its DDP hooks, the optimizer."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
@@ -16,15 +14,12 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from hpd_megatron.checkpoint.weights import load_model_weights
 from hpd_megatron.errors import ConfigError
-from hpd_megatron.losses import distillation_loss
 from hpd_megatron.models.builder import build_gpt_model, transformer_config
 from hpd_megatron.models.description import ModelDescription
+from hpd_megatron.models.dtypes import DTYPES
 from hpd_megatron.parallel.collectives import any_rank
 from hpd_megatron.training.config import RunConfig
 from hpd_megatron.training.pair import DistillationPair
-from hpd_megatron.training.schedule import Batch
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -42,6 +37,16 @@ def check_shared_vocabulary(student: ModelDescription, teacher: ModelDescription
             f"teacher.model.vocab_size {teacher.vocab_size} != student.model.vocab_size "
             f"{student.vocab_size}: teacher and student must share one tokenizer"
         )
+
+
+def _build_teacher(run: RunConfig, description: ModelDescription) -> torch.nn.Module:
+    """The frozen teacher's stage, with its weights when the recipe names them."""
+    # A frozen teacher needs no fp32 master weights: bf16 on GPUs halves its memory.
+    dtype = torch.bfloat16 if torch.cuda.is_available() else DTYPES[run.params_dtype]
+    teacher = build_gpt_model(description, transformer_config(description, params_dtype=dtype))
+    if run.teacher is not None and run.teacher.checkpoint:
+        load_model_weights(teacher, run.teacher.checkpoint)
+    return teacher
 
 
 def build_models(
@@ -65,15 +70,7 @@ def build_models(
     student = build_gpt_model(student_description, student_config)
     if run.checkpoint.load and not resuming:
         load_model_weights(student, run.checkpoint.load)
-    teacher = None
-    if teacher_description is not None:
-        # A frozen teacher needs no fp32 master weights: bf16 on GPUs halves its memory.
-        teacher_dtype = torch.bfloat16 if torch.cuda.is_available() else dtype
-        teacher = build_gpt_model(
-            teacher_description, transformer_config(teacher_description, params_dtype=teacher_dtype)
-        )
-        if run.teacher is not None and run.teacher.checkpoint:
-            load_model_weights(teacher, run.teacher.checkpoint)
+    teacher = _build_teacher(run, teacher_description) if teacher_description else None
     ddp = DistributedDataParallel(
         config=student_config,
         ddp_config=DistributedDataParallelConfig(
@@ -141,60 +138,6 @@ def sample_seed(run_seed: int, step: int, sample_index: int) -> int:
     return int.from_bytes(digest[:7], "little")
 
 
-def make_forward_step(run: RunConfig, models: Models, step: int) -> Callable:
-    """forward_step for the schedule: pair forward, then the distillation loss on the last stage."""
-    vocab_size = models.student_description.vocab_size
-    loss = run.loss
-
-    def forward_step(pair: DistillationPair, batch: Batch):
-        student_logits = pair(batch)
-
-        def loss_func(logits: torch.Tensor):
-            uniforms = None
-            if loss.method == "hpd":
-                # Each sequence's sampling draws depend on that sequence alone.
-                seq_length = batch["labels"].shape[1]
-                uniforms = torch.stack(
-                    [
-                        torch.rand(
-                            seq_length,
-                            dtype=torch.float64,
-                            generator=torch.Generator().manual_seed(
-                                sample_seed(run.seed, step, int(index))
-                            ),
-                        )
-                        for index in batch["sample_index"]
-                    ]
-                )
-            loss_sum, diagnostics = distillation_loss(
-                logits,
-                pair.teacher_logits,
-                batch["labels"],
-                loss.method,
-                vocab_size=vocab_size,
-                alpha=loss.alpha,
-                beta=loss.beta,
-                reduction="sum",
-                uniforms=uniforms,
-                chunk_size=loss.chunk_size,
-            )
-            pair.teacher_logits = None
-            num_tokens = diagnostics["num_tokens"].to(torch.int)
-            # Sums, so the training loop can form exact means over the global batch.
-            report = {
-                name: value.detach().double() * num_tokens
-                for name, value in diagnostics.items()
-                if name not in ("loss_sum", "num_tokens", "loss")
-            }
-            report["loss"] = loss_sum.detach().double()
-            report["num_tokens"] = num_tokens.double()
-            return loss_sum, num_tokens, report
-
-        return student_logits, loss_func
-
-    return forward_step
-
-
 def gradients_are_finite(student: DistributedDataParallel) -> bool:
     """Collective: True when every rank's reduced gradients are finite.
 
@@ -203,17 +146,3 @@ def gradients_are_finite(student: DistributedDataParallel) -> bool:
     """
     local_bad = any(not bool(torch.isfinite(buffer.grad_data).all()) for buffer in student.buffers)
     return not any_rank(local_bad)
-
-
-def reduce_reports(reports: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Token means over every micro-batch and data-parallel replica (on the last stage)."""
-    if not reports:
-        return {}
-    names = sorted(reports[0])
-    totals = torch.stack([sum(r[name] for r in reports) for name in names])
-    torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-    values = dict(zip(names, totals.tolist()))
-    tokens = values.pop("num_tokens")
-    means = {name: value / max(tokens, 1.0) for name, value in values.items()}
-    means["num_tokens"] = tokens
-    return means

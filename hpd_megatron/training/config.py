@@ -13,16 +13,16 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from hpd_megatron.config import ConfigError, expand_variables, from_dict, load_yaml
+from hpd_megatron.config import expand_variables, from_dict, load_yaml
+from hpd_megatron.errors import ConfigError
+from hpd_megatron.losses.methods import MethodName, needs_teacher
 from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.parallel.layout import ParallelLayout
 from hpd_megatron.tracking.config import TrackingConfig
-
-LOSS_METHODS = ("hpd", "fkl", "rkl", "skl", "srkl", "tvd", "jsd", "sft")
 
 
 @dataclass
@@ -49,10 +49,14 @@ class DataConfig:
     pack: bool = False
     """Concatenate records into seq_length windows instead of padding each one."""
 
+    def __post_init__(self) -> None:
+        if self.seq_length < 2:
+            raise ConfigError(f"data.seq_length: must be >= 2, got {self.seq_length}")
+
 
 @dataclass
 class LossConfig:
-    method: str = "hpd"
+    method: MethodName = "hpd"
     alpha: float = 0.1
     """Skew of skl / srkl."""
     beta: float = 0.5
@@ -80,13 +84,24 @@ class OptimizerConfig:
 class ScheduleConfig:
     train_steps: int = 100
     warmup_steps: int = 10
-    decay_style: str = "cosine"
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
     global_batch_size: int = 8
     """Sequences per optimizer step, over all micro-batches and data-parallel ranks."""
     micro_batch_size: int = 1
     exit_interval: int = 0
     """Save and stop after a step divisible by this (0: run to train_steps), as Megatron's
     --exit-interval; the next launch resumes."""
+
+    def __post_init__(self) -> None:
+        for name in ("train_steps", "global_batch_size", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"schedule.{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_steps < self.train_steps:
+            # Megatron's scheduler asserts this deep inside; say it with the keys.
+            raise ConfigError(
+                f"schedule.warmup_steps: must be in [0, schedule.train_steps), got "
+                f"{self.warmup_steps} with train_steps {self.train_steps}"
+            )
 
 
 @dataclass
@@ -106,7 +121,7 @@ class CheckpointConfig:
     load_optimizer: bool = True
     """Resume the Adam moments too. False keeps weights, schedule and data position and
     restarts the moments (e.g. to switch optimizer.use_distributed_optimizer mid-run)."""
-    optimizer_format: str = "dp_reshardable"
+    optimizer_format: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
     """How the distributed optimizer's state is saved (Megatron's sharding types):
     dp_reshardable (fully parallel; resumes at the same TP x PP, any DP) or
     fully_reshardable (gathered per TP x PP shard; resumes at any layout)."""
@@ -134,7 +149,7 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run_dir: str = "runs/default"
     seed: int = 1234
-    params_dtype: str = "fp32"
+    params_dtype: Literal["fp32", "bf16"] = "fp32"
     """fp32 or bf16 (the student's parameters; the teacher follows)."""
 
     def __post_init__(self) -> None:
@@ -147,45 +162,26 @@ class RunConfig:
             )
         if self.teacher is not None:
             self.teacher.description("teacher")
-        if self.loss.method not in LOSS_METHODS:
-            raise ConfigError(
-                f"loss.method: unknown method {self.loss.method!r} (known: {', '.join(LOSS_METHODS)})"
-            )
-        if self.loss.method != "sft" and self.teacher is None:
+        if needs_teacher(self.loss.method) and self.teacher is None:
             # The reference code silently distils the student into itself here.
             raise ConfigError(f"teacher: loss.method {self.loss.method!r} needs a teacher")
-        if self.checkpoint.optimizer_format not in ("dp_reshardable", "fully_reshardable"):
-            raise ConfigError(
-                f"checkpoint.optimizer_format: expected dp_reshardable or "
-                f"fully_reshardable, got {self.checkpoint.optimizer_format!r}"
-            )
-        if self.params_dtype not in ("fp32", "bf16"):
-            raise ConfigError(f"params_dtype: expected fp32 or bf16, got {self.params_dtype!r}")
-        if self.schedule.decay_style not in ("cosine", "linear", "constant"):
-            raise ConfigError(
-                f"schedule.decay_style: expected cosine, linear or constant, got "
-                f"{self.schedule.decay_style!r}"
-            )
-        for name in ("train_steps", "global_batch_size", "micro_batch_size"):
-            if getattr(self.schedule, name) < 1:
-                raise ConfigError(
-                    f"schedule.{name}: must be >= 1, got {getattr(self.schedule, name)}"
-                )
-        if not 0 <= self.schedule.warmup_steps < self.schedule.train_steps:
-            # Megatron's scheduler asserts this deep inside; say it with the keys.
-            raise ConfigError(
-                f"schedule.warmup_steps: must be in [0, schedule.train_steps), got "
-                f"{self.schedule.warmup_steps} with train_steps {self.schedule.train_steps}"
-            )
-        if self.data.seq_length < 2:
-            raise ConfigError(f"data.seq_length: must be >= 2, got {self.data.seq_length}")
+
+    @property
+    def uses_teacher(self) -> bool:
+        """A teacher is built and run: the recipe names one and the method needs it
+        (SFT trains the student alone, even if the recipe names a teacher)."""
+        return self.teacher is not None and needs_teacher(self.loss.method)
+
+    def teacher_description(self) -> ModelDescription | None:
+        return self.teacher.description("teacher") if self.uses_teacher else None
 
     def micro_batches_per_step(self, data_parallel_size: int) -> int:
         per_replica = self.schedule.micro_batch_size * data_parallel_size
         if self.schedule.global_batch_size % per_replica:
             raise ConfigError(
-                f"schedule.global_batch_size: {self.schedule.global_batch_size} is not a multiple "
-                f"of micro_batch_size x DP = {self.schedule.micro_batch_size} x {data_parallel_size}"
+                f"schedule.global_batch_size: {self.schedule.global_batch_size} is not a "
+                f"multiple of micro_batch_size x DP = {self.schedule.micro_batch_size} x "
+                f"{data_parallel_size}"
             )
         return self.schedule.global_batch_size // per_replica
 

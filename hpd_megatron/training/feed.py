@@ -28,8 +28,8 @@ class TrainingFeed:
         if tokenizer.get("vocab_size") != student.vocab_size:
             raise DataError(
                 f"{run.data.train}.json: the data's tokenizer has {tokenizer.get('vocab_size')} "
-                f"tokens but student.model.vocab_size is {student.vocab_size}; teacher, student and "
-                "data must share one tokenizer"
+                f"tokens but student.model.vocab_size is {student.vocab_size}; teacher, student "
+                "and data must share one tokenizer"
             )
         self.sampler = DistributedBatchSampler(
             len(self.dataset),

@@ -53,7 +53,7 @@ def _data_problems(prefix: str) -> list[str]:
 def input_problems(run: RunConfig) -> list[str]:
     """One line per unreadable input: teacher weights, starting weights, data."""
     problems: list[str] = []
-    if run.teacher is not None and run.loss.method != "sft":
+    if run.uses_teacher:
         if not run.teacher.checkpoint:
             problems.append(
                 f"teacher.checkpoint: not set (loss.method {run.loss.method!r} needs "

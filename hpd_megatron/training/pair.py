@@ -22,8 +22,8 @@ class DistillationPair(MegatronModule):
     """What the schedule sees as "the model": student stage + teacher stage.
 
     ``student`` may be wrapped in Megatron's DistributedDataParallel; ``teacher`` is a
-    bare GPTModel stage, frozen here. On the last stage ``forward`` returns the
-    student's logits and keeps the teacher's in ``teacher_logits`` for the loss.
+    bare GPTModel stage, frozen here. ``forward`` returns the stage's output and, on the
+    last stage, the teacher's logits for the loss (None elsewhere, or without a teacher).
     """
 
     def __init__(
@@ -38,7 +38,6 @@ class DistillationPair(MegatronModule):
         self.teacher = teacher
         self.student_hidden = student_hidden
         self.teacher_hidden = teacher_hidden if teacher is not None else 0
-        self.teacher_logits: torch.Tensor | None = None
         self.teacher_dtype = _unwrap(teacher).config.params_dtype if teacher is not None else None
         self.model_type = _unwrap(student).model_type
         if teacher is not None:
@@ -61,16 +60,15 @@ class DistillationPair(MegatronModule):
         # The activation travels in the student's dtype; the teacher may compute in bf16.
         self.teacher.set_input_tensor(teacher_part.detach().to(self.teacher_dtype))
 
-    def forward(self, batch: Batch) -> torch.Tensor:
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         student_out = causal_lm_forward(self.student, batch)
         if self.teacher is None:
-            return student_out
+            return student_out, None
         with torch.no_grad():
             teacher_out = causal_lm_forward(self.teacher, batch)
         if _unwrap(self.student).post_process:
-            self.teacher_logits = teacher_out
-            return student_out
-        return torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1)
+            return student_out, teacher_out
+        return torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1), None
 
     def adjust_tensor_shapes(self, recv_shapes: list, send_shapes: list) -> tuple[list, list]:
         """Widen the p2p shapes by the teacher's hidden size (for the 1F1B schedule)."""

@@ -1,7 +1,7 @@
 """On a CUDA machine: the Transformer Engine spec model trains a step over NCCL.
 
 Skipped without CUDA. Run it with `make test-gpu` whenever a GPU machine is available
-and record the GPU in the README.
+and record the GPU in docs/development.md ("Running on GPUs").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The study's table and plot, from the ``study.json`` that ``eval/study.py`` writes."""
+"""The study's table and plot, from the ``study.json`` that ``study/experiment.py`` writes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = "study.json"
-"""The file ``eval/study.py`` writes into its output directory."""
+"""The file ``study/experiment.py`` writes into its output directory."""
 COLUMNS = ("method", "avg@{k}", "sample entropy", "held-out entropy", "KL to teacher", "s/step")
 
 

@@ -1,7 +1,8 @@
 """The demo's study: one teacher, five students, the same start, data and steps.
 
-    torchrun --nproc-per-node 1 -m hpd_megatron.eval.study --teacher runs/tiny_cpu/teacher_sft/export \\
-        --task runs/tiny_cpu/data --out runs/tiny_cpu/study [--long]
+    torchrun --nproc-per-node 1 -m hpd_megatron.study \\
+        --teacher runs/tiny_cpu/teacher_sft/export --task runs/tiny_cpu/data \\
+        --out runs/tiny_cpu/study [--long]
 
 In ONE process (each Megatron start-up costs 10-20 s on a small CPU machine):
 
@@ -18,9 +19,9 @@ In ONE process (each Megatron start-up costs 10-20 s on a small CPU machine):
    held-out problems ``samples`` times at temperature 0.7, top-p 0.95 (avg@k and the
    entropy of the sampling distributions, as ``hpd_megatron.evaluate``), and the start and
    every checkpoint are compared with the teacher teacher-forced on the reference solutions
-   of all held-out problems (``divergence.py``).
+   of all held-out problems (``eval/divergence.py``).
 
-Everything is written to ``OUT/study.json``; ``study_report.py`` makes the table and plot.
+Everything is written to ``OUT/study.json``; ``report.py`` makes the table and plot.
 """
 
 from __future__ import annotations
@@ -36,13 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from hpd_megatron.checkpoint.training_state import iteration_dir
+from hpd_megatron.cli import run_cli
 from hpd_megatron.data import prepare
 from hpd_megatron.data.files import staged_files
 from hpd_megatron.eval.divergence import compare_with_teacher
 from hpd_megatron.eval.runner import GenerationJob, run_generation
-from hpd_megatron.eval.study_report import RESULTS
 from hpd_megatron.eval.teacher_data import training_records
 from hpd_megatron.evaluate import score
+from hpd_megatron.study.report import RESULTS
 from hpd_megatron.train import train
 from hpd_megatron.training.config import load_run_config
 from hpd_megatron.training.inputs import checkpoint_dir
@@ -85,6 +87,11 @@ def _quiet(_message: str) -> None:
     """Generation's per-batch progress lines would drown the study's own."""
 
 
+def _prepare(plan: StudyPlan, jsonl: Path, prefix: Path, seq_length: int) -> None:
+    """``jsonl`` tokenized with the task's tokenizer into the indexed datasets at ``prefix``."""
+    prepare(jsonl, Path(plan.task) / "tokenizer.model", prefix, seq_length=seq_length, log=_quiet)
+
+
 def teacher_data(plan: StudyPlan, prefix: Path, seq_length: int) -> dict[str, Any]:
     """Greedy teacher replies to the first ``plan.prompts`` training problems, prepared at
     ``prefix``; returns how many were kept and how many of them are correct."""
@@ -102,7 +109,7 @@ def teacher_data(plan: StudyPlan, prefix: Path, seq_length: int) -> dict[str, An
     jsonl = prefix.with_suffix(".jsonl")
     with staged_files([jsonl]) as (out,):
         out.write_text("".join(json.dumps(record) + "\n" for record in records))
-    prepare(jsonl, Path(plan.task) / "tokenizer.model", prefix, seq_length=seq_length, log=_quiet)
+    _prepare(plan, jsonl, prefix, seq_length)
     return {
         "replies": len(run.replies),
         "kept": len(records),
@@ -121,13 +128,7 @@ def start_export(out: Path) -> Path:
 def train_start(plan: StudyPlan, out: Path, seq_length: int) -> dict[str, Any]:
     """The students' shared start: the student SFT-trained on the task's reference solutions
     for ``plan.start_steps``, exported to ``start_export(out)``."""
-    prepare(
-        Path(plan.task) / "train.jsonl",
-        Path(plan.task) / "tokenizer.model",
-        out / "data" / "reference",
-        seq_length=seq_length,
-        log=_quiet,
-    )
+    _prepare(plan, Path(plan.task) / "train.jsonl", out / "data" / "reference", seq_length)
     run = load_run_config(
         RECIPE,
         [
@@ -168,42 +169,35 @@ def evaluate(checkpoint: str | Path, plan: StudyPlan) -> dict[str, float]:
     }
 
 
-def run_study(plan: StudyPlan) -> dict[str, Any]:
-    out = Path(plan.out)
-    # A run whose checkpoint directory holds a save would resume from it: start clean.
-    shutil.rmtree(out, ignore_errors=True)
-    (out / "data").mkdir(parents=True)
-    seq_length = load_run_config(RECIPE).data.seq_length
-    start = time.perf_counter()
-    results: dict[str, Any] = {"plan": asdict(plan), "k": plan.samples}
-    phases: dict[str, float] = {}  # wall seconds of each stage, where the study's time goes
-    mark = time.perf_counter()
+class PhaseClock:
+    """Wall seconds of each stage of the study: where its time goes."""
 
-    def phase_done(name: str) -> None:
-        nonlocal mark
+    def __init__(self) -> None:
+        self.start = self.mark = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def done(self, name: str) -> None:
         now = time.perf_counter()
-        phases[name] = round(now - mark, 1)
-        mark = now
+        self.phases[name] = round(now - self.mark, 1)
+        self.mark = now
 
+    def total(self) -> float:
+        return round(time.perf_counter() - self.start, 1)
+
+
+def study_data(plan: StudyPlan, out: Path, seq_length: int) -> dict[str, Any]:
+    """Stage 1: the teacher's replies as the students' data, and the held-out problems
+    prepared for the KL comparison; returns ``teacher_data``'s counts."""
     print(f"[study 1/4] teacher replies to {plan.prompts} training problems (greedy)", flush=True)
-    results["teacher_data"] = teacher_data(plan, out / "data" / "teacher", seq_length)
-    print(f"  {results['teacher_data']}", flush=True)
-    prepare(
-        Path(plan.task) / "test.jsonl",
-        Path(plan.task) / "tokenizer.model",
-        out / "data" / "heldout",
-        seq_length=seq_length,
-        log=_quiet,
-    )
-    phase_done("teacher_data")
+    counts = teacher_data(plan, out / "data" / "teacher", seq_length)
+    print(f"  {counts}", flush=True)
+    _prepare(plan, Path(plan.task) / "test.jsonl", out / "data" / "heldout", seq_length)
+    return counts
 
-    print(
-        f"[study 2/4] the students' shared start: {plan.start_steps} SFT steps on the reference "
-        "solutions",
-        flush=True,
-    )
-    results["start_training"] = train_start(plan, out, seq_length)
-    phase_done("start")
+
+def train_students(plan: StudyPlan, out: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Stage 3: every method trains the shared start on the teacher's data; returns each
+    method's numbers (with its checkpoints' steps) and its checkpoint directory."""
     common = [
         f"data.train={out / 'data' / 'teacher'}",
         f"teacher.checkpoint={plan.teacher}",
@@ -211,6 +205,9 @@ def run_study(plan: StudyPlan) -> dict[str, Any]:
         f"checkpoint.save_interval={plan.save_interval}",
         f"checkpoint.load={start_export(out)}",
     ]
+    steps = list(range(plan.save_interval, plan.steps + 1, plan.save_interval))
+    if plan.steps % plan.save_interval:
+        steps.append(plan.steps)
     students: dict[str, Any] = {}
     directories: dict[str, Path] = {}
     for i, method in enumerate(plan.methods, 1):
@@ -223,18 +220,25 @@ def run_study(plan: StudyPlan) -> dict[str, Any]:
         students[method] = {
             "seconds_per_step": statistics.median(row["step_time_s"] for row in history),
             "final_cross_entropy": history[-1].get("cross_entropy"),
-            "checkpoints": [
-                {"step": step}
-                for step in range(plan.save_interval, plan.steps + 1, plan.save_interval)
-            ],
+            "checkpoints": [{"step": step} for step in steps],
         }
-        if plan.steps % plan.save_interval:
-            students[method]["checkpoints"].append({"step": plan.steps})
-    phase_done("students")
+    return students, directories
 
+
+def evaluate_all(
+    plan: StudyPlan,
+    out: Path,
+    results: dict[str, Any],
+    students: dict[str, Any],
+    directories: dict[str, Path],
+) -> list[tuple[dict[str, Any], Path]]:
+    """Stage 4a: the teacher, the start and every student checkpoint answer the held-out
+    problems (into ``results`` and the checkpoints' entries); returns each student-side
+    entry with its weights, the start first."""
+    checkpoints = sum(len(student["checkpoints"]) for student in students.values())
     print(
-        f"[study 4/4] evaluating the teacher, the start and {sum(len(s['checkpoints']) for s in students.values())} "
-        f"student checkpoints on {plan.test_problems} held-out problems x {plan.samples} samples",
+        f"[study 4/4] evaluating the teacher, the start and {checkpoints} student checkpoints "
+        f"on {plan.test_problems} held-out problems x {plan.samples} samples",
         flush=True,
     )
     results["teacher"] = evaluate(plan.teacher, plan)
@@ -244,32 +248,67 @@ def run_study(plan: StudyPlan) -> dict[str, Any]:
         f"{results['start']['accuracy']:.3f}",
         flush=True,
     )
-    paths = [(results["start"], start_export(out))]
+    entries = [(results["start"], start_export(out))]
     for method, student in students.items():
         for checkpoint in student["checkpoints"]:
             path = iteration_dir(directories[method], checkpoint["step"])
             checkpoint.update(evaluate(path, plan))
-            paths.append((checkpoint, path))
+            entries.append((checkpoint, path))
         print(f"  {method}: accuracy {student['checkpoints'][-1]['accuracy']:.3f}", flush=True)
-    phase_done("generation")
+    return entries
 
+
+def compare_all(
+    plan: StudyPlan,
+    out: Path,
+    results: dict[str, Any],
+    entries: list[tuple[dict[str, Any], Path]],
+    seq_length: int,
+) -> None:
+    """Stage 4b: KL(teacher || student) and the entropies, teacher-forced on the held-out
+    reference solutions, into ``results`` and the entries."""
     print("  KL(teacher || student) on the held-out reference solutions", flush=True)
     compared = compare_with_teacher(
         plan.teacher,
         load_run_config(RECIPE).student.description("student"),
-        [path for _, path in paths],
+        [path for _, path in entries],
         out / "data" / "heldout",
         seq_length,
     )
-    for (checkpoint, _), numbers in zip(paths, compared["students"]):
-        checkpoint["kl_to_teacher"] = numbers["kl_to_teacher"]
-        checkpoint["heldout_entropy"] = numbers["entropy"]
+    for (entry, _), numbers in zip(entries, compared["students"]):
+        entry["kl_to_teacher"] = numbers["kl_to_teacher"]
+        entry["heldout_entropy"] = numbers["entropy"]
     results["teacher"]["heldout_entropy"] = compared["teacher_entropy"]
     results["heldout_tokens"] = compared["tokens"]
-    phase_done("kl")
-    results["phase_seconds"] = phases
+
+
+def run_study(plan: StudyPlan) -> dict[str, Any]:
+    """Every stage of the study (module doc); writes and returns ``OUT/study.json``'s data."""
+    out = Path(plan.out)
+    # A run whose checkpoint directory holds a save would resume from it: start clean.
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "data").mkdir(parents=True)
+    seq_length = load_run_config(RECIPE).data.seq_length
+    clock = PhaseClock()
+    results: dict[str, Any] = {"plan": asdict(plan), "k": plan.samples}
+    results["teacher_data"] = study_data(plan, out, seq_length)
+    clock.done("teacher_data")
+    print(
+        f"[study 2/4] the students' shared start: {plan.start_steps} SFT steps on the reference "
+        "solutions",
+        flush=True,
+    )
+    results["start_training"] = train_start(plan, out, seq_length)
+    clock.done("start")
+    students, directories = train_students(plan, out)
+    clock.done("students")
+    entries = evaluate_all(plan, out, results, students, directories)
+    clock.done("generation")
+    compare_all(plan, out, results, entries, seq_length)
+    clock.done("kl")
+    results["phase_seconds"] = clock.phases
     results["students"] = students
-    results["seconds"] = round(time.perf_counter() - start, 1)
+    results["seconds"] = clock.total()
     with staged_files([out / RESULTS]) as (file,):
         file.write_text(json.dumps(results, indent=2) + "\n")
     return results
@@ -296,4 +335,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,0 +1,238 @@
+"""``DistillationTrainer``: owns one training run on this rank, from set-up to the export.
+
+    trainer = DistillationTrainer(run)   # inputs, process groups, data, models, resume
+    try:
+        history = trainer.train()        # the loop
+    finally:
+        trainer.close()
+
+Teacher and student share the TP x PP grid; the objective is the token mean of the loss
+over the whole global batch (all micro-batches and data-parallel replicas), so
+micro-batch size and DP size do not change the update. To change a part in a test or an
+experiment, subclass and override ``build_models``, ``build_objective`` or ``train_step``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import yaml
+from megatron.core import parallel_state
+
+from hpd_megatron.checkpoint.checkpointer import Checkpointer
+from hpd_megatron.checkpoint.signals import StopRequested
+from hpd_megatron.data.files import staged_files
+from hpd_megatron.errors import NonFiniteTraining
+from hpd_megatron.parallel.initialize import destroy_parallel, initialize_parallel
+from hpd_megatron.plan import training_flops_per_token
+from hpd_megatron.training.components import (
+    Models,
+    build_models,
+    build_optimizer,
+    check_shared_vocabulary,
+    gradients_are_finite,
+)
+from hpd_megatron.training.config import RunConfig
+from hpd_megatron.training.feed import TrainingFeed
+from hpd_megatron.training.inputs import check_inputs
+from hpd_megatron.training.metrics import (
+    MetricsLogger,
+    peak_memory_gb,
+    reduce_reports,
+)
+from hpd_megatron.training.objective import DistillationObjective
+from hpd_megatron.training.schedule import run_schedule
+
+
+@dataclass
+class StepResult:
+    step: int
+    applied: bool
+    """False when the gradients were not finite and the update was skipped."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The step's metrics on the last pipeline stage; empty on the other stages."""
+
+
+class DistillationTrainer:
+    def __init__(self, run: RunConfig) -> None:
+        """Everything before the first step; a failure here leaves no process group."""
+        self.run = run
+        # Models first as descriptions: validation needs no process group.
+        self.student_description = run.student.description("student")
+        self.teacher_description = run.teacher_description()
+        check_shared_vocabulary(self.student_description, self.teacher_description)
+        check_inputs(run)  # every missing path at once, before any process group or GPU
+        self.context = initialize_parallel(
+            run.parallel, seed=run.seed, models=self._models_for_layout()
+        )
+        self.checkpointer: Checkpointer | None = None
+        self.metrics: MetricsLogger | None = None
+        try:
+            self._set_up()
+        except BaseException:
+            if self.metrics is not None:
+                self.metrics.finish("FAILED")
+            self.close()
+            raise
+
+    def _models_for_layout(self) -> list:
+        models = [("student", self.student_description)]
+        if self.teacher_description is not None:
+            models.append(("teacher", self.teacher_description))
+        return models
+
+    def _set_up(self) -> None:
+        run, context = self.run, self.context
+        self.checkpointer = Checkpointer.for_run(run)
+        resume_step = self.checkpointer.latest_step()
+        self.first_step = 1 if resume_step is None else resume_step + 1
+        self.metrics = MetricsLogger.for_run(
+            run,
+            context,
+            training_flops_per_token(
+                self.student_description,
+                self.teacher_description,
+                run.data.seq_length,
+                run.parallel.tensor_model_parallel_size,
+            ),
+            self.checkpointer.saved_tracking_run(),
+            self.first_step,
+        )
+        run.micro_batches_per_step(context.layout.data_parallel_size)  # must split evenly
+        self._write_resolved_config()
+        self.feed = TrainingFeed(
+            run,
+            self.student_description,
+            dp_rank=context.dp_rank,
+            dp_size=context.layout.data_parallel_size,
+        )
+        # A run whose checkpoint directory holds a complete save resumes from it; otherwise
+        # the student starts from checkpoint.load (or a random initialisation).
+        self.models = self.build_models(resuming=resume_step is not None)
+        self.optimizer, self.scheduler = build_optimizer(run, self.models.student)
+        self.models.pair.train()
+        self.objective = self.build_objective()
+        if resume_step is not None:
+            extra = self.checkpointer.resume(
+                resume_step, self.models.student.module, self.optimizer, self.scheduler
+            )
+            self.feed.load_state_dict(extra["sampler"])
+        self.skipped_steps = self.consecutive_nonfinite = 0
+
+    def _write_resolved_config(self) -> None:
+        run_dir = Path(self.run.run_dir)
+        if self.context.rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with staged_files([run_dir / "config.yaml"]) as (resolved,):
+                resolved.write_text(yaml.safe_dump(self.run.to_dict(), sort_keys=False))
+        torch.distributed.barrier()
+        self.metrics.log_artifact(run_dir / "config.yaml")
+
+    def build_models(self, resuming: bool) -> Models:
+        """Student (DDP, trainable) and frozen teacher stages at this rank's grid position."""
+        return build_models(
+            self.run, self.student_description, self.teacher_description, resuming=resuming
+        )
+
+    def build_objective(self) -> DistillationObjective:
+        return DistillationObjective(self.run, self.student_description.vocab_size)
+
+    def train(self) -> list[dict[str, float]]:
+        """The loop: a step, then the checkpointer's save and stop decision; the export."""
+        with self.metrics.run_status():
+            for step in range(self.first_step, self.run.schedule.train_steps + 1):
+                self.train_step(step)
+                decision = self.checkpointer.after_step(step)
+                if decision.save:
+                    self.save(step)
+                if decision.stop == "signal":
+                    raise StopRequested(step)
+                if decision.stop == "exit_interval":
+                    self.metrics.finish("KILLED")  # the next launch continues the run
+                    return self.metrics.history
+            self.checkpointer.export(self.models.student.module, self.student_description)
+        return self.metrics.history
+
+    def train_step(self, step: int) -> StepResult:
+        """Forward and backward of the global batch, the update, the metrics.
+
+        A step whose gradients are not finite is skipped (no update, no LR step) and
+        counted; ``optimizer.max_consecutive_nonfinite`` of them in a row end the run.
+        """
+        start = time.perf_counter()
+        micro_batches = self.feed.next_step()
+        self.models.student.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = run_schedule(
+            self.models.pair,
+            micro_batches,
+            partial(self.objective.forward_step, step),
+            seq_length=self.run.data.seq_length,
+            micro_batch_size=self.run.schedule.micro_batch_size,
+            adjust_tensor_shapes_fn=self.models.pair.adjust_tensor_shapes,
+        )
+        applied, grad_norm = self._apply_gradients()
+        metrics = self._step_metrics(reports, grad_norm, time.perf_counter() - start)
+        self.metrics.log(step, metrics)
+        self._check_nonfinite_limit(step)
+        return StepResult(step, applied, metrics)
+
+    def _apply_gradients(self) -> tuple[bool, float]:
+        """The optimizer step when every rank's gradients are finite; (applied, grad norm)."""
+        if not gradients_are_finite(self.models.student):
+            self.skipped_steps += 1
+            self.consecutive_nonfinite += 1
+            return False, float("nan")
+        updated, grad_norm, _ = self.optimizer.step()
+        self.consecutive_nonfinite = 0
+        if updated:
+            self.scheduler.step(increment=1)
+        return updated, float(grad_norm) if grad_norm is not None else float("nan")
+
+    def _step_metrics(self, reports: list, grad_norm: float, elapsed: float) -> dict[str, float]:
+        if not parallel_state.is_pipeline_last_stage():
+            return {}
+        metrics = reduce_reports(reports)
+        tokens = metrics.pop("num_tokens")
+        metrics.update(
+            lr=self.optimizer.param_groups[0]["lr"],
+            grad_norm=grad_norm,
+            step_time_s=elapsed,
+            tokens_per_s=tokens / elapsed,
+            supervised_tokens=tokens,
+            peak_memory_gb=peak_memory_gb(),
+            skipped_steps=self.skipped_steps,
+        )
+        return metrics
+
+    def _check_nonfinite_limit(self, step: int) -> None:
+        count = self.consecutive_nonfinite
+        if count >= self.run.optimizer.max_consecutive_nonfinite:
+            raise NonFiniteTraining(
+                f"steps {step - count + 1}..{step}: loss or gradients not finite {count} times "
+                f"in a row (optimizer.max_consecutive_nonfinite); the last checkpoint in "
+                f"{self.checkpointer.directory} is intact"
+            )
+
+    def save(self, step: int) -> None:
+        """Collective: the student, optimizer, schedule, data position and tracking run."""
+        extra = {
+            "sampler": self.feed.state_dict(),
+            "config": self.run.to_dict(),
+            **self.metrics.tracking_run(),
+        }
+        saved = self.checkpointer.save(
+            step, self.models.student.module, self.optimizer, self.scheduler, extra
+        )
+        if self.run.tracking.log_checkpoints:
+            self.metrics.log_artifact(saved, "checkpoints")
+
+    def close(self) -> None:
+        """Restore the signal handlers and tear the process groups down (always call it)."""
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+        destroy_parallel()
