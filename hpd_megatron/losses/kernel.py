@@ -393,11 +393,13 @@ class _Totals:
     masses: Tensor
     """[TP, n] each rank's student mass sum exp(z - global max) (inverse CDF), else [1, n]."""
     lse_s: Tensor
+    """The student's log-sum-exp."""
     logq_y: Tensor
     lse_t: Tensor | None = None
     t_y: Tensor | None = None
-    z_sample: Tensor | None = None
-    t_sample: Tensor | None = None
+    """The teacher's logit at the data token (token methods)."""
+    at_given: tuple[Tensor, Tensor | None] | None = None
+    """Both models' logits at the given sample."""
 
 
 def _rescaled(total: Tensor, local_max: Tensor, global_max: Tensor) -> Tensor:
@@ -434,7 +436,8 @@ def _reduce_sums(call: _Call, student: _Local, teacher: _Local | None, maxima: T
     totals = _Totals(maxima, max_s, masses, lse_s, got["z_y"] - lse_s, t_y=got.get("t_y"))
     if teacher is not None:
         totals.lse_t = max_t.double() + got["t_mass"].log()
-    totals.z_sample, totals.t_sample = got.get("z_sample"), got.get("t_sample")
+    if "z_sample" in got:
+        totals.at_given = (got["z_sample"], got.get("t_sample"))
     return totals
 
 
@@ -498,7 +501,7 @@ def _sample(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """yh and both models' float64 logits at it: given (reduced in round 2) or drawn."""
     if chunk.given is not None:
-        return chunk.given, totals.z_sample, totals.t_sample
+        return (chunk.given, *totals.at_given)
     ids = _draw_sample(call, chunk, student, totals)
     return (ids, *_sample_logits(call, chunk, ids))
 
