@@ -194,8 +194,6 @@ def layout_problems(
             layout.context_parallel_size,
             max(world // max(tp * pp * layout.context_parallel_size, 1), 1),
         )
-    if layout.context_parallel_size != 1:
-        problems.append("context_parallel_size > 1 is not modelled by the planner")
     dp, mbs = layout.data_parallel_size, run.schedule.micro_batch_size
     if run.schedule.global_batch_size % (mbs * dp):
         problems.append(

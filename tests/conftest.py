@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import yaml
 
 from tests.multiprocess import run_on_ranks
 from tests.training_runs import SEQ, STEPS, STUDENT, TEACHER, save_initial_weights
+
+# The CPU suite runs on the CPU, also on a GPU node; `make test-gpu` (tests/gpu/) sets
+# HPD_GPU_TESTS=1 to keep the GPUs. Set before anything initialises CUDA.
+if os.environ.get("HPD_GPU_TESTS") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,29 @@ import torch
 from tests.multiprocess import run_on_ranks
 from tests.training_runs import STUDENT, logged, read_student, train_on_rank
 
+TP2_PP2 = ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"]
+PRECISIONS = {
+    "fp32": [],
+    "bf16": ["params_dtype=bf16"],
+    "bf16 distributed optimizer": pytest.param(
+        ["params_dtype=bf16", "optimizer.use_distributed_optimizer=true"],
+        marks=pytest.mark.xfail(
+            strict=True,
+            reason="open: the first step after a bf16 distributed-optimizer resume differs "
+            "(also before the trainer's restructuring; issue 16)",
+        ),
+    ),
+}
 
-def test_stop_and_resume_continues_exactly_at_tp2_pp2(setup):
-    layout = [
-        "parallel.tensor_model_parallel_size=2",
-        "parallel.pipeline_model_parallel_size=2",
-        "schedule.train_steps=6",
-    ]
-    straight_dir, resumed_dir = setup["root"] / "straight", setup["root"] / "resumed"
+
+@pytest.mark.parametrize("precision", list(PRECISIONS.values()), ids=list(PRECISIONS))
+def test_stop_and_resume_continues_exactly_at_tp2_pp2(setup, precision, request):
+    layout = TP2_PP2 + precision + ["schedule.train_steps=6"]
+    name = request.node.callspec.id.replace(" ", "_")
+    straight_dir, resumed_dir = (
+        setup["root"] / f"straight_{name}",
+        setup["root"] / f"resumed_{name}",
+    )
     straight = logged(
         run_on_ranks(
             train_on_rank,
@@ -48,6 +63,64 @@ def test_stop_and_resume_continues_exactly_at_tp2_pp2(setup):
     b = run_on_ranks(read_student, 1, str(resumed_dir / "export"))[0]
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "final weights differ"
+
+
+def _resume_without_optimizer_state(recipe: str, overrides: list[str]) -> dict:
+    """The student's weights at build time, right after the resume, and after one step."""
+    from hpd_megatron.training.config import load_run_config
+    from hpd_megatron.training.trainer import DistillationTrainer
+
+    def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().float().clone() for k, v in module.named_parameters()}
+
+    class WatchingTrainer(DistillationTrainer):
+        def build_models(self, resuming: bool):
+            models = super().build_models(resuming)
+            self.built = weights(models.student.module)
+            return models
+
+    trainer = WatchingTrainer(load_run_config(recipe, overrides))
+    try:
+        resumed = weights(trainer.models.student.module)
+        trainer.train()
+        stepped = weights(trainer.models.student.module)
+    finally:
+        trainer.close()
+    return {"built": trainer.built, "resumed": resumed, "stepped": stepped}
+
+
+@pytest.mark.parametrize("optimizer", ["plain", "distributed"])
+def test_bf16_resume_without_optimizer_state_keeps_the_loaded_weights(setup, optimizer):
+    """The fresh optimizer's fp32 main weights must come from the checkpoint, not from the
+    weights the model was built with; else its first step writes those back."""
+    lr = 0.02
+    run = TP2_PP2 + [
+        "params_dtype=bf16",
+        f"optimizer.use_distributed_optimizer={str(optimizer == 'distributed').lower()}",
+        f"optimizer.lr={lr}",
+        "schedule.warmup_steps=0",
+        "schedule.decay_style=constant",
+        f"run_dir={setup['root'] / f'bf16_no_optimizer_state_{optimizer}'}",
+        "schedule.train_steps=5",
+    ]
+    # Four steps, saved; then the last step resumes with a fresh optimizer.
+    run_on_ranks(train_on_rank, 4, setup["recipe"], run + ["schedule.exit_interval=4"])
+    ranks = run_on_ranks(
+        _resume_without_optimizer_state,
+        4,
+        setup["recipe"],
+        run + ["checkpoint.load_optimizer=false"],
+    )
+    for rank in ranks:
+        for key, resumed in rank["resumed"].items():
+            moved = (rank["stepped"][key] - resumed).abs().max().item()
+            # Adam moves each weight by about lr at most in one step (its first, here).
+            assert moved <= 1.5 * lr, (key, moved)
+        # The test could fail: the built weights are far from the trained ones.
+        farthest = max(
+            (rank["built"][k] - v).abs().max().item() for k, v in rank["resumed"].items()
+        )
+        assert farthest > 3 * lr
 
 
 def test_tracker_problems_name_the_file(tmp_path):

@@ -64,6 +64,10 @@ def test_overrides_reach_nested_sections(recipe):
         (["student.model.family.x=1"], "student.model.family is not a section"),
         (["optimizer.lr=fast"], "optimizer.lr: expected a number, got 'fast'"),
         (
+            ["parallel.context_parallel_size=2"],
+            "parallel.context_parallel_size: 2 is not supported yet (batches are not split",
+        ),
+        (
             ["schedule.train_steps=4", "schedule.warmup_steps=4"],
             "schedule.warmup_steps: must be in [0, schedule.train_steps), got 4 with train_steps 4",
         ),

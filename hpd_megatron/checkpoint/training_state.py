@@ -263,6 +263,11 @@ def load_checkpoint(
         # grad) without no_grad themselves.
         with torch.no_grad():
             _load_optimizer_state(optimizer, state["optimizer"])
+    else:
+        # The optimizer was built before these weights were loaded: its fp32 main weights
+        # (bf16 runs) still hold the old ones and its first step would write them back.
+        # As upstream's load_checkpoint (megatron/training/checkpointing.py) does.
+        optimizer.reload_model_params()
     scheduler.load_state_dict(common["scheduler"])
     if same_grid:
         _set_rng_state(state["rng"])

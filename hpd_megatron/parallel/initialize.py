@@ -19,6 +19,7 @@ import torch.distributed as dist
 from hpd_megatron.errors import ConfigError
 from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.parallel import cpu_emulation
+from hpd_megatron.parallel.device import Device, resolve_device
 from hpd_megatron.parallel.layout import ParallelLayout, validate_layout
 
 
@@ -111,9 +112,9 @@ def read_launch_environment(env: Mapping[str, str] | None = None) -> LaunchEnvir
     )
 
 
-def _select_device(local_rank: int) -> tuple[str, torch.device]:
-    """NCCL on this process's GPU when CUDA is there; gloo on the CPU emulation otherwise."""
-    if torch.cuda.is_available():
+def _select_device(kind: str, local_rank: int) -> tuple[str, torch.device]:
+    """NCCL on this process's GPU for CUDA; gloo on the CPU emulation otherwise."""
+    if kind == "cuda":
         torch.cuda.set_device(local_rank)
         return "nccl", torch.device("cuda", local_rank)
     cpu_emulation.enable()
@@ -126,6 +127,7 @@ def initialize_parallel(
     models: Iterable[tuple[str, ModelDescription]] = (),
     timeout_minutes: float = 10.0,
     env: Mapping[str, str] | None = None,
+    device: Device = "auto",
 ) -> ParallelContext:
     """Initialise torch.distributed, parallel_state and the model-parallel RNG.
 
@@ -137,7 +139,7 @@ def initialize_parallel(
     launch = read_launch_environment(env)
     layout = validate_layout(layout, launch.world_size, models)
 
-    backend, device = _select_device(launch.local_rank)
+    backend, selected = _select_device(resolve_device(device, env), launch.local_rank)
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
@@ -159,7 +161,7 @@ def initialize_parallel(
         rank=launch.rank,
         world_size=launch.world_size,
         local_rank=launch.local_rank,
-        device=device,
+        device=selected,
         backend=backend,
         layout=layout,
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),

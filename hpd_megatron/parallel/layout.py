@@ -26,6 +26,13 @@ class ParallelLayout:
     data_parallel_size: int | None = None
     """None: whatever the world size leaves after TP x PP x CP."""
 
+    def __post_init__(self) -> None:
+        if self.context_parallel_size != 1:
+            raise LayoutError(
+                f"parallel.context_parallel_size: {self.context_parallel_size} is not supported "
+                "yet (batches are not split per CP rank and the loss is not CP-aware); use 1"
+            )
+
     @property
     def model_parallel_size(self) -> int:
         return (

@@ -39,11 +39,24 @@ def check_shared_vocabulary(student: ModelDescription, teacher: ModelDescription
         )
 
 
+def _in_dtype(model: torch.nn.Module, config) -> torch.nn.Module:
+    """Every parameter in the model's dtype, as upstream's Float16Module casts a bf16 model.
+
+    Without Transformer Engine, Megatron's torch-norm fallback keeps its weights in fp32,
+    and Megatron's mixed-precision optimizer cannot save the state of such parameters.
+    """
+    for parameter in model.parameters():
+        if parameter.dtype != config.params_dtype:
+            parameter.data = parameter.data.to(config.params_dtype)
+    return model
+
+
 def _build_teacher(run: RunConfig, description: ModelDescription) -> torch.nn.Module:
     """The frozen teacher's stage, with its weights when the recipe names them."""
     # A frozen teacher needs no fp32 master weights: bf16 on GPUs halves its memory.
     dtype = torch.bfloat16 if torch.cuda.is_available() else DTYPES[run.params_dtype]
-    teacher = build_gpt_model(description, transformer_config(description, params_dtype=dtype))
+    config = transformer_config(description, params_dtype=dtype)
+    teacher = _in_dtype(build_gpt_model(description, config), config)
     if run.teacher is not None and run.teacher.checkpoint:
         load_model_weights(teacher, run.teacher.checkpoint)
     return teacher
@@ -67,7 +80,7 @@ def build_models(
         # gradients by the global batch's token count, giving the global token mean.
         calculate_per_token_loss=True,
     )
-    student = build_gpt_model(student_description, student_config)
+    student = _in_dtype(build_gpt_model(student_description, student_config), student_config)
     if run.checkpoint.load and not resuming:
         load_model_weights(student, run.checkpoint.load)
     teacher = _build_teacher(run, teacher_description) if teacher_description else None

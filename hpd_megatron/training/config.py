@@ -21,6 +21,7 @@ from hpd_megatron.config import expand_variables, from_dict, load_yaml
 from hpd_megatron.errors import ConfigError
 from hpd_megatron.losses.methods import MethodName, needs_teacher
 from hpd_megatron.models.description import ModelDescription
+from hpd_megatron.parallel.device import Device
 from hpd_megatron.parallel.layout import ParallelLayout
 from hpd_megatron.tracking.config import TrackingConfig
 
@@ -151,6 +152,9 @@ class RunConfig:
     seed: int = 1234
     params_dtype: Literal["fp32", "bf16"] = "fp32"
     """fp32 or bf16 (the student's parameters; the teacher follows)."""
+    device: Device = "auto"
+    """auto (CUDA when torch has it; an error when GPUs are visible but torch has no CUDA),
+    cuda (required), or cpu (gloo over the CPU emulation, on purpose)."""
 
     def __post_init__(self) -> None:
         # Parse the model descriptions now, so their errors come with the recipe's.

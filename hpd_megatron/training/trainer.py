@@ -67,7 +67,7 @@ class DistillationTrainer:
         check_shared_vocabulary(self.student_description, self.teacher_description)
         check_inputs(run)  # every missing path at once, before any process group or GPU
         self.context = initialize_parallel(
-            run.parallel, seed=run.seed, models=self._models_for_layout()
+            run.parallel, seed=run.seed, models=self._models_for_layout(), device=run.device
         )
         self.checkpointer: Checkpointer | None = None
         self.metrics: MetricsLogger | None = None
