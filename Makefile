@@ -27,14 +27,23 @@ SYSTEM_PROGRAMS := /usr/sbin/slurmctld /usr/sbin/slurmd /usr/sbin/munged /usr/bi
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-cpu.txt requirements-dev.txt pyproject.toml
+# On a GPU machine the container's torch is pinned by a constraint file, so that nothing pip
+# installs can replace it; Transformer Engine is installed only where the container lacks it.
+TORCH_CONSTRAINT := $(VENV)/torch-constraint.txt
+PIP := $(BIN)/pip install -q --disable-pip-version-check --no-compile
+
+$(STAMP): requirements.txt requirements-cpu.txt requirements-gpu.txt requirements-dev.txt pyproject.toml
 ifeq ($(HAS_GPU),yes)
 	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(TORCH_CONSTRAINT)
+	$(BIN)/python -c "import transformer_engine" 2>/dev/null || \
+		$(PIP) --no-build-isolation -c $(TORCH_CONSTRAINT) -r requirements-gpu.txt
+	$(PIP) -c $(TORCH_CONSTRAINT) -r requirements.txt -r requirements-dev.txt
 else
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check --no-compile -r requirements-cpu.txt
+	$(PIP) -r requirements-cpu.txt
+	$(PIP) -r requirements.txt -r requirements-dev.txt
 endif
-	$(BIN)/pip install -q --disable-pip-version-check --no-compile -r requirements.txt -r requirements-dev.txt
 	$(BIN)/pip install -q --disable-pip-version-check --no-compile --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

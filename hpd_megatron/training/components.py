@@ -51,11 +51,14 @@ def _in_dtype(model: torch.nn.Module, config) -> torch.nn.Module:
     return model
 
 
+def teacher_dtype(run: RunConfig) -> torch.dtype:
+    """A frozen teacher needs no fp32 master weights: bf16 on GPUs halves its memory."""
+    return torch.bfloat16 if torch.cuda.is_available() else DTYPES[run.params_dtype]
+
+
 def _build_teacher(run: RunConfig, description: ModelDescription) -> torch.nn.Module:
     """The frozen teacher's stage, with its weights when the recipe names them."""
-    # A frozen teacher needs no fp32 master weights: bf16 on GPUs halves its memory.
-    dtype = torch.bfloat16 if torch.cuda.is_available() else DTYPES[run.params_dtype]
-    config = transformer_config(description, params_dtype=dtype)
+    config = transformer_config(description, params_dtype=teacher_dtype(run))
     teacher = _in_dtype(build_gpt_model(description, config), config)
     if run.teacher is not None and run.teacher.checkpoint:
         load_model_weights(teacher, run.teacher.checkpoint)

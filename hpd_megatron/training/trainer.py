@@ -14,6 +14,7 @@ experiment, subclass and override ``build_models``, ``build_objective`` or ``tra
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,6 +28,7 @@ from hpd_megatron.checkpoint.checkpointer import Checkpointer
 from hpd_megatron.checkpoint.signals import StopRequested
 from hpd_megatron.data.files import staged_files
 from hpd_megatron.errors import NonFiniteTraining
+from hpd_megatron.models.builder import transformer_engine_available
 from hpd_megatron.parallel.initialize import destroy_parallel, initialize_parallel
 from hpd_megatron.plan import training_flops_per_token
 from hpd_megatron.training.components import (
@@ -35,6 +37,7 @@ from hpd_megatron.training.components import (
     build_optimizer,
     check_shared_vocabulary,
     gradients_are_finite,
+    teacher_dtype,
 )
 from hpd_megatron.training.config import RunConfig
 from hpd_megatron.training.feed import TrainingFeed
@@ -69,6 +72,8 @@ class DistillationTrainer:
         self.context = initialize_parallel(
             run.parallel, seed=run.seed, models=self._models_for_layout(), device=run.device
         )
+        if self.context.is_logging_rank:
+            print(self._startup_line(), flush=True)
         self.checkpointer: Checkpointer | None = None
         self.metrics: MetricsLogger | None = None
         try:
@@ -78,6 +83,19 @@ class DistillationTrainer:
                 self.metrics.finish("FAILED")
             self.close()
             raise
+
+    def _startup_line(self) -> str:
+        """What this run computes on, in one line: the first thing to check on a new cluster."""
+        spec = "transformer_engine" if transformer_engine_available() else "local"
+        apex = "apex" if importlib.util.find_spec("apex") is not None else "no apex"
+        teacher = ""
+        if self.teacher_description is not None:
+            teacher = f", teacher {str(teacher_dtype(self.run)).removeprefix('torch.')}"
+        return (
+            f"hpd-megatron: backend {self.context.backend}, device {self.context.device.type}, "
+            f"layer spec {spec} ({apex}), student {self.run.params_dtype}{teacher}, "
+            f"layout {self.context.layout.describe()}"
+        )
 
     def _models_for_layout(self) -> list:
         models = [("student", self.student_description)]
