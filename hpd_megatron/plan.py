@@ -178,9 +178,7 @@ def layout_problems(
     run: RunConfig, world: int, gpus_per_node: int
 ) -> tuple[ParallelLayout, list[str], list[str]]:
     """Every violated divisibility rule (one string each) and warnings; the layout with DP set."""
-    models = [("student", run.student.description("student"))]
-    if run.uses_teacher:
-        models.append(("teacher", run.teacher_description()))
+    models = run.named_models()
     problems: list[str] = []
     layout = run.parallel
     try:

@@ -32,6 +32,14 @@ def task(tmp_path_factory) -> Path:
     return write_eval_task(tmp_path_factory.mktemp("evaluate"))
 
 
+def _fail_on_data(task: Path, data: Path) -> str:
+    """The error for evaluating the task's model on ``data``."""
+    tokenizer = task / "data" / "tokenizer.model"
+    return _fail(
+        ["--ckpt", str(task / "described"), "--data", str(data), "--tokenizer", str(tokenizer)]
+    )
+
+
 def _fail(argv: list[str]) -> str:
     """The one-line error ``main`` exits with (code 1)."""
     code, err = run_main(main, argv)
@@ -43,16 +51,7 @@ def _fail(argv: list[str]) -> str:
 def test_malformed_line_names_file_and_line(task):
     bad = task / "bad.jsonl"
     bad.write_text('{"prompt": "Compute 1 + 1.", "answer": 2}\n\n{"prompt": "Compute 2 + 2.", \n')
-    message = _fail(
-        [
-            "--ckpt",
-            str(task / "described"),
-            "--data",
-            str(bad),
-            "--tokenizer",
-            str(task / "data" / "tokenizer.model"),
-        ]
-    )
+    message = _fail_on_data(task, bad)
     assert f"{bad}:3: not valid JSON" in message
 
 
@@ -80,16 +79,7 @@ def test_bad_record_names_file_and_line(task, record, expected):
     bad.write_text(
         json.dumps({"prompt": "Compute 1 + 1.", "answer": 2}) + "\n" + json.dumps(record) + "\n"
     )
-    message = _fail(
-        [
-            "--ckpt",
-            str(task / "described"),
-            "--data",
-            str(bad),
-            "--tokenizer",
-            str(task / "data" / "tokenizer.model"),
-        ]
-    )
+    message = _fail_on_data(task, bad)
     assert message.startswith(f"error: {bad}:2: ") and expected in message
 
 

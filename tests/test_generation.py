@@ -31,6 +31,7 @@ from hpd_megatron.data.records import read_records
 from hpd_megatron.eval.answers import avg_at_k
 from tests.multiprocess import free_port, run_on_ranks
 from tests.tool_runs import load_tool
+from tests.training_runs import STUDENT
 
 WIDTH = 16  # padded columns per TP rank at TP2 (32 at TP1)
 SHARP = [2.0, 1.0, 0.5, 0.0, -1.0, 3.0, 0.2, -0.5, 1.5, 0.7]  # 10 real tokens: TP rank 1 holds none
@@ -146,17 +147,7 @@ def test_tp2_draws_equal_tp1_draws(draws):
 
 # --- generation with a model ---------------------------------------------------------------
 
-MODEL = dict(
-    family="llama",
-    num_layers=2,
-    hidden_size=64,
-    num_attention_heads=4,
-    num_query_groups=2,
-    ffn_hidden_size=128,
-    vocab_size=128,
-    max_position_embeddings=64,
-    init_method_std=0.1,
-)
+MODEL = dict(STUDENT, max_position_embeddings=64, init_method_std=0.1)
 TEST_PROBLEMS = 5
 LONG_LINE = TEST_PROBLEMS + 1  # the prompt longer than the context
 

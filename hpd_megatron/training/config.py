@@ -179,6 +179,13 @@ class RunConfig:
     def teacher_description(self) -> ModelDescription | None:
         return self.teacher.description("teacher") if self.uses_teacher else None
 
+    def named_models(self) -> list[tuple[str, ModelDescription]]:
+        """("student", ...) and, when used, ("teacher", ...): the models sharing the layout."""
+        models = [("student", self.student.description("student"))]
+        if self.uses_teacher:
+            models.append(("teacher", self.teacher_description()))
+        return models
+
     def micro_batches_per_step(self, data_parallel_size: int) -> int:
         per_replica = self.schedule.micro_batch_size * data_parallel_size
         if self.schedule.global_batch_size % per_replica:

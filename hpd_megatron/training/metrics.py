@@ -60,10 +60,7 @@ class ConsoleSink:
     time of this launch, and on known GPUs the model FLOPs utilisation (MFU).
     """
 
-    def __init__(
-        self, run: RunConfig, world_size: int, flops_per_token: float, first_step: int
-    ) -> None:
-        self.first_step = first_step
+    def __init__(self, run: RunConfig, world_size: int, flops_per_token: float) -> None:
         self.total = run.schedule.train_steps
         self.interval = run.logging.log_interval
         self.tokens_per_step = run.schedule.global_batch_size * run.data.seq_length
@@ -80,20 +77,19 @@ class ConsoleSink:
     def format(self, step: int, metrics: Mapping[str, Any]) -> str:
         shown = ("loss", "cross_entropy", "lr", "grad_norm", "tokens_per_s", "step_time_s")
         parts = [f"{name} {metrics[name]:.4g}" for name in shown if name in metrics]
-        parts += self._throughput(metrics["step_time_s"])
+        parts += self._throughput(metrics["step_time_s"], self.total - step)
         parts += [
             f"{name} {value:.3f}" for name, value in metrics.items() if name.startswith("hpd/")
         ]
         return f"step {step}/{self.total}: " + "  ".join(parts)
 
-    def _throughput(self, step_time: float) -> list[str]:
+    def _throughput(self, step_time: float, remaining: int) -> list[str]:
         per_device = self.tokens_per_step / step_time / self.world_size
         unit = "gpu" if torch.cuda.is_available() else "proc"
         parts = [f"tok/s/{unit} {per_device:.4g}"]
         if self.peak_flops:
             parts.append(f"mfu {100 * per_device * self.flops_per_token / self.peak_flops:.1f}%")
-        remaining = self.total - (self.first_step + len(self.step_times) - 1)
-        # The first step of a launch includes compilation and warm-up: the median ignores it.
+        # The first step of a launch includes warm-up: the median is not thrown by it.
         eta = timedelta(seconds=round(statistics.median(self.step_times) * remaining))
         return parts + [f"eta {eta}"]
 
@@ -123,7 +119,6 @@ class MetricsLogger:
         context: ParallelContext,
         flops_per_token: float,
         saved_tracking_run: Mapping[str, str | None],
-        first_step: int,
     ) -> MetricsLogger:
         """Sinks on the logging rank (MLflow continues the run the checkpoint names)."""
         if not context.is_logging_rank:
@@ -139,7 +134,7 @@ class MetricsLogger:
         sbatch_script = os.environ.get("HPD_SBATCH_SCRIPT")
         if sbatch_script and Path(sbatch_script).is_file():
             tracker.log_artifact(sbatch_script, "slurm")
-        console = ConsoleSink(run, context.world_size, flops_per_token, first_step)
+        console = ConsoleSink(run, context.world_size, flops_per_token)
         sinks = [JsonlSink(Path(run.run_dir) / "metrics.jsonl"), console, tracker]
         return cls(sinks, tracker)
 

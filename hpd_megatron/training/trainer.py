@@ -29,6 +29,7 @@ from hpd_megatron.checkpoint.signals import StopRequested
 from hpd_megatron.data.files import staged_files
 from hpd_megatron.errors import NonFiniteTraining
 from hpd_megatron.models.builder import transformer_engine_available
+from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.parallel.initialize import destroy_parallel, initialize_parallel
 from hpd_megatron.plan import training_flops_per_token
 from hpd_megatron.training.components import (
@@ -65,12 +66,12 @@ class DistillationTrainer:
         """Everything before the first step; a failure here leaves no process group."""
         self.run = run
         # Models first as descriptions: validation needs no process group.
-        self.student_description = run.student.description("student")
-        self.teacher_description = run.teacher_description()
+        self.named_models = run.named_models()
+        self.student_description, self.teacher_description = self._descriptions()
         check_shared_vocabulary(self.student_description, self.teacher_description)
         check_inputs(run)  # every missing path at once, before any process group or GPU
         self.context = initialize_parallel(
-            run.parallel, seed=run.seed, models=self._models_for_layout(), device=run.device
+            run.parallel, seed=run.seed, models=self.named_models, device=run.device
         )
         if self.context.is_logging_rank:
             print(self._startup_line(), flush=True)
@@ -97,11 +98,9 @@ class DistillationTrainer:
             f"layout {self.context.layout.describe()}"
         )
 
-    def _models_for_layout(self) -> list:
-        models = [("student", self.student_description)]
-        if self.teacher_description is not None:
-            models.append(("teacher", self.teacher_description))
-        return models
+    def _descriptions(self) -> tuple[ModelDescription, ModelDescription | None]:
+        models = dict(self.named_models)
+        return models["student"], models.get("teacher")
 
     def _set_up(self) -> None:
         run, context = self.run, self.context
@@ -118,7 +117,6 @@ class DistillationTrainer:
                 run.parallel.tensor_model_parallel_size,
             ),
             self.checkpointer.saved_tracking_run(),
-            self.first_step,
         )
         run.micro_batches_per_step(context.layout.data_parallel_size)  # must split evenly
         self._write_resolved_config()
