@@ -176,3 +176,85 @@ def test_command_line_reports_bad_input_in_one_line(prepared_data, tmp_path):
         "(write the dataset with tools/prepare_data.py)"
     )
     assert "Traceback" not in result.stderr
+
+
+# Everything of the performance section that the CPU can run, against the plain run.
+ON_THE_CPU = [
+    "optimizer.use_distributed_optimizer=true",
+    "performance.overlap_grad_reduce=true",
+    "performance.overlap_param_gather=true",
+    "performance.recompute_granularity=full",
+    "performance.recompute_num_layers=1",
+    "performance.deallocate_pipeline_outputs=true",
+    "performance.fully_parallel_save=true",
+    "performance.fully_parallel_load=true",
+]
+PLAIN = [
+    "optimizer.use_distributed_optimizer=true",
+    "performance.deallocate_pipeline_outputs=false",
+    "performance.fully_parallel_save=false",
+]
+TP1_PP2_DP2 = ["parallel.pipeline_model_parallel_size=2", "schedule.train_steps=4"]
+
+
+def _train_reporting_settings(recipe: str, overrides: list[str]) -> dict:
+    """Train; report the settings the built models, DDP wrapper and optimizer received."""
+    from hpd_megatron.training.config import load_run_config
+    from hpd_megatron.training.trainer import DistillationTrainer
+
+    class SettingsTrainer(DistillationTrainer):
+        def build_models(self, resuming: bool):
+            models = super().build_models(resuming)
+            student, teacher = models.student.module.config, models.pair.teacher.config
+            fields = (
+                "sequence_parallel",
+                "apply_rope_fusion",
+                "recompute_granularity",
+                "recompute_num_layers",
+                "deallocate_pipeline_outputs",
+            )
+            self.settings = {
+                "student": {name: getattr(student, name) for name in fields},
+                "teacher": {name: getattr(teacher, name) for name in fields},
+                "ddp": {
+                    name: getattr(models.student.ddp_config, name)
+                    for name in ("overlap_grad_reduce", "overlap_param_gather")
+                },
+            }
+            return models
+
+    trainer = SettingsTrainer(load_run_config(recipe, overrides))
+    try:
+        history = trainer.train()
+        trainer.settings["optimizer_overlap_param_gather"] = (
+            trainer.optimizer.config.overlap_param_gather
+        )
+    finally:
+        trainer.close()
+    return {"history": history, "settings": trainer.settings, "teacher_unchanged": True}
+
+
+def test_cpu_settings_reach_both_models_and_keep_the_losses_exact(setup):
+    def launch(name: str, overrides: list[str]) -> list[dict]:
+        run = TP1_PP2_DP2 + overrides + [f"run_dir={setup['root'] / name}"]
+        return run_on_ranks(_train_reporting_settings, 4, setup["recipe"], run)
+
+    plain = logged(launch("plain", PLAIN))
+    stopped = launch("tuned", ON_THE_CPU + ["schedule.exit_interval=2"])
+    resumed = logged(launch("tuned", ON_THE_CPU))
+    settings = stopped[0]["settings"]
+    assert settings["student"] == {
+        "sequence_parallel": False,
+        "apply_rope_fusion": False,
+        "recompute_granularity": "full",
+        "recompute_num_layers": 1,
+        "deallocate_pipeline_outputs": True,
+    }
+    assert settings["teacher"]["recompute_granularity"] is None
+    assert settings["ddp"] == {"overlap_grad_reduce": True, "overlap_param_gather": True}
+    assert settings["optimizer_overlap_param_gather"]
+    tuned = logged(stopped) + resumed
+    assert [h["step"] for h in tuned] == [1, 2, 3, 4]
+    for expected, got in zip(plain, tuned):
+        for key in ("loss", "cross_entropy", "grad_norm", "lr"):
+            assert got[key] == expected[key], (got["step"], key, got[key], expected[key])

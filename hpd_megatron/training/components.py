@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
@@ -14,12 +17,13 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from hpd_megatron.checkpoint.weights import load_model_weights
 from hpd_megatron.errors import ConfigError
-from hpd_megatron.models.builder import build_gpt_model, transformer_config
+from hpd_megatron.models.builder import build_gpt_model, layer_spec, transformer_config
 from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.models.dtypes import DTYPES
 from hpd_megatron.parallel.collectives import any_rank
 from hpd_megatron.training.config import RunConfig
 from hpd_megatron.training.pair import DistillationPair
+from hpd_megatron.training.performance import ModelSettings, Performance, resolve_performance
 
 
 @dataclass
@@ -28,6 +32,7 @@ class Models:
     student: DistributedDataParallel
     student_description: ModelDescription
     teacher_description: ModelDescription | None
+    performance: Performance
 
 
 def check_shared_vocabulary(student: ModelDescription, teacher: ModelDescription | None) -> None:
@@ -52,17 +57,23 @@ def _in_dtype(model: torch.nn.Module, config) -> torch.nn.Module:
 
 
 def teacher_dtype(run: RunConfig) -> torch.dtype:
-    """A frozen teacher needs no fp32 master weights: bf16 on GPUs halves its memory."""
-    return torch.bfloat16 if torch.cuda.is_available() else DTYPES[run.params_dtype]
+    """The teacher's compute dtype on this node (performance.teacher_precision)."""
+    return resolve_performance(run, 1).teacher.params_dtype
 
 
-def _build_teacher(run: RunConfig, description: ModelDescription) -> torch.nn.Module:
-    """The frozen teacher's stage, with its weights when the recipe names them."""
-    config = transformer_config(description, params_dtype=teacher_dtype(run))
-    teacher = _in_dtype(build_gpt_model(description, config), config)
-    if run.teacher is not None and run.teacher.checkpoint:
-        load_model_weights(teacher, run.teacher.checkpoint)
-    return teacher
+def _build_model(
+    description: ModelDescription, settings: ModelSettings, **overrides
+) -> torch.nn.Module:
+    """One model's stage with the performance section's settings, every parameter in dtype."""
+    try:
+        config = transformer_config(
+            description, params_dtype=settings.params_dtype, **settings.overrides, **overrides
+        )
+    except (ValueError, AssertionError) as error:
+        # TransformerConfig's own checks (e.g. recompute_num_layers against the layers).
+        raise ConfigError(f"performance: Megatron-Core refused the settings: {error}") from None
+    spec = layer_spec(description, settings.use_transformer_engine)
+    return _in_dtype(build_gpt_model(description, config, spec=spec), config)
 
 
 def build_models(
@@ -75,23 +86,24 @@ def build_models(
 
     The student starts from ``checkpoint.load`` unless the run is ``resuming`` from its own
     checkpoint (which is loaded afterwards, with the optimizer)."""
-    dtype = DTYPES[run.params_dtype]
-    student_config = transformer_config(
-        student_description,
-        params_dtype=dtype,
-        # The loss function returns (sum, num_tokens): the schedule then divides the
-        # gradients by the global batch's token count, giving the global token mean.
-        calculate_per_token_loss=True,
-    )
-    student = _in_dtype(build_gpt_model(student_description, student_config), student_config)
+    performance = resolve_performance(run, parallel_state.get_tensor_model_parallel_world_size())
+    # The loss function returns (sum, num_tokens): the schedule then divides the
+    # gradients by the global batch's token count, giving the global token mean.
+    student = _build_model(student_description, performance.student, calculate_per_token_loss=True)
     if run.checkpoint.load and not resuming:
         load_model_weights(student, run.checkpoint.load)
-    teacher = _build_teacher(run, teacher_description) if teacher_description else None
+    teacher = None
+    if teacher_description is not None:
+        teacher = _build_model(teacher_description, performance.teacher)
+        if run.teacher is not None and run.teacher.checkpoint:
+            load_model_weights(teacher, run.teacher.checkpoint)
+    student_config = student.config
     ddp = DistributedDataParallel(
         config=student_config,
         ddp_config=DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             use_distributed_optimizer=run.optimizer.use_distributed_optimizer,
+            **performance.ddp,
         ),
         module=student,
     )
@@ -101,12 +113,42 @@ def build_models(
         student_description.hidden_size,
         teacher_description.hidden_size if teacher_description is not None else 0,
     )
-    # The schedule takes these hooks from the config of "the model" (the student's).
-    student_config.no_sync_func = ddp.no_sync
-    student_config.finalize_model_grads_func = lambda _chunks, num_tokens=None, **kwargs: (
+    _install_schedule_hooks(student_config, ddp)
+    return Models(pair, ddp, student_description, teacher_description, performance)
+
+
+def _install_schedule_hooks(config, ddp: DistributedDataParallel) -> None:
+    """The hooks the schedule takes from the config of "the model" (the student's).
+
+    As upstream's ``train`` (megatron/training/training.py) sets them for one model chunk:
+    gradient sync held back until the last micro-batch, then started bucket by bucket
+    during its backward pass when overlap_grad_reduce is on.
+    """
+    config.no_sync_func = ddp.no_sync
+    if ddp.ddp_config.overlap_grad_reduce:
+        config.grad_sync_func = ddp.start_grad_sync
+    config.finalize_model_grads_func = lambda _chunks, num_tokens=None, **kwargs: (
         finalize_model_grads([ddp], num_tokens, **kwargs)
     )
-    return Models(pair, ddp, student_description, teacher_description)
+
+
+@contextmanager
+def parameters_gathered(student: DistributedDataParallel) -> Iterator[None]:
+    """The student's current weights on every rank, for a save or an export.
+
+    With ``overlap_param_gather`` the distributed optimizer's update reaches the other
+    replicas only in the next forward's hooks; upstream's ``save_checkpoint_and_time``
+    (megatron/training/training.py) disables the hooks, which gathers now, and enables them
+    again after the save.
+    """
+    if not student.use_forward_hook:
+        yield
+        return
+    student.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        student.enable_forward_pre_hook()
 
 
 def build_optimizer(run: RunConfig, student: DistributedDataParallel):
@@ -125,6 +167,8 @@ def build_optimizer(run: RunConfig, student: DistributedDataParallel):
             bf16=run.params_dtype == "bf16",
             params_dtype=DTYPES[run.params_dtype],
             use_distributed_optimizer=opt.use_distributed_optimizer,
+            # Must match the DDP wrapper's: the gather then happens in its forward hooks.
+            overlap_param_gather=student.ddp_config.overlap_param_gather,
         ),
         [student],
     )

@@ -132,6 +132,72 @@ class CheckpointConfig:
 
 
 @dataclass
+class PerformanceConfig:
+    """Megatron-Core's speed settings, with upstream Megatron-LM's defaults.
+
+    Mapped onto both models' TransformerConfig where they must agree (the layer spec,
+    sequence parallelism, RoPE fusion), onto the student's alone where only training uses
+    them (recomputation, gradient-accumulation fusion), and onto the DDP and optimizer
+    configs. A fused kernel that the node lacks is ignored (the CPU has none); a setting
+    that cannot work is refused with its key (hpd_megatron/training/performance.py).
+    """
+
+    transformer_impl: Literal["transformer_engine", "local"] = "transformer_engine"
+    """The layer spec on CUDA: Transformer Engine (required unless local is asked for), or
+    Megatron-Core's local spec, whose unfused attention runs out of memory at 8k tokens.
+    The CPU always runs the local spec."""
+    sequence_parallel: bool | None = None
+    """Split norms and dropout along the sequence over the TP group; null: on whenever
+    TP > 1 with Transformer Engine (never at TP 1)."""
+    apply_rope_fusion: bool = True
+    """Transformer Engine's fused RoPE (ignored without it)."""
+    gradient_accumulation_fusion: bool = True
+    """Accumulate weight gradients into the fp32 main grads inside the GEMM (needs apex's
+    fused_weight_gradient_mlp_cuda on CUDA; ignored without it)."""
+    deallocate_pipeline_outputs: bool = True
+    """Free each stage's sent activation, keeping only its autograd graph."""
+    overlap_grad_reduce: bool = False
+    """Reduce gradient buckets during the backward pass."""
+    overlap_param_gather: bool = False
+    """Gather the distributed optimizer's updated parameters during the next forward
+    (needs optimizer.use_distributed_optimizer and overlap_grad_reduce)."""
+    recompute_granularity: Literal["selective", "full"] | None = None
+    """Activation recomputation of the student: selective (core attention) or full layers."""
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    """With full recomputation: uniform groups of recompute_num_layers, or the first
+    recompute_num_layers layers of each stage (block)."""
+    recompute_num_layers: int = 1
+    distributed_timeout_minutes: float = 10.0
+    """How long a collective may wait before the job fails (torch.distributed timeout)."""
+    fully_parallel_save: bool = True
+    """Spread the writing of replicated tensors over the data-parallel ranks."""
+    fully_parallel_load: bool = False
+    """Read each tensor once per data-parallel group and exchange it."""
+    teacher_precision: Literal["auto", "bf16", "fp32", "fp8"] = "auto"
+    """The frozen teacher's compute: auto is bf16 on CUDA and params_dtype on the CPU; fp8
+    runs its linear layers in FP8 through Transformer Engine (CUDA only)."""
+    teacher_fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    """Transformer Engine's FP8 scaling recipe when teacher_precision is fp8 (mxfp8 needs
+    Blackwell)."""
+
+    def __post_init__(self) -> None:
+        if self.recompute_num_layers < 1:
+            raise ConfigError(
+                f"performance.recompute_num_layers: must be >= 1, got {self.recompute_num_layers}"
+            )
+        if self.distributed_timeout_minutes <= 0:
+            raise ConfigError(
+                "performance.distributed_timeout_minutes: must be > 0, got "
+                f"{self.distributed_timeout_minutes}"
+            )
+        if self.overlap_param_gather and not self.overlap_grad_reduce:
+            # Upstream Megatron-LM's validate_args refuses this combination too.
+            raise ConfigError(
+                "performance.overlap_param_gather: needs performance.overlap_grad_reduce=true"
+            )
+
+
+@dataclass
 class LoggingConfig:
     log_interval: int = 1
 
@@ -147,6 +213,7 @@ class RunConfig:
     parallel: ParallelLayout = field(default_factory=ParallelLayout)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run_dir: str = "runs/default"
     seed: int = 1234
@@ -169,6 +236,10 @@ class RunConfig:
         if needs_teacher(self.loss.method) and self.teacher is None:
             # The reference code silently distils the student into itself here.
             raise ConfigError(f"teacher: loss.method {self.loss.method!r} needs a teacher")
+        if self.performance.overlap_param_gather and not self.optimizer.use_distributed_optimizer:
+            raise ConfigError(
+                "performance.overlap_param_gather: needs optimizer.use_distributed_optimizer=true"
+            )
 
     @property
     def uses_teacher(self) -> bool:

@@ -1,0 +1,157 @@
+"""The recipe's ``performance:`` section on this node: what each model's configs receive.
+
+A setting reaches Megatron-Core through each model's TransformerConfig and the student's
+DistributedDataParallelConfig (and, through it, its OptimizerConfig). The fused kernels at
+hand decide the rest: a fusion the node lacks is switched off, as upstream Megatron-LM does
+when a kernel is missing, and a setting that cannot run here is refused with its key.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hpd_megatron.errors import ConfigError
+from hpd_megatron.models.dtypes import DTYPES
+from hpd_megatron.training.config import PerformanceConfig, RunConfig
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """What this process can run besides plain torch."""
+
+    cuda: bool
+    transformer_engine: bool
+    apex_weight_gradient: bool
+    """apex's fused_weight_gradient_mlp_cuda, which Megatron's gradient-accumulation fusion
+    needs in every ColumnParallelLinear (the output layer is one, also with the TE spec)."""
+
+    @classmethod
+    def detect(cls) -> Kernels:
+        cuda = torch.cuda.is_available()
+        return cls(
+            cuda=cuda,
+            transformer_engine=cuda and importlib.util.find_spec("transformer_engine") is not None,
+            apex_weight_gradient=cuda
+            and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None,
+        )
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Everything a model's build needs from the performance section."""
+
+    use_transformer_engine: bool
+    params_dtype: torch.dtype
+    overrides: dict[str, Any]
+    """TransformerConfig fields."""
+
+
+@dataclass(frozen=True)
+class Performance:
+    """The section resolved for one run on this node."""
+
+    student: ModelSettings
+    teacher: ModelSettings
+    ddp: dict[str, Any]
+    """DistributedDataParallelConfig fields (build_optimizer copies overlap_param_gather)."""
+
+
+def use_transformer_engine(settings: PerformanceConfig, kernels: Kernels) -> bool:
+    """The TE spec on CUDA unless the recipe asks for the local one; never on the CPU."""
+    if not kernels.cuda or settings.transformer_impl == "local":
+        return False
+    if not kernels.transformer_engine:
+        raise ConfigError(
+            "performance.transformer_impl: transformer_engine, but Transformer Engine is not "
+            "installed (pip install -r requirements-gpu.txt, or the NGC PyTorch container); "
+            "performance.transformer_impl=local runs Megatron's unfused spec, which runs out "
+            "of memory at long sequences"
+        )
+    return True
+
+
+def sequence_parallel(settings: PerformanceConfig, tensor_parallel_size: int, te: bool) -> bool:
+    """On by default whenever TP > 1 with TE; Megatron's torch norms cannot split it."""
+    if tensor_parallel_size == 1:
+        return False  # Megatron-LM's validate_args turns it off at TP 1 as well.
+    if settings.sequence_parallel is None:
+        return te
+    if settings.sequence_parallel and not te:
+        raise ConfigError(
+            "performance.sequence_parallel: needs the Transformer Engine spec on CUDA "
+            "(Megatron's local spec uses torch norms, which refuse it)"
+        )
+    return settings.sequence_parallel
+
+
+def teacher_dtype(run: RunConfig, kernels: Kernels) -> torch.dtype:
+    """A frozen teacher needs no fp32 master weights: bf16 on GPUs halves its memory."""
+    precision = run.performance.teacher_precision
+    if precision == "auto":
+        return torch.bfloat16 if kernels.cuda else DTYPES[run.params_dtype]
+    return torch.float32 if precision == "fp32" else torch.bfloat16
+
+
+def _teacher_fp8(settings: PerformanceConfig, te: bool) -> dict[str, Any]:
+    if settings.teacher_precision != "fp8":
+        return {}
+    if not te:
+        raise ConfigError(
+            "performance.teacher_precision: fp8 needs Transformer Engine on CUDA "
+            "(performance.transformer_impl=transformer_engine)"
+        )
+    # Forward only: E4M3 throughout (hybrid would use E5M2 for gradients it never has).
+    return {"fp8": "e4m3", "fp8_recipe": settings.teacher_fp8_recipe}
+
+
+def _recompute(settings: PerformanceConfig) -> dict[str, Any]:
+    if settings.recompute_granularity is None:
+        return {}
+    if settings.recompute_granularity == "selective":
+        return {"recompute_granularity": "selective"}
+    return {
+        "recompute_granularity": "full",
+        "recompute_method": settings.recompute_method,
+        "recompute_num_layers": settings.recompute_num_layers,
+    }
+
+
+def resolve_performance(
+    run: RunConfig, tensor_parallel_size: int, kernels: Kernels | None = None
+) -> Performance:
+    """The section's effect on every config, or a ConfigError naming the key at fault."""
+    settings = run.performance
+    kernels = Kernels.detect() if kernels is None else kernels
+    te = use_transformer_engine(settings, kernels)
+    sp = sequence_parallel(settings, tensor_parallel_size, te)
+    if sp and run.data.seq_length % tensor_parallel_size:
+        raise ConfigError(
+            f"data.seq_length: {run.data.seq_length} is not a multiple of the TP size "
+            f"{tensor_parallel_size}, which sequence parallelism needs "
+            "(or set performance.sequence_parallel=false)"
+        )
+    shared = {
+        "sequence_parallel": sp,
+        "apply_rope_fusion": settings.apply_rope_fusion and te,
+    }
+    student = {
+        **shared,
+        **_recompute(settings),
+        "gradient_accumulation_fusion": (
+            settings.gradient_accumulation_fusion and kernels.apex_weight_gradient
+        ),
+        "deallocate_pipeline_outputs": settings.deallocate_pipeline_outputs,
+    }
+    teacher = {**shared, **_teacher_fp8(settings, te)}
+    return Performance(
+        student=ModelSettings(te, DTYPES[run.params_dtype], student),
+        teacher=ModelSettings(te, teacher_dtype(run, kernels), teacher),
+        ddp={
+            "overlap_grad_reduce": settings.overlap_grad_reduce,
+            "overlap_param_gather": settings.overlap_param_gather,
+        },
+    )
