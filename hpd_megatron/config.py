@@ -12,7 +12,9 @@ import os
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -162,6 +164,23 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_KEPT_UNSET: ContextVar[list[str] | None] = ContextVar("kept_unset_variables", default=None)
+
+
+@contextmanager
+def unset_variables_kept() -> Iterator[list[str]]:
+    """Inside this block an unset ``${NAME}`` stays as written instead of failing.
+
+    Yields the list of such names (each once, in order of appearance). Only the planner
+    uses it: sizing a layout reads no path, so it must work where the site's paths are not
+    exported; ``--check-inputs`` and training expand strictly.
+    """
+    kept: list[str] = []
+    token = _KEPT_UNSET.set(kept)
+    try:
+        yield kept
+    finally:
+        _KEPT_UNSET.reset(token)
 
 
 def expand_variables(data: Any, source: str | Path, where: str = "") -> Any:
@@ -169,7 +188,8 @@ def expand_variables(data: Any, source: str | Path, where: str = "") -> Any:
 
     Recipes name site-specific paths (converted checkpoints, data) this way instead of
     hard-coding them; an unset variable without a default is an error naming ``source``,
-    the dotted key and the variable, so a missing export fails before any GPU is touched.
+    the dotted key and the variable, so a missing export fails before any GPU is touched
+    (except inside ``unset_variables_kept``).
     """
     if isinstance(data, Mapping):
         return {
@@ -184,13 +204,18 @@ def expand_variables(data: Any, source: str | Path, where: str = "") -> Any:
     def substitute(match: re.Match) -> str:
         name, default = match.group(1), match.group(2)
         value = os.environ.get(name)
-        if value is None:
-            if default is None:
-                raise ConfigError(
-                    f"{source}: {where}: environment variable {name} is not set "
-                    f"(export it or write ${{{name}:-default}})"
-                )
+        if value is not None:
+            return value
+        if default is not None:
             return default
-        return value
+        kept = _KEPT_UNSET.get()
+        if kept is None:
+            raise ConfigError(
+                f"{source}: {where}: environment variable {name} is not set "
+                f"(export it or write ${{{name}:-default}})"
+            )
+        if name not in kept:
+            kept.append(name)
+        return match.group(0)
 
     return _VARIABLE.sub(substitute, data)

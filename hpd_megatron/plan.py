@@ -1,7 +1,16 @@
 """Will a recipe fit, and how long will a step take? Answered before any GPU is allocated.
 
     python -m hpd_megatron.plan --config recipes/llama3.1_70b_to_8b_hpd.yaml \
-        --nodes 4 --gpus-per-node 8 --gpu-mem-gb 80 [--tflops 400] [--json plan.json]
+        --nodes 4 --gpus-per-node 8 --gpu-mem-gb 80 [--tflops 400] \
+        [--intra-node-gb-s 450] [--inter-node-gb-s 200] [--top 5] [--json plan.json]
+
+Prints the recipe's own layout in detail, then every TP x PP layout of the same GPUs that
+fits, ranked by estimated step time. Planning reads no checkpoint or data path (an unset
+${VARIABLE} in the recipe stays as written); --check-inputs also checks that they exist.
+Every time below is an estimate from this model, not a measurement.
+
+Sequence parallelism (SP) is assumed where the trainer turns it on on GPUs: TP > 1 with
+Transformer Engine, unless performance.sequence_parallel says otherwise.
 
 Memory per GPU, on the worst pipeline stage (sizes in GiB; --gpu-mem-gb is read as GiB):
   teacher weights  2 B/param (bf16, frozen: no grads, no optimizer), sharded by TP and PP
@@ -9,11 +18,11 @@ Memory per GPU, on the worst pipeline stage (sizes in GiB; --gpu-mem-gb is read 
   student grads    4 B/param (Megatron DDP with grad_reduce_in_fp32)
   optimizer        4 B/param fp32 master copy (bf16 only) + 8 B/param Adam moments,
                    divided by DP with optimizer.use_distributed_optimizer
-  activations      per layer and micro-batch, no recompute and no sequence parallelism (what
-                   the trainer does today), flash attention (no s x s scores), no dropout:
-                   e*s*b*(4h + (2*nq*d + 2*nkv*d + 3f)/TP) bytes
-                   (two norm inputs and two matmul inputs of width h; q, k, v and the attention
-                   output; the SwiGLU gate/up outputs and its product), e = 2 (bf16) or 4;
+  activations      per layer and micro-batch, no recompute, flash attention (no s x s
+                   scores), no dropout: e*s*b*(4h/t + (2*nq*d + 2*nkv*d + 3f)/TP) bytes
+                   (two norm inputs and two matmul inputs of width h, split along the
+                   sequence with SP: t = TP with SP, else 1; q, k, v and the attention output;
+                   the SwiGLU gate/up outputs and its product), e = 2 (bf16) or 4;
                    the first stage of 1F1B holds min(PP, micro-batches) micro-batches.
                    The teacher runs under no_grad: it keeps only its logits.
   logits + loss    on the last stage: student logits, teacher logits and the student's
@@ -23,29 +32,53 @@ Memory per GPU, on the worst pipeline stage (sizes in GiB; --gpu-mem-gb is read 
 
 FLOPs per token: 6*N_student + 2*N_teacher (N: matmul parameters, i.e. all but the input
 embedding and norms) + attention 4*s*nq*d per layer and forward pass (no causal saving),
-x3 for the student and x1 for the teacher. Step time = tokens per step x FLOPs per token /
-(world x TFLOP/s) x (1 + (PP-1)/micro-batches) for the 1F1B pipeline bubble.
+x3 for the student and x1 for the teacher.
+
+Step time, with m micro-batches per data-parallel rank and per-micro-batch times on one
+stage (the stages are balanced: layers split evenly):
+  step = m*(c + tp + p2p) + (PP-1)*(c + tp + p2p) + dp
+  (the second term is the 1F1B bubble; nothing is assumed to overlap, as by default)
+  c    compute, b*s*FLOPs per token / (TP*PP*--tflops). m*c alone is the lower bound
+       printed as "compute"; each term below only adds to it.
+  tp   tensor parallelism: see tensor_parallel_seconds (all-reduces, or with SP the
+       all-gather + reduce-scatter pairs of the same volume)
+  p2p  pipeline: see pipeline_p2p_seconds
+  dp   gradient reduce-scatter + parameter all-gather (distributed optimizer) or gradient
+       all-reduce, once per step: see data_parallel_seconds
+Collectives are rings: a reduce-scatter or an all-gather of a tensor of M bytes over n GPUs
+moves (n-1)/n*M bytes through each GPU's link, an all-reduce twice that. Links (GB/s, one
+direction, nominal H100-class rates, so the communication terms are optimistic): inside a
+node NVLink, 450 GB/s per GPU (--intra-node-gb-s); between nodes 200 GB/s per node (4 x 400
+Gb/s InfiniBand, --inter-node-gb-s), shared by the node's GPUs, which all communicate at once.
+Megatron orders ranks TP fastest, then DP, then PP: a TP group fits in a node when TP <= GPUs
+per node, a DP group when TP*DP does, a pipeline when the whole world does; a group that does
+not uses the inter-node figure. Left out: the loss kernel's collectives (a few floats per
+token), the tied-embedding gradient all-reduce between the first and last stage.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from hpd_megatron.cli import run_cli
+from hpd_megatron.config import unset_variables_kept
 from hpd_megatron.models.builder import padded_vocab_size
 from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.parallel.layout import LayoutError, ParallelLayout, validate_layout
 from hpd_megatron.training.config import RunConfig, load_run_config
 from hpd_megatron.training.inputs import check_inputs
+from hpd_megatron.training.performance import sequence_parallel
 
 GIB = 2**30
 OVERHEAD_GIB = 4.0
 LOSS_KERNEL_BUFFERS = 6
 """student_in, teacher_in, logp, logq, work, grad: see hpd_megatron/losses/kernel.py."""
+TOP_LAYOUTS = 5
 
 
 @dataclass
@@ -99,7 +132,12 @@ def stage_parameters_per_gpu(count: ParameterCount, tp: int, pp: int, stage: int
 
 
 def activation_bytes_per_layer(
-    model: ModelDescription, micro_batch: int, seq: int, tp: int, element_bytes: int
+    model: ModelDescription,
+    micro_batch: int,
+    seq: int,
+    tp: int,
+    element_bytes: int,
+    sequence_parallel: bool = False,
 ) -> int:
     """Saved activations of one transformer layer for one micro-batch (formula in the module
     doc)."""
@@ -109,7 +147,8 @@ def activation_bytes_per_layer(
         + 2 * model.num_query_groups * d
         + 3 * model.ffn_hidden_size
     )
-    return element_bytes * seq * micro_batch * (4 * model.hidden_size + split // tp)
+    width = 4 * model.hidden_size // (tp if sequence_parallel else 1)
+    return element_bytes * seq * micro_batch * (width + split // tp)
 
 
 def matmul_flops_per_token(model: ModelDescription, count: ParameterCount, seq: int) -> int:
@@ -152,8 +191,54 @@ class StageMemory:
 
 
 @dataclass
+class Interconnect:
+    """Link bandwidths in GB/s (1e9 bytes/s) in one direction (defaults: module doc)."""
+
+    intra_node_gb_s: float = 450.0
+    """Per GPU inside a node: H100 NVLink, 18 links x 25 GB/s."""
+    inter_node_gb_s: float = 200.0
+    """Per node between nodes: 4 x 400 Gb/s InfiniBand, shared by the node's GPUs."""
+
+    def bytes_per_second(self, span: int, gpus_per_node: int) -> float:
+        """What one GPU gets in a group whose members lie within ``span`` consecutive ranks."""
+        if span <= gpus_per_node:
+            return self.intra_node_gb_s * 1e9
+        return self.inter_node_gb_s * 1e9 / gpus_per_node
+
+
+def ring_seconds(tensor_bytes: float, ranks: int, bandwidth: float, phases: int = 1) -> float:
+    """A ring reduce-scatter or all-gather (one phase) of a ``tensor_bytes`` tensor over
+    ``ranks`` GPUs: each GPU sends (ranks-1)/ranks of it; an all-reduce is two phases. Zero
+    for one GPU."""
+    return phases * (ranks - 1) / ranks * tensor_bytes / bandwidth
+
+
+@dataclass
+class StepTime:
+    """Seconds per step, by cause (formulas in the module doc). Estimates, not measurements."""
+
+    compute: float
+    """FLOPs at --tflops alone, no bubble, no communication: a lower bound."""
+    tensor_parallel: float
+    pipeline_p2p: float
+    bubble: float
+    data_parallel: float
+
+    @property
+    def total(self) -> float:
+        return (
+            self.compute
+            + self.tensor_parallel
+            + self.pipeline_p2p
+            + self.bubble
+            + self.data_parallel
+        )
+
+
+@dataclass
 class Plan:
     layout: dict
+    sequence_parallel: bool
     world_size: int
     micro_batches_per_step: int
     padded_vocab: int
@@ -165,13 +250,29 @@ class Plan:
     available_gib: float
     flops_per_token: float
     tokens_per_step: int
-    step_seconds: float
+    step: StepTime
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     @property
     def fits(self) -> bool:
         return not self.problems and self.worst_gib <= self.available_gib
+
+    @property
+    def step_seconds(self) -> float:
+        """The estimated step time, communication and bubble included."""
+        return self.step.total
+
+    def summary(self) -> dict:
+        """The ranking's fields of this plan, for the JSON file."""
+        return {
+            "layout": self.layout,
+            "sequence_parallel": self.sequence_parallel,
+            "step_seconds_estimate": self.step.total,
+            "step_seconds_lower_bound": self.step.compute,
+            "step": asdict(self.step),
+            "worst_gib": self.worst_gib,
+        }
 
 
 def layout_problems(
@@ -222,6 +323,7 @@ class Setting:
     """The student's vocabulary padded for TP."""
     micro_batches: int
     """Per step and data-parallel rank."""
+    sequence_parallel: bool
 
     @property
     def element_bytes(self) -> int:
@@ -235,6 +337,8 @@ def make_setting(run: RunConfig, layout: ParallelLayout) -> Setting:
     teacher = run.teacher_description()
     vocab = padded_vocab_size(student.vocab_size, tp)
     mbs = run.schedule.micro_batch_size
+    # What the trainer decides on a GPU node, where Transformer Engine is present.
+    te = run.performance.transformer_impl == "transformer_engine"
     return Setting(
         run,
         layout,
@@ -244,6 +348,7 @@ def make_setting(run: RunConfig, layout: ParallelLayout) -> Setting:
         count_parameters(teacher, padded_vocab_size(teacher.vocab_size, tp)) if teacher else None,
         vocab,
         max(run.schedule.global_batch_size // (mbs * layout.data_parallel_size), 1),
+        sequence_parallel(run.performance, tp, te),
     )
 
 
@@ -259,10 +364,12 @@ def stage_memory(setting: Setting, stage: int) -> StageMemory:
         else 0
     )
     in_flight = min(pp - stage, setting.micro_batches)  # 1F1B: stage i holds PP - i
-    layer_activation = activation_bytes_per_layer(student, mbs, seq, tp, element)
+    sp = setting.sequence_parallel
+    layer_activation = activation_bytes_per_layer(student, mbs, seq, tp, element, sp)
     activations = in_flight * (student.num_layers // pp) * layer_activation
-    if stage == 0:
-        activations += in_flight * element * mbs * seq * student.hidden_size  # embedding output
+    if stage == 0:  # the embedding output, split along the sequence with SP
+        embedding = element * mbs * seq * student.hidden_size
+        activations += in_flight * embedding // (tp if sp else 1)
     logits = 0
     if stage == pp - 1:
         copies = 3 if setting.teacher else 2  # student logits, its gradient, teacher logits
@@ -298,28 +405,116 @@ def training_flops_per_token(
     return float(flops)
 
 
+def tensor_parallel_seconds(setting: Setting, bandwidth: float) -> float:
+    """TP communication of one micro-batch on one stage.
+
+    With A = b*s*h*e bytes (one layer's output, e bytes per element), a model's pass
+    all-reduces 2*L + 1 such tensors: two per layer (in the forward after the attention's
+    and the MLP's row-parallel linear; in the backward the input gradients of the
+    column-parallel QKV and FC1), plus one for the vocab-parallel embedding and output
+    layer. The student makes two passes (forward, backward), the teacher one (forward).
+    One ring all-reduce of A over t GPUs takes 2*(t-1)/t*A / bandwidth. With SP each
+    all-reduce becomes a reduce-scatter plus an all-gather of (t-1)/t*A each: the same
+    time (Megatron's extra all-gather of the input in the backward, for the weight
+    gradient, runs beside the input-gradient GEMM and is not counted). The stages split
+    the layers evenly: each carries 1/PP of the total.
+    """
+    layout, run = setting.layout, setting.run
+    tokens = run.schedule.micro_batch_size * run.data.seq_length
+
+    def passes(model: ModelDescription | None, count: int) -> float:
+        if model is None:
+            return 0.0
+        return count * (2 * model.num_layers + 1) * tokens * model.hidden_size
+
+    elements = passes(setting.student, 2) + passes(setting.teacher, 1)
+    per_stage = elements * setting.element_bytes / layout.pipeline_model_parallel_size
+    return ring_seconds(per_stage, layout.tensor_model_parallel_size, bandwidth, phases=2)
+
+
+def pipeline_p2p_seconds(setting: Setting, bandwidth: float) -> float:
+    """Pipeline send/receive of one micro-batch on one stage: the activation forward and its
+    gradient backward, each b*s/t*(h_student + h_teacher)*e bytes (the teacher's hidden state
+    rides along; t = TP with SP, which sends the sequence shard, else 1). A stage sends and
+    receives at once (full-duplex links): two messages' time."""
+    layout, run = setting.layout, setting.run
+    if layout.pipeline_model_parallel_size == 1:
+        return 0.0
+    width = setting.student.hidden_size + (setting.teacher.hidden_size if setting.teacher else 0)
+    shard = layout.tensor_model_parallel_size if setting.sequence_parallel else 1
+    message = run.schedule.micro_batch_size * run.data.seq_length // shard * width
+    return 2 * message * setting.element_bytes / bandwidth
+
+
+def data_parallel_seconds(setting: Setting, bandwidth: float) -> float:
+    """Once per step, over the student's parameters n on the largest stage: with the
+    distributed optimizer a reduce-scatter of the fp32 gradients (4n bytes) and an all-gather
+    of the updated parameters (e*n bytes), else an all-reduce of the gradients."""
+    layout = setting.layout
+    dp = layout.data_parallel_size
+    tp, pp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size
+    n = max(stage_parameters_per_gpu(setting.student_count, tp, pp, s) for s in range(pp))
+    if setting.run.optimizer.use_distributed_optimizer:
+        gradients = ring_seconds(4 * n, dp, bandwidth)
+        return gradients + ring_seconds(setting.element_bytes * n, dp, bandwidth)
+    return ring_seconds(4 * n, dp, bandwidth, phases=2)
+
+
+def step_time(
+    setting: Setting, flops_per_token: float, gpus_per_node: int, tflops: float, links: Interconnect
+) -> StepTime:
+    """The step's estimate (module doc): per-micro-batch stage times, m of them plus the
+    PP - 1 of the 1F1B bubble, and the data-parallel exchange once."""
+    layout, run = setting.layout, setting.run
+    tp, pp, dp = (
+        layout.tensor_model_parallel_size,
+        layout.pipeline_model_parallel_size,
+        layout.data_parallel_size,
+    )
+    tokens = run.schedule.micro_batch_size * run.data.seq_length
+    compute = tokens * flops_per_token / (tp * pp * tflops * 1e12)
+    tp_comm = tensor_parallel_seconds(setting, links.bytes_per_second(tp, gpus_per_node))
+    p2p = pipeline_p2p_seconds(setting, links.bytes_per_second(tp * dp * pp, gpus_per_node))
+    m = setting.micro_batches
+    return StepTime(
+        compute=m * compute,
+        tensor_parallel=m * tp_comm,
+        pipeline_p2p=m * p2p,
+        bubble=(pp - 1) * (compute + tp_comm + p2p),
+        data_parallel=data_parallel_seconds(
+            setting, links.bytes_per_second(tp * dp, gpus_per_node)
+        ),
+    )
+
+
 def make_plan(
-    run: RunConfig, nodes: int, gpus_per_node: int, gpu_mem_gib: float, tflops: float = 400.0
+    run: RunConfig,
+    nodes: int,
+    gpus_per_node: int,
+    gpu_mem_gib: float,
+    tflops: float = 400.0,
+    links: Interconnect | None = None,
 ) -> Plan:
     world = nodes * gpus_per_node
     layout, problems, warnings = layout_problems(run, world, gpus_per_node)
     setting = make_setting(run, layout)
+    if setting.sequence_parallel and run.data.seq_length % layout.tensor_model_parallel_size:
+        problems.append(
+            f"data.seq_length {run.data.seq_length} is not a multiple of TP = "
+            f"{layout.tensor_model_parallel_size}, which sequence parallelism needs"
+        )
     stages = [stage_memory(setting, stage) for stage in range(layout.pipeline_model_parallel_size)]
     worst = max(stages, key=lambda m: m.total)
     flops = training_flops_per_token(
-        setting.student,
-        setting.teacher,
-        setting.run.data.seq_length,
-        setting.layout.tensor_model_parallel_size,
+        setting.student, setting.teacher, run.data.seq_length, layout.tensor_model_parallel_size
     )
-    tokens = run.schedule.global_batch_size * run.data.seq_length
-    bubble = 1 + (layout.pipeline_model_parallel_size - 1) / setting.micro_batches
     return Plan(
         layout={
             "TP": layout.tensor_model_parallel_size,
             "PP": layout.pipeline_model_parallel_size,
             "DP": layout.data_parallel_size,
         },
+        sequence_parallel=setting.sequence_parallel,
         world_size=world,
         micro_batches_per_step=setting.micro_batches,
         padded_vocab=setting.vocab,
@@ -330,11 +525,49 @@ def make_plan(
         worst_gib=worst.total,
         available_gib=gpu_mem_gib,
         flops_per_token=flops,
-        tokens_per_step=tokens,
-        step_seconds=tokens * flops / (world * tflops * 1e12) * bubble,
+        tokens_per_step=run.schedule.global_batch_size * run.data.seq_length,
+        step=step_time(setting, flops, gpus_per_node, tflops, links or Interconnect()),
         problems=problems,
         warnings=warnings,
     )
+
+
+def rank_layouts(
+    run: RunConfig,
+    nodes: int,
+    gpus_per_node: int,
+    gpu_mem_gib: float,
+    tflops: float = 400.0,
+    links: Interconnect | None = None,
+) -> list[Plan]:
+    """Every TP x PP layout of these GPUs that passes the rules and fits, fastest first (ties:
+    smaller TP, then smaller PP). The recipe's other settings are kept."""
+    world = nodes * gpus_per_node
+    plans = []
+    for tp in (n for n in range(1, world + 1) if world % n == 0):
+        for pp in (n for n in range(1, world // tp + 1) if world // tp % n == 0):
+            candidate = dataclasses.replace(run, parallel=ParallelLayout(tp, pp))
+            plan = make_plan(candidate, nodes, gpus_per_node, gpu_mem_gib, tflops, links)
+            if plan.fits:
+                plans.append(plan)
+    return sorted(plans, key=lambda p: (p.step_seconds, p.layout["TP"], p.layout["PP"]))
+
+
+def layout_name(plan: Plan) -> str:
+    lay = plan.layout
+    return f"TP{lay['TP']} PP{lay['PP']} DP{lay['DP']}" + (" SP" if plan.sequence_parallel else "")
+
+
+def format_step(plan: Plan) -> list[str]:
+    step = plan.step
+    return [
+        f"compute: {plan.flops_per_token / 1e9:.1f} GFLOP per token, "
+        f"{plan.tokens_per_step:,} tokens per step: at least {step.compute:.1f} s per step "
+        "from compute alone (lower bound)",
+        f"estimated step: {step.total:.1f} s = compute {step.compute:.2f} + TP comm "
+        f"{step.tensor_parallel:.2f} + PP p2p {step.pipeline_p2p:.2f} + bubble {step.bubble:.2f}"
+        f" + DP comm {step.data_parallel:.2f} (an estimate from the model, not a measurement)",
+    ]
 
 
 def format_table(plan: Plan) -> str:
@@ -349,7 +582,8 @@ def format_table(plan: Plan) -> str:
     ]
     lay = plan.layout
     lines = [
-        f"world {plan.world_size} GPUs: TP={lay['TP']} PP={lay['PP']} DP={lay['DP']}, "
+        f"world {plan.world_size} GPUs: TP={lay['TP']} PP={lay['PP']} DP={lay['DP']}"
+        f"{', sequence parallel' if plan.sequence_parallel else ''}, "
         f"{plan.micro_batches_per_step} micro-batches per step, "
         f"padded vocab {plan.padded_vocab:,}",
         f"parameters (real vocab): student {plan.student_parameters:,}, "
@@ -363,14 +597,32 @@ def format_table(plan: Plan) -> str:
     lines += [
         "",
         f"worst stage {plan.worst_stage}: {plan.worst_gib:.2f} GiB of {plan.available_gib:.2f} GiB",
-        f"compute: {plan.flops_per_token / 1e9:.1f} GFLOP per token, "
-        f"{plan.tokens_per_step:,} tokens per step, about {plan.step_seconds:.1f} s per step",
+        *format_step(plan),
     ]
     lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def format_ranking(plans: Sequence[Plan], chosen: Plan, top: int) -> str:
+    """The fastest ``top`` fitting layouts; * marks the recipe's."""
+    lines = [
+        f"the {min(top, len(plans))} fastest of {len(plans)} layouts that fit; seconds per step "
+        "estimated by the model, not measured (compute alone is a lower bound):",
+        f"  {'layout':<20}{'step':>8}{'compute':>9}{'TP comm':>9}{'PP p2p':>8}{'bubble':>8}"
+        f"{'DP comm':>9}{'worst GiB':>11}",
+    ]
+    for plan in plans[:top]:
+        mark = "*" if plan.layout == chosen.layout else " "
+        step = plan.step
+        lines.append(
+            f"{mark} {layout_name(plan):<20}{step.total:>8.2f}{step.compute:>9.2f}"
+            f"{step.tensor_parallel:>9.2f}{step.pipeline_p2p:>8.2f}{step.bubble:>8.2f}"
+            f"{step.data_parallel:>9.2f}{plan.worst_gib:>11.2f}"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m hpd_megatron.plan", description=__doc__.split("\n")[0]
     )
@@ -380,25 +632,68 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--gpu-mem-gb", type=float, default=80.0, help="usable memory per GPU, GiB")
     parser.add_argument("--tflops", type=float, default=400.0, help="achieved bf16 TFLOP/s per GPU")
+    defaults = Interconnect()
+    parser.add_argument(
+        "--intra-node-gb-s",
+        type=float,
+        default=defaults.intra_node_gb_s,
+        help="GB/s per GPU and direction inside a node (default: H100 NVLink)",
+    )
+    parser.add_argument(
+        "--inter-node-gb-s",
+        type=float,
+        default=defaults.inter_node_gb_s,
+        help="GB/s per node and direction between nodes (default: 4 x 400 Gb/s InfiniBand)",
+    )
+    parser.add_argument("--top", type=int, default=TOP_LAYOUTS, help="layouts ranked")
     parser.add_argument("--json", help="also write the plan here")
     parser.add_argument(
         "--check-inputs",
         action="store_true",
-        help="also check that the checkpoints and data the run reads exist",
+        help="also check that the checkpoints and data the run reads exist (planning alone "
+        "needs neither, nor their environment variables)",
     )
-    args = parser.parse_args(argv)
-    run = load_run_config(args.config, args.overrides)
+    return parser.parse_args(argv)
+
+
+def load_for_planning(args: argparse.Namespace) -> RunConfig:
+    """The recipe, strictly expanded and its inputs checked with --check-inputs; otherwise
+    unset variables stay as written (the plan reads no path) and are named in a note."""
     if args.check_inputs:
+        run = load_run_config(args.config, args.overrides)
         check_inputs(run)
-    plan = make_plan(run, args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.tflops)
+        return run
+    with unset_variables_kept() as unset:
+        run = load_run_config(args.config, args.overrides)
+    if unset:
+        print(f"note: {', '.join(unset)} not set: planning reads no path (--check-inputs does)")
+    return run
+
+
+def write_json(path: str, plan: Plan, ranking: Sequence[Plan]) -> None:
+    data = asdict(plan) | {
+        "fits": plan.fits,
+        "stage_totals_gib": [m.total for m in plan.stages],
+        "step_seconds_estimate": plan.step.total,
+        "step_seconds_lower_bound": plan.step.compute,
+        "ranking": [candidate.summary() for candidate in ranking],
+    }
+    with open(path, "w") as handle:
+        json.dump(data, handle, indent=2)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    run = load_for_planning(args)
+    links = Interconnect(args.intra_node_gb_s, args.inter_node_gb_s)
+    plan_args = (args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.tflops, links)
+    plan = make_plan(run, *plan_args)
+    ranking = rank_layouts(run, *plan_args)
     print(format_table(plan))
+    print()
+    print(format_ranking(ranking, plan, args.top))
     if args.json:
-        data = asdict(plan) | {
-            "fits": plan.fits,
-            "stage_totals_gib": [m.total for m in plan.stages],
-        }
-        with open(args.json, "w") as handle:
-            json.dump(data, handle, indent=2)
+        write_json(args.json, plan, ranking)
     if plan.fits:
         return 0
     for problem in plan.problems:

@@ -8,9 +8,11 @@
 #
 # What a site sets (environment of the submitting shell, which sbatch passes on):
 #   HPD_HOME         the project checkout (default: the directory sbatch was run from)
-#   HPD_PYTHON       the interpreter (default: $HPD_HOME/.venv/bin/python, or python in a container)
-#   CONTAINER_IMAGE  run every step in this image with pyxis/enroot; CONTAINER_MOUNTS adds
-#                    mounts (src:dst[,src:dst]) beside the checkout itself
+#   HPD_PYTHON       the interpreter (default: $HPD_HOME/.venv/bin/python; in a container
+#                    that venv only if it was built there, see hpd_container_python)
+#   CONTAINER_IMAGE  run every step in this image with pyxis/enroot, in one named container
+#                    per job and node; CONTAINER_MOUNTS adds mounts (src:dst[,src:dst]) beside
+#                    the checkout itself
 #   HPD_GPU_MEM_GB   usable memory per GPU for the planner (default 80)
 #   HPD_MAX_REQUEUES stop requeueing after this many restarts (default 50)
 #   HPD_EXIT_GRACE_S once one rank has exited, how long the others get before srun ends
@@ -27,13 +29,32 @@ hpd_log() {
     echo "[hpd $(date +%H:%M:%S)] $*"
 }
 
+# The interpreter inside the container. The checkout is mounted at the same path, so its venv
+# works there if it was built there (`make venv` inside the container: on a GPU node it uses
+# --system-site-packages, keeping the image's torch, Transformer Engine and apex). A venv
+# built outside (a login node's) was not, and the image's own python has no megatron-core.
+hpd_container_python() {
+    local venv=$HPD_HOME/.venv
+    if [[ -e $venv/bin/python || -L $venv/bin/python ]] \
+            && grep -qs '^include-system-site-packages = true' "$venv/pyvenv.cfg"; then
+        HPD_PYTHON=$venv/bin/python
+        return
+    fi
+    HPD_PYTHON=python
+    hpd_log "warning: no venv built inside the container at $venv (build one there with" \
+        "srun --container-image=... make venv, see docs/slurm.md); running the image's python," \
+        "which needs megatron-core and this project installed"
+}
+
 # cd to the checkout, pick the interpreter, and export the rendezvous and GPU settings.
 hpd_environment() {
     HPD_HOME=${HPD_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
     cd "$HPD_HOME" || { hpd_log "error: HPD_HOME=$HPD_HOME: no such directory"; exit 1; }
     export HPD_HOME
     if [[ -z ${HPD_PYTHON:-} ]]; then
-        if [[ -z ${CONTAINER_IMAGE:-} && -x $HPD_HOME/.venv/bin/python ]]; then
+        if [[ -n ${CONTAINER_IMAGE:-} ]]; then
+            hpd_container_python
+        elif [[ -x $HPD_HOME/.venv/bin/python ]]; then
             HPD_PYTHON=$HPD_HOME/.venv/bin/python
         else
             HPD_PYTHON=python
@@ -54,14 +75,19 @@ hpd_environment() {
     export HPD_SBATCH_SCRIPT=${HPD_SBATCH_SCRIPT:-$0}
 
     HPD_SRUN_ARGS=()
+    local container_name=hpd-$SLURM_JOB_ID-${SLURM_RESTART_COUNT:-0}
     if [[ -n ${CONTAINER_IMAGE:-} ]]; then
+        # pyxis keeps a named container until the job ends: the first step on a node creates
+        # it from the image, later steps (preflight, then training) reuse it instead of
+        # unpacking the image again. The restart count gives a requeued job a fresh one.
         HPD_SRUN_ARGS+=(--container-image="$CONTAINER_IMAGE"
+                        --container-name="$container_name"
                         --container-mounts="$HPD_HOME:$HPD_HOME${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}"
                         --container-workdir="$HPD_HOME" --no-container-mount-home)
     fi
     hpd_log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NODES node(s):" \
         "$SLURM_JOB_NODELIST; rendezvous $MASTER_ADDR:$MASTER_PORT; python $HPD_PYTHON;" \
-        "container ${CONTAINER_IMAGE:-none}"
+        "container ${CONTAINER_IMAGE:-none}${CONTAINER_IMAGE:+ (named $container_name)}"
 }
 
 # One task on the first node: the planner's dry run plus a check of every input path, so a

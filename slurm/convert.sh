@@ -1,6 +1,6 @@
 #!/bin/bash
 # Convert checkpoints on a CPU node (the converters need host memory, not GPUs):
-#   sbatch slurm/convert.sh hf-to-megatron --hf-dir HF --out OUT --tp 8 --pp 2 [--verify]
+#   sbatch slurm/convert.sh hf-to-megatron --hf-dir HF --out OUT --tp 4 --pp 1 [--verify]
 #   sbatch slurm/convert.sh megatron-to-hf --ckpt DIR --out OUT [--verify]
 # One task converts at any TP x PP; `sbatch --ntasks=T*P` runs one task per shard instead
 # (each reads and writes only its own). Site settings: see slurm/common.sh.

@@ -1,5 +1,6 @@
 #!/bin/bash
-# HPD-distil Llama-3.1-70B-Instruct into Llama-3.1-8B on 4 nodes x 8 GPUs (TP8 PP2 DP2):
+# HPD-distil Llama-3.1-70B-Instruct into Llama-3.1-8B on 4 nodes x 8 GPUs (TP4 PP1 DP8, sequence
+# parallel: the layout of recipes/llama3.1_70b_to_8b_hpd.yaml, the planner's first choice):
 #   export HPD_TEACHER_CKPT=... HPD_STUDENT_CKPT=... HPD_DATA=... [HPD_RUN_DIR=...]
 #   sbatch [--account A --partition P] slurm/hpd_70b_to_8b.sh [dotted.key=value ...]
 # The checkpoints come from tools/convert_hf_to_megatron.py (or slurm/convert.sh), the data

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from hpd_megatron.config import expand_variables
+from hpd_megatron.config import expand_variables, unset_variables_kept
 from hpd_megatron.errors import ConfigError
 from hpd_megatron.models.description import ModelDescription
-from hpd_megatron.plan import GIB, count_parameters, make_plan, stage_parameters_per_gpu
+from hpd_megatron.plan import (
+    GIB,
+    Interconnect,
+    count_parameters,
+    make_plan,
+    rank_layouts,
+    stage_parameters_per_gpu,
+)
+from hpd_megatron.plan import main as plan_main
 from hpd_megatron.training.config import load_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,6 +32,10 @@ RECIPES = [
     "recipes/qwen2.5_7b_to_1.5b_math_hpd.yaml",
     "recipes/qwen2.5_7b_to_1.5b_code_hpd.yaml",
 ]
+# The recipe's layout before the planner ranked layouts (PP across nodes), without sequence
+# parallelism: the memory arithmetic below is written for it.
+TP8_PP2 = ["parallel.tensor_model_parallel_size=8", "parallel.pipeline_model_parallel_size=2"]
+NO_SP = ["performance.sequence_parallel=false"]
 VARIABLES = {
     "HPD_TEACHER_CKPT": "/ckpt/teacher",
     "HPD_STUDENT_CKPT": "/ckpt/student",
@@ -63,8 +76,10 @@ def test_qwen_counts_include_qkv_bias_and_tied_embedding():
 
 
 def test_memory_components_of_the_70b_to_8b_recipe(site_env):
-    plan = make_plan(load_run_config(RECIPE_70B), nodes=4, gpus_per_node=8, gpu_mem_gib=80)
+    run = load_run_config(RECIPE_70B, TP8_PP2 + NO_SP)
+    plan = make_plan(run, nodes=4, gpus_per_node=8, gpu_mem_gib=80)
     assert plan.layout == {"TP": 8, "PP": 2, "DP": 2} and plan.padded_vocab == 129024
+    assert not plan.sequence_parallel
     # Stage 0 per TP rank: 16 layers and the (129,024-row) embedding split 8 ways, norms whole.
     student = (16 * (4096 * 6144 + 4096 * 4096 + 3 * 4096 * 14336) + 129024 * 4096) // 8 + 16 * 8192
     assert student == 502_398_976
@@ -102,6 +117,83 @@ def test_memory_components_of_the_70b_to_8b_recipe(site_env):
     assert plan.flops_per_token == flops
 
 
+def test_sequence_parallelism_splits_the_layer_inputs_along_the_sequence(site_env):
+    plan = make_plan(load_run_config(RECIPE_70B, TP8_PP2), nodes=4, gpus_per_node=8, gpu_mem_gib=80)
+    assert plan.sequence_parallel  # the default at TP > 1 with Transformer Engine
+    # The 4h of norm and matmul inputs, and the embedding output, are divided by TP too.
+    layer = 2 * 8192 * (4 * 4096 // 8 + (8192 + 2048 + 3 * 14336) // 8)
+    assert plan.stages[0].activations * GIB == pytest.approx(
+        2 * 16 * layer + 2 * 2 * 8192 * 4096 / 8
+    )
+
+
+def test_communication_terms_match_hand_arithmetic(site_env):
+    """TP4 x PP2 x DP4 on 4 nodes of 8: TP inside a node, the pipeline and DP across nodes."""
+    run = load_run_config(
+        RECIPE_70B,
+        ["parallel.tensor_model_parallel_size=4", "parallel.pipeline_model_parallel_size=2"],
+    )
+    plan = make_plan(run, nodes=4, gpus_per_node=8, gpu_mem_gib=80)
+    assert plan.layout == {"TP": 4, "PP": 2, "DP": 4} and plan.sequence_parallel
+    nvlink, network = 450e9, 200e9 / 8  # defaults; the network per node is shared by 8 GPUs
+    m, s, b, e = 128 // 4, 8192, 1, 2  # micro-batches per DP rank, tokens, micro-batch, bf16
+    # One all-reduce (or, with SP, reduce-scatter + all-gather) of one layer's output over
+    # TP=4: 2 x (tp-1)/tp x s x b x h x e bytes through each GPU's link.
+    student_layer = 2 * 3 / 4 * s * b * 4096 * e
+    teacher_layer = 2 * 3 / 4 * s * b * 8192 * e
+    # Per micro-batch: 2 per layer and pass, +1 for embedding/output; the student's forward and
+    # backward, the teacher's forward; each of the 2 stages carries half.
+    tp = (2 * (2 * 32 + 1) * student_layer + (2 * 80 + 1) * teacher_layer) / 2 / nvlink
+    assert tp == pytest.approx(0.05057, rel=1e-3)
+    # Pipeline: a stage's sequence shard (s / TP) of both hidden states, forward and back.
+    p2p = 2 * b * s // 4 * (4096 + 8192) * e / network
+    assert p2p == pytest.approx(0.004027, rel=1e-3)
+    compute = s * b * plan.flops_per_token / (4 * 2 * 400e12)
+    # DP: reduce-scatter the fp32 gradients, all-gather the bf16 parameters of the larger
+    # stage (the last: the output layer and the final norm).
+    n = (16 * 218_103_808 + 128_512 * 4096) // 4 + 16 * 8192 + 4096
+    dp = 3 / 4 * 4 * n / network + 3 / 4 * 2 * n / network
+    step = plan.step
+    assert step.compute == pytest.approx(m * compute)
+    assert step.tensor_parallel == pytest.approx(m * tp)
+    assert step.pipeline_p2p == pytest.approx(m * p2p)
+    assert step.bubble == pytest.approx(compute + tp + p2p)  # PP - 1 = 1 slot
+    assert step.data_parallel == pytest.approx(dp)
+    assert plan.step_seconds == pytest.approx((m + 1) * (compute + tp + p2p) + dp)
+    # A TP group wider than a node gets its share of the network, not NVLink.
+    assert Interconnect().bytes_per_second(16, 8) == network
+    assert Interconnect().bytes_per_second(8, 8) == nvlink
+
+
+def test_ranking_orders_the_fitting_layouts_by_estimated_step_time(site_env):
+    ranking = rank_layouts(load_run_config(RECIPE_70B), nodes=4, gpus_per_node=8, gpu_mem_gib=80)
+    times = [plan.step_seconds for plan in ranking]
+    assert times == sorted(times) and all(plan.fits for plan in ranking)
+    layouts = [(p.layout["TP"], p.layout["PP"], p.layout["DP"]) for p in ranking]
+    assert len(layouts) == 13 and (1, 1, 32) not in layouts  # 141 GB of teacher on one GPU
+    # Same compute everywhere. At PP1 each GPU all-reduces whole layer outputs m = 128 / DP
+    # times per step at 2 x (tp-1)/tp each: TP8 32 x 1.75 = 56 volumes, TP4 16 x 1.5 = 24.
+    tp4, tp8 = ranking[layouts.index((4, 1, 8))], ranking[layouts.index((8, 1, 4))]
+    assert tp8.step.tensor_parallel / tp4.step.tensor_parallel == pytest.approx(56 / 24)
+    assert layouts.index((4, 1, 8)) < layouts.index((8, 1, 4))
+
+
+def _sbatch_header(script: str) -> dict[str, int]:
+    text = (ROOT / "slurm" / script).read_text()
+    return {k: int(v) for k, v in re.findall(r"^#SBATCH --([a-z-]+)=(\d+)$", text, re.M)}
+
+
+def test_the_70b_recipe_uses_the_planners_first_choice_for_its_nodes(site_env):
+    header = _sbatch_header("hpd_70b_to_8b.sh")
+    shape = {"nodes": header["nodes"], "gpus_per_node": header["gpus-per-node"]}
+    assert shape == {"nodes": 4, "gpus_per_node": 8}
+    run = load_run_config(RECIPE_70B)
+    best = rank_layouts(run, **shape, gpu_mem_gib=80)[0]
+    chosen = make_plan(run, **shape, gpu_mem_gib=80)
+    assert chosen.fits and chosen.layout == best.layout == {"TP": 4, "PP": 1, "DP": 8}
+    assert chosen.step_seconds == best.step_seconds
+
+
 def test_stage_split_puts_embedding_first_and_output_last():
     count = count_parameters(model("llama3.1_8b.yaml"), 128256)
     first, last = (stage_parameters_per_gpu(count, 1, 2, s) for s in (0, 1))
@@ -124,7 +216,12 @@ def test_single_gpu_cannot_hold_the_70b_pair(site_env):
 
 def test_divisibility_violations_are_each_listed(site_env):
     run = load_run_config(
-        RECIPE_70B, ["parallel.tensor_model_parallel_size=3", "schedule.global_batch_size=102"]
+        RECIPE_70B,
+        [
+            "parallel.tensor_model_parallel_size=3",
+            "parallel.pipeline_model_parallel_size=2",
+            "schedule.global_batch_size=102",
+        ],
     )
     plan = make_plan(run, nodes=3, gpus_per_node=8, gpu_mem_gib=80)
     assert not plan.fits
@@ -132,44 +229,62 @@ def test_divisibility_violations_are_each_listed(site_env):
     assert "student: TP=3 does not divide num_attention_heads=32" in text
     assert "teacher: TP=3 does not divide num_query_groups (KV heads)=8" in text
     assert "global_batch_size 102 is not a multiple of micro_batch_size x DP = 1 x 4" in text
+    assert "data.seq_length 8192 is not a multiple of TP = 3, which sequence parallelism" in text
 
 
-def test_cli_prints_table_writes_json_and_refuses(site_env, tmp_path):
-    env = {**os.environ, **VARIABLES, "PYTHONWARNINGS": "ignore"}
-    base = [sys.executable, "-m", "hpd_megatron.plan", "--config", RECIPE_70B]
+def test_cli_plans_without_site_paths_prints_ranking_writes_json(tmp_path):
+    # None of the recipe's site variables is set: planning reads no path.
+    env = {k: v for k, v in os.environ.items() if k not in VARIABLES} | {"PYTHONWARNINGS": "ignore"}
     out = tmp_path / "plan.json"
     ok = subprocess.run(
-        base + ["--nodes", "4", "--json", str(out)],
+        [sys.executable, "-m", "hpd_megatron.plan", "--config", RECIPE_70B, "--nodes", "4"]
+        + ["--json", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
     )
     assert ok.returncode == 0, ok.stderr
-    assert "teacher_weights" in ok.stdout and "worst stage 0: 29.21 GiB of 80.00 GiB" in ok.stdout
+    assert "note: HPD_TEACHER_CKPT, HPD_DATA, HPD_STUDENT_CKPT not set" in ok.stdout
+    assert "teacher_weights" in ok.stdout and "worst stage 0: 63.08 GiB of 80.00 GiB" in ok.stdout
+    assert "at least 17.9 s per step from compute alone (lower bound)" in ok.stdout
+    assert "the 5 fastest of 13 layouts that fit" in ok.stdout
+    assert re.search(r"^\* TP4 PP1 DP8 SP +19\.93 +17\.89 +1\.62 ", ok.stdout, re.M), ok.stdout
     data = json.loads(out.read_text())
-    assert data["fits"] and data["layout"] == {"TP": 8, "PP": 2, "DP": 2}
+    assert data["fits"] and data["layout"] == {"TP": 4, "PP": 1, "DP": 8}
     assert data["student_parameters"] == 8_030_261_248
-    refused = subprocess.run(
-        base
-        + [
+    assert data["step_seconds_lower_bound"] == data["step"]["compute"]
+    assert data["step_seconds_estimate"] == pytest.approx(19.93, abs=0.005)
+    assert len(data["ranking"]) == 13 and data["ranking"][0]["layout"] == data["layout"]
+
+
+def test_cli_refuses_a_layout_that_does_not_fit(site_env, capsys):
+    code = plan_main(
+        [
+            "--config",
+            RECIPE_70B,
             "parallel.tensor_model_parallel_size=1",
             "parallel.pipeline_model_parallel_size=1",
             "--nodes",
             "1",
             "--gpus-per-node",
             "1",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+        ]
     )
-    assert refused.returncode == 1
+    assert code == 1
     assert (
         "does not fit: 318.77 GiB needed on the worst stage (stage 0), 80.00 GiB available"
-        in refused.stderr
+        in capsys.readouterr().err
     )
+
+
+def test_only_check_inputs_needs_the_site_variables(site_env, monkeypatch, capsys):
+    monkeypatch.delenv("HPD_TEACHER_CKPT")
+    args = ["--config", RECIPES[1], "--nodes", "1"]
+    assert plan_main(args) == 0
+    assert "note: HPD_TEACHER_CKPT not set" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="teacher.checkpoint: environment variable HPD_TEACHER"):
+        plan_main(args + ["--check-inputs"])
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -213,3 +328,8 @@ def test_expansion_defaults_and_nesting(monkeypatch):
     }
     with pytest.raises(ConfigError, match=r"f.yaml: l\[0\]: environment variable B is not set"):
         expand_variables({"l": ["${B}"]}, "f.yaml")
+    with unset_variables_kept() as unset:
+        kept = expand_variables({"l": ["${B}/${B}", "${B:-d}"], "k": "${A}"}, "f.yaml")
+    assert kept == {"l": ["${B}/${B}", "d"], "k": "x"} and unset == ["B"]
+    with pytest.raises(ConfigError, match="environment variable B is not set"):
+        expand_variables("${B}", "f.yaml")  # strict again after the block

@@ -246,29 +246,56 @@ def test_missing_inputs_fail_the_job_before_any_rank_starts(cluster, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("image", ["", "nvcr.io/nvidia/pytorch:25.01-py3"])
-def test_environment_rendezvous_and_container_flags(cluster, tmp_path, image):
+def _checkout_with_venv(home: Path, system_site_packages: bool) -> Path:
+    """A stand-in checkout whose .venv looks built inside a container (`make venv` on a GPU
+    node: --system-site-packages) or outside one."""
+    venv = home / ".venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("#!/bin/sh\n")
+    (venv / "bin" / "python").chmod(0o755)
+    flag = "true" if system_site_packages else "false"
+    (venv / "pyvenv.cfg").write_text(f"home = /usr/bin\ninclude-system-site-packages = {flag}\n")
+    return venv / "bin" / "python"
+
+
+@pytest.mark.parametrize(
+    "image,venv_in_container",
+    [
+        ("", False),
+        ("nvcr.io/nvidia/pytorch:25.01-py3", True),
+        ("nvcr.io/nvidia/pytorch:25.01-py3", False),
+    ],
+)
+def test_environment_rendezvous_and_container_flags(cluster, tmp_path, image, venv_in_container):
+    home = tmp_path / "checkout"
+    venv_python = _checkout_with_venv(home, venv_in_container)
     script = (
-        "source slurm/common.sh; hpd_environment >/dev/null; "
+        f"source {ROOT}/slurm/common.sh; hpd_environment >&2; "
         'echo "$MASTER_ADDR $MASTER_PORT $HPD_PYTHON"; printf "%s\\n" "${HPD_SRUN_ARGS[@]}"'
     )
     env = {
         "SLURM_JOB_NODELIST": "gpu-[017-018,020]",
         "SLURM_JOB_ID": "123456",
         "SLURM_JOB_NUM_NODES": "3",
-        "HPD_HOME": str(ROOT),
+        "SLURM_RESTART_COUNT": "2",
+        "HPD_HOME": str(home),
         "CONTAINER_IMAGE": image,
         "CONTAINER_MOUNTS": "/data:/data",
     }
     result = cluster.run("bash", "-c", script, cwd=ROOT, env=env)
     first, *flags = result.stdout.splitlines()
-    python = "python" if image else str(ROOT / ".venv" / "bin" / "python")
+    # Outside a container the venv; inside, the venv only if it was built there.
+    python = str(venv_python) if venv_in_container or not image else "python"
     assert first == f"gpu-017 {20000 + 123456 % 20000} {python}"
+    assert ("warning: no venv built inside the container" in result.stdout + result.stderr) == (
+        python == "python"
+    )
     if image:
         assert flags == [
             f"--container-image={image}",
-            f"--container-mounts={ROOT}:{ROOT},/data:/data",
-            f"--container-workdir={ROOT}",
+            "--container-name=hpd-123456-2",  # one container per job (and restart) and node
+            f"--container-mounts={home}:{home},/data:/data",
+            f"--container-workdir={home}",
             "--no-container-mount-home",
         ]
     else:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from hpd_megatron.models.description import ModelDescription
+from hpd_megatron.parallel import placement
 from hpd_megatron.parallel.cpu_emulation import original_torch_factories
 
 PROMPTS = (
@@ -80,7 +81,7 @@ def _reporting_rank() -> int:
         )
         else -1
     )
-    flag = torch.tensor([mine])
+    flag = torch.tensor([mine], device=placement.current_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return int(flag.item())
 
@@ -88,7 +89,8 @@ def _reporting_rank() -> int:
 def megatron_logits(
     model: torch.nn.Module, tokens: torch.Tensor, vocab_size: int
 ) -> torch.Tensor | None:
-    """Real-vocabulary logits (batch, seq, vocab) on the reporting rank; None elsewhere."""
+    """Real-vocabulary logits (batch, seq, vocab) on the reporting rank, on the device; None
+    elsewhere. ``tokens`` may be on the host: the schedule moves each micro-batch."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -123,17 +125,22 @@ def megatron_logits(
 def megatron_greedy(
     model: torch.nn.Module, tokens: torch.Tensor, vocab_size: int, steps: int, reporter: int
 ) -> torch.Tensor:
-    """``steps`` greedy tokens after ``tokens`` (a full forward per token), on every rank."""
+    """``steps`` greedy tokens after ``tokens`` (a full forward per token), on every rank.
+
+    The sequences grow on the host; each token is broadcast on the device.
+    """
     import torch.distributed as dist
 
     generated = tokens.clone()
     for _ in range(steps):
         logits = megatron_logits(model, generated, vocab_size)
-        following = torch.zeros(tokens.shape[0], 1, dtype=torch.long)
+        following = torch.zeros(
+            tokens.shape[0], 1, dtype=torch.long, device=placement.current_device()
+        )
         if logits is not None:
             following = logits[:, -1].argmax(-1, keepdim=True)
         dist.broadcast(following, src=reporter)
-        generated = torch.cat([generated, following], dim=1)
+        generated = torch.cat([generated, following.cpu()], dim=1)
     return generated[:, tokens.shape[1] :]
 
 
@@ -186,7 +193,8 @@ def megatron_side(
 ) -> tuple[torch.Tensor | None, torch.Tensor, int]:
     """Collective: the Megatron model at the current layout, loaded from ``megatron_dir``:
     its logits (on the reporting rank, else None), its ``steps`` greedy tokens, and the
-    reporting rank."""
+    reporting rank; all on the host, where the transformers model they are compared with
+    runs."""
     from hpd_megatron.checkpoint.weights import load_model_weights
     from hpd_megatron.models.builder import build_gpt_model, transformer_config
 
@@ -196,7 +204,7 @@ def megatron_side(
     reporter = _reporting_rank()
     logits = megatron_logits(model, tokens, description.vocab_size)
     greedy = megatron_greedy(model, tokens, description.vocab_size, steps, reporter)
-    return logits, greedy, reporter
+    return (None if logits is None else logits.cpu()), greedy, reporter
 
 
 def verify(

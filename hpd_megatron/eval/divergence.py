@@ -23,7 +23,7 @@ from hpd_megatron.models.builder import build_gpt_model, transformer_config
 from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.parallel.initialize import destroy_parallel, initialize_parallel
 from hpd_megatron.parallel.layout import ParallelLayout
-from hpd_megatron.training.schedule import causal_lm_forward
+from hpd_megatron.training.schedule import batch_to_device, causal_lm_forward
 
 
 def _log_probs(
@@ -54,16 +54,16 @@ def compare_with_teacher(
     try:
         data = DistillationDataset(heldout_prefix, seq_length)
         batches = [
-            data.batch(range(i, min(i + batch_size, len(data))))
+            batch_to_device(data.batch(range(i, min(i + batch_size, len(data)))))
             for i in range(0, len(data), batch_size)
         ]
         masks = [batch["labels"] != IGNORE_INDEX for batch in batches]
-        tokens = sum(int(mask.sum()) for mask in masks)
 
         teacher_model = build_gpt_model(teacher, transformer_config(teacher))
         load_model_weights(teacher_model, teacher_ckpt)
         teacher_model.eval()
         teacher_lp = [_log_probs(teacher_model, batch, vocab) for batch in batches]
+        tokens = sum(int(mask.sum()) for mask in masks)
         teacher_entropy = (
             sum(float(-(lp.exp() * lp).sum(-1)[mask].sum()) for lp, mask in zip(teacher_lp, masks))
             / tokens

@@ -28,6 +28,7 @@ from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from hpd_megatron.eval.sampling import next_tokens
+from hpd_megatron.parallel.placement import to_device
 from hpd_megatron.training.components import sample_seed
 from hpd_megatron.training.schedule import Batch, run_schedule
 
@@ -92,11 +93,6 @@ def generate(
     drawn for the whole batch), not on the TP or PP size.
     """
     _check_prompts(prompts, settings, context_length)
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
     width = min(context_length, max(map(len, prompts)) + settings.max_new_tokens)
     rows = _Rows.of(prompts, width, context_length)
     cache = StaticInferenceContext(max_batch_size=len(prompts), max_sequence_length=width)
@@ -107,7 +103,9 @@ def generate(
     for position in range(start, width):
         ids, entropies = _next_step(
             model,
-            chunk.to(device),
+            # The rows stay on the host; each step's chunk goes to the device, where the
+            # sampled ids and their pipeline broadcast live.
+            to_device(chunk),
             position - chunk.shape[1],
             cache,
             settings,

@@ -97,6 +97,15 @@ def _check_logits(name: str, logits: Tensor, leading: torch.Size) -> None:
         raise ValueError(f"{name}: shape {tuple(logits.shape)} does not match {expected}")
 
 
+def _check_device(name: str, tensor: Tensor, logits: Tensor) -> None:
+    # A host tensor beside GPU logits would otherwise fail deep in a kernel, unnamed.
+    if tensor.device != logits.device:
+        raise ValueError(
+            f"{name}: on {tensor.device}, but student_logits are on {logits.device}; move "
+            "every input of the loss to the model's device"
+        )
+
+
 def _check_shape(name: str, tensor: Tensor, labels: Tensor) -> None:
     if tensor.shape != labels.shape:
         raise ValueError(f"{name}: shape {tuple(tensor.shape)} != labels {tuple(labels.shape)}")
@@ -150,12 +159,14 @@ def _plan(
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
     _check_logits("student_logits", student_logits, labels.shape)
+    _check_device("labels", labels, student_logits)
     _check_ids("labels", labels, labels != IGNORE_INDEX, vocab_size)
     tp = resolve_tp_group(tp_group)
     student = vocab_shard("student_logits", student_logits.shape[-1], vocab_size, tp)
     teacher = None
     if teacher_logits is not None:
         _check_logits("teacher_logits", teacher_logits, labels.shape)
+        _check_device("teacher_logits", teacher_logits, student_logits)
         teacher = vocab_shard("teacher_logits", teacher_logits.shape[-1], vocab_size, tp)
     device = student_logits.device
     uniforms, gumbel_seed = _sample_source(method, sampling, labels, vocab_size, device, tp)

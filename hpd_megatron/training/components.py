@@ -56,11 +56,6 @@ def _in_dtype(model: torch.nn.Module, config) -> torch.nn.Module:
     return model
 
 
-def teacher_dtype(run: RunConfig) -> torch.dtype:
-    """The teacher's compute dtype on this node (performance.teacher_precision)."""
-    return resolve_performance(run, 1).teacher.params_dtype
-
-
 def _build_model(
     description: ModelDescription, settings: ModelSettings, **overrides
 ) -> torch.nn.Module:

@@ -23,6 +23,7 @@ from megatron.core import parallel_state
 
 from hpd_megatron.checkpoint.signals import StopRequested
 from hpd_megatron.parallel.initialize import ParallelContext, logging_rank
+from hpd_megatron.parallel.placement import to_device
 from hpd_megatron.tracking import NullTracker, Tracker, start_tracking
 from hpd_megatron.training.config import RunConfig
 
@@ -182,7 +183,8 @@ def reduce_reports(reports: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     if not reports:
         return {}
     names = sorted(reports[0])
-    totals = torch.stack([sum(r[name] for r in reports) for name in names])
+    # The reports come from the loss, on the device already: NCCL reduces nothing else.
+    totals = to_device(torch.stack([sum(r[name] for r in reports) for name in names]))
     torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     values = dict(zip(names, totals.tolist()))
     tokens = values.pop("num_tokens")

@@ -14,6 +14,7 @@ from functools import partial
 import torch
 
 from hpd_megatron.losses import SamplingOptions, distillation_loss
+from hpd_megatron.parallel.placement import to_device
 from hpd_megatron.training.components import sample_seed
 from hpd_megatron.training.config import RunConfig
 from hpd_megatron.training.pair import DistillationPair
@@ -60,7 +61,12 @@ class DistillationObjective:
         loss = self.run.loss
         uniforms = None
         if loss.method == "hpd":
-            uniforms = self.hpd_uniforms(step, batch["sample_index"], batch["labels"].shape[1])
+            # Drawn on the host (the same numbers on every device and layout), then moved
+            # next to the labels, where the loss reads them.
+            labels = batch["labels"]
+            uniforms = to_device(
+                self.hpd_uniforms(step, batch["sample_index"], labels.shape[1]), labels.device
+            )
         return distillation_loss(
             logits,
             teacher_logits,

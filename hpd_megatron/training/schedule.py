@@ -8,13 +8,18 @@ stages).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from hpd_megatron.parallel.placement import to_device
+
 Batch = dict[str, torch.Tensor]
+HOST_FIELDS = ("sample_index",)
+"""Batch fields that stay on the host: HPD's seeds are computed from the sample indices
+there, and nothing on the device reads them."""
 # Given a model stage and a micro-batch: the stage's output and, for the last stage,
 # the function that turns that output into (loss, [num_tokens,] report).
 ForwardStep = Callable[
@@ -36,6 +41,28 @@ def causal_lm_forward(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     )
 
 
+def batch_to_device(batch: Batch, device: torch.device | None = None) -> Batch:
+    """The micro-batch on the model's device (the current one by default), but for
+    ``HOST_FIELDS``."""
+    return {
+        name: value if name in HOST_FIELDS else to_device(value, device)
+        for name, value in batch.items()
+    }
+
+
+def placed_forward_step(
+    forward_step: ForwardStep,
+) -> Callable[[Iterator[Batch], torch.nn.Module], tuple]:
+    """The function Megatron's schedule calls: the next micro-batch, moved onto the
+    device, through ``forward_step``. Moving one micro-batch at a time, inside the step,
+    is what upstream's ``forward_step`` does with ``get_batch``."""
+
+    def forward_step_func(data_iterator: Iterator[Batch], stage: torch.nn.Module) -> tuple:
+        return forward_step(stage, batch_to_device(next(data_iterator)))
+
+    return forward_step_func
+
+
 def run_schedule(
     model: torch.nn.Module,
     micro_batches: Sequence[Batch],
@@ -45,7 +72,8 @@ def run_schedule(
     forward_only: bool = False,
     adjust_tensor_shapes_fn: Callable[[list, list], tuple[list, list]] | None = None,
 ) -> list[Any]:
-    """Forward (and backward unless ``forward_only``) of every micro-batch.
+    """Forward (and backward unless ``forward_only``) of every micro-batch, each moved
+    onto the current device as the schedule reaches it.
 
     Returns the loss functions' reports, in micro-batch order, on the last pipeline
     stage; an empty list elsewhere. Gradients accumulate into the parameters (or the
@@ -58,12 +86,8 @@ def run_schedule(
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         adjust_tensor_shapes_fn = None
     iterator: Iterable[Batch] = iter(micro_batches)
-
-    def forward_step_func(data_iterator, stage):
-        return forward_step(stage, next(data_iterator))
-
     return get_forward_backward_func()(
-        forward_step_func=forward_step_func,
+        forward_step_func=placed_forward_step(forward_step),
         data_iterator=iterator,
         model=[model],
         num_microbatches=len(micro_batches),

@@ -28,7 +28,6 @@ from hpd_megatron.checkpoint.checkpointer import Checkpointer
 from hpd_megatron.checkpoint.signals import StopRequested
 from hpd_megatron.data.files import staged_files
 from hpd_megatron.errors import NonFiniteTraining
-from hpd_megatron.models.builder import transformer_engine_available
 from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.parallel.initialize import destroy_parallel, initialize_parallel
 from hpd_megatron.plan import training_flops_per_token
@@ -38,7 +37,7 @@ from hpd_megatron.training.components import (
     build_optimizer,
     check_shared_vocabulary,
     gradients_are_finite,
-    teacher_dtype,
+    parameters_gathered,
 )
 from hpd_megatron.training.config import RunConfig
 from hpd_megatron.training.feed import TrainingFeed
@@ -49,6 +48,7 @@ from hpd_megatron.training.metrics import (
     reduce_reports,
 )
 from hpd_megatron.training.objective import DistillationObjective
+from hpd_megatron.training.performance import resolve_performance
 from hpd_megatron.training.schedule import run_schedule
 
 
@@ -70,8 +70,14 @@ class DistillationTrainer:
         self.student_description, self.teacher_description = self._descriptions()
         check_shared_vocabulary(self.student_description, self.teacher_description)
         check_inputs(run)  # every missing path at once, before any process group or GPU
+        # A setting this node cannot run stops here, before any process group.
+        self.performance = resolve_performance(run, run.parallel.tensor_model_parallel_size)
         self.context = initialize_parallel(
-            run.parallel, seed=run.seed, models=self.named_models, device=run.device
+            run.parallel,
+            seed=run.seed,
+            models=self.named_models,
+            timeout_minutes=run.performance.distributed_timeout_minutes,
+            device=run.device,
         )
         if self.context.is_logging_rank:
             print(self._startup_line(), flush=True)
@@ -87,11 +93,16 @@ class DistillationTrainer:
 
     def _startup_line(self) -> str:
         """What this run computes on, in one line: the first thing to check on a new cluster."""
-        spec = "transformer_engine" if transformer_engine_available() else "local"
+        student, teacher_settings = self.performance.student, self.performance.teacher
+        spec = "transformer_engine" if student.use_transformer_engine else "local"
         apex = "apex" if importlib.util.find_spec("apex") is not None else "no apex"
+        if student.overrides["sequence_parallel"]:
+            spec += ", sequence parallel"
         teacher = ""
         if self.teacher_description is not None:
-            teacher = f", teacher {str(teacher_dtype(self.run)).removeprefix('torch.')}"
+            dtype = str(teacher_settings.params_dtype).removeprefix("torch.")
+            fp8 = " with fp8 linears" if "fp8" in teacher_settings.overrides else ""
+            teacher = f", teacher {dtype}{fp8}"
         return (
             f"hpd-megatron: backend {self.context.backend}, device {self.context.device.type}, "
             f"layer spec {spec} ({apex}), student {self.run.params_dtype}{teacher}, "
@@ -170,7 +181,8 @@ class DistillationTrainer:
                 if decision.stop == "exit_interval":
                     self.metrics.finish("KILLED")  # the next launch continues the run
                     return self.metrics.history
-            self.checkpointer.export(self.models.student.module, self.student_description)
+            with parameters_gathered(self.models.student):
+                self.checkpointer.export(self.models.student.module, self.student_description)
         return self.metrics.history
 
     def train_step(self, step: int) -> StepResult:
@@ -241,9 +253,10 @@ class DistillationTrainer:
             "config": self.run.to_dict(),
             **self.metrics.tracking_run(),
         }
-        saved = self.checkpointer.save(
-            step, self.models.student.module, self.optimizer, self.scheduler, extra
-        )
+        with parameters_gathered(self.models.student):
+            saved = self.checkpointer.save(
+                step, self.models.student.module, self.optimizer, self.scheduler, extra
+            )
         if self.run.tracking.log_checkpoints:
             self.metrics.log_artifact(saved, "checkpoints")
 
