@@ -43,9 +43,17 @@ class AfterStep:
 
 class Checkpointer:
     def __init__(
-        self, config: CheckpointConfig, directory: Path, train_steps: int, exit_interval: int
+        self,
+        config: CheckpointConfig,
+        directory: Path,
+        train_steps: int,
+        exit_interval: int,
+        fully_parallel_save: bool = True,
+        fully_parallel_load: bool = False,
     ) -> None:
         self.config = config
+        self.fully_parallel_save = fully_parallel_save
+        self.fully_parallel_load = fully_parallel_load
         self.directory = directory
         self.train_steps = train_steps
         self.exit_interval = exit_interval
@@ -58,6 +66,8 @@ class Checkpointer:
             checkpoint_dir(run),
             run.schedule.train_steps,
             run.schedule.exit_interval,
+            run.performance.fully_parallel_save,
+            run.performance.fully_parallel_load,
         )
 
     def latest_step(self) -> int | None:
@@ -84,6 +94,7 @@ class Checkpointer:
             optimizer,
             scheduler,
             load_optimizer=self.config.load_optimizer,
+            fully_parallel=self.fully_parallel_load,
         )
         if dist.get_rank() == logging_rank():
             print(f"resumed from {iteration_dir(self.directory, step)}", flush=True)
@@ -116,6 +127,7 @@ class Checkpointer:
             scheduler,
             extra=extra,
             optimizer_format=self.config.optimizer_format,
+            fully_parallel=self.fully_parallel_save,
         )
         if dist.get_rank() == 0:
             remove_old_checkpoints(self.directory, self.config.keep_last)
@@ -130,6 +142,7 @@ class Checkpointer:
                 self.config.export_dir,
                 description=description,
                 hf_files_from=self.config.load,
+                fully_parallel=self.fully_parallel_save,
             )
 
     def close(self) -> None:

@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.optimizer import distrib_optimizer
 
-from hpd_megatron.checkpoint.dist_save import save_sharded
+from hpd_megatron.checkpoint.dist_save import load_sharded, save_sharded
 from hpd_megatron.checkpoint.publish import publish_directory
 from hpd_megatron.checkpoint.verify import CheckpointError, check_shapes, read_index
 
@@ -100,27 +101,46 @@ def _materialise_distributed_optimizer_state(optimizer: Any) -> None:
             chunk._init_optimizer_states_with_dummy_values()
 
 
+def _give_each_parameter_its_step(optimizer: Any) -> None:
+    """One ``step`` tensor per parameter, holding the step its param group saved.
+
+    Without Apex or TE (CPU), torch's AdamW counts steps per parameter, in place, and
+    Megatron's distributed-optimizer loaders get that count wrong: ``load_state_dict``
+    hands one shared tensor to every parameter (so a step then advances it once per
+    parameter), and the dp_reshardable loader copies back the value the load template
+    held (the dummy step's 1). Either way Adam's bias correction runs on a wrong step
+    from the first resumed update on. The param groups carry the saved step.
+    """
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return  # fused Adam keeps the step in the param groups only
+    for chunk in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if type(chunk).__name__ != "DistributedOptimizer":
+            continue
+        for group in chunk.optimizer.param_groups:
+            for param in group["params"]:
+                if param in chunk.optimizer.state:
+                    step = torch.tensor(float(group["step"]), dtype=torch.float32)
+                    chunk.optimizer.state[param]["step"] = step
+
+
 def _load_optimizer_state(optimizer: Any, state: dict[str, Any]) -> None:
-    """``optimizer.load_state_dict``, around a gap of Megatron's torch-AdamW fallback.
+    """``optimizer.load_state_dict``, around gaps of Megatron's torch-AdamW fallback.
 
     Without Apex or TE, torch's AdamW keeps a per-parameter ``step`` that Megatron's
-    fully_reshardable loader copies into but never provides. The step comes from the
-    param groups anyway, so it is set aside while the moments and master weights load.
+    fully_reshardable loader copies into but never provides: it is set aside while the
+    moments and master weights load. Every format then gets its steps from the param
+    groups (``_give_each_parameter_its_step``).
     """
     chunks = getattr(optimizer, "chained_optimizers", [optimizer])
-    if not (len(chunks) == 1 and state.get("param_state_sharding_type") == "fully_reshardable"):
+    if len(chunks) == 1 and state.get("param_state_sharding_type") == "fully_reshardable":
+        chunk, param_state = chunks[0], state.pop("param_state")
+        chunk.load_state_dict(state)  # param groups, step, scheduler-free parts
+        for entry in chunk.optimizer.state.values():
+            entry.pop("step", None)
+        chunk.load_parameter_state_from_fully_reshardable(param_state)
+    else:
         optimizer.load_state_dict(state)
-        return
-    chunk, param_state = chunks[0], state.pop("param_state")
-    chunk.load_state_dict(state)  # param groups, step, scheduler-free parts
-    steps = {
-        param: entry.pop("step")
-        for param, entry in chunk.optimizer.state.items()
-        if "step" in entry
-    }
-    chunk.load_parameter_state_from_fully_reshardable(param_state)
-    for param, step in steps.items():
-        chunk.optimizer.state[param]["step"] = step
+    _give_each_parameter_its_step(optimizer)
 
 
 def _sharded_state(
@@ -156,6 +176,7 @@ def save_checkpoint(
     scheduler: Any,
     extra: dict[str, Any],
     optimizer_format: str = "dp_reshardable",
+    fully_parallel: bool = True,
 ) -> Path:
     """Collectively save the state after ``step``; returns the iteration directory.
 
@@ -163,7 +184,8 @@ def save_checkpoint(
     ``dp_reshardable`` writes each rank's buffers as they are (fully parallel; resumes at
     another DP size only), ``fully_reshardable`` gathers each TP x PP shard's state on its
     DP rank 0 into per-parameter tensors (slower, more memory; resumes at any layout).
-    The tracker names the new step only once the directory is complete.
+    The tracker names the new step only once the directory is complete. ``fully_parallel``
+    spreads the writing of replicated tensors over the data-parallel ranks.
     """
     root = Path(root)
     final = iteration_dir(root, step)
@@ -180,7 +202,7 @@ def save_checkpoint(
             distributed_optimizer=_uses_distributed_optimizer(optimizer),
             optimizer_format=optimizer_format,
         )
-        save_sharded(state, str(partial))
+        save_sharded(state, str(partial), fully_parallel)
     if dist.get_rank() == 0:
         tracker = root / TRACKER
         temporary = tracker.with_name(TRACKER + ".tmp")
@@ -226,13 +248,15 @@ def load_checkpoint(
     optimizer: Any,
     scheduler: Any,
     load_optimizer: bool = True,
+    fully_parallel: bool = False,
 ) -> dict[str, Any]:
     """Collectively restore the state saved after ``step``; returns its ``extra`` dict.
 
     Weights, schedule and data position load at any TP/PP/DP. The optimizer's moments
     load at any layout when the optimizer kind is the same, except that the distributed
     optimizer's ``dp_reshardable`` format needs the same TP x PP; with
-    ``load_optimizer=False`` they start from zero instead.
+    ``load_optimizer=False`` they start from zero instead. ``fully_parallel``: each
+    data-parallel replica reads a share of the replicated tensors and they exchange them.
     """
     directory = iteration_dir(root, step)
     index = read_index(directory)
@@ -252,7 +276,7 @@ def load_checkpoint(
     )
     check_shapes(directory, template, index)
     try:
-        state = dist_checkpointing.load(template, str(directory))
+        state = load_sharded(template, directory, fully_parallel)
     except Exception as error:  # noqa: BLE001 - re-raised with the directory named
         raise CheckpointError(
             f"{directory}: cannot be loaded into this model ({type(error).__name__}: {error})"

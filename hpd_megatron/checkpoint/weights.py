@@ -19,7 +19,7 @@ import torch.distributed as dist
 import yaml
 from megatron.core import dist_checkpointing
 
-from hpd_megatron.checkpoint.dist_save import save_sharded
+from hpd_megatron.checkpoint.dist_save import load_sharded, save_sharded
 from hpd_megatron.checkpoint.publish import publish_directory
 from hpd_megatron.checkpoint.training_state import TRACKER, iteration_dir, latest_step
 from hpd_megatron.checkpoint.verify import CheckpointError, check_shapes, read_index
@@ -40,6 +40,7 @@ def export_model_weights(
     directory: str | Path,
     description: ModelDescription | None = None,
     hf_files_from: str | Path | None = None,
+    fully_parallel: bool = True,
 ) -> None:
     """Save into ``directory`` all or nothing (all ranks call it; see ``publish_directory``).
 
@@ -48,7 +49,7 @@ def export_model_weights(
     is replaced only once the new one is complete.
     """
     with publish_directory(directory) as partial:
-        save_sharded(model.sharded_state_dict(), str(partial))
+        save_sharded(model.sharded_state_dict(), str(partial), fully_parallel)
         if dist.get_rank() == 0:
             if description is not None:
                 text = yaml.safe_dump(description.to_dict(), sort_keys=False)
@@ -67,11 +68,14 @@ def weights_directory(path: str | Path) -> Path:
     return path
 
 
-def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
+def load_model_weights(
+    model: torch.nn.Module, path: str | Path, fully_parallel: bool = False
+) -> None:
     """Collectively load weights saved at any layout into this rank's stage.
 
     ``path`` is a model-only checkpoint (a conversion or an export), a training checkpoint's
     ``iter_XXXXXXX`` directory, or a training checkpoint root (its latest iteration).
+    ``fully_parallel``: each data-parallel replica reads a share and they exchange it.
     """
     directory = weights_directory(path)
     index = read_index(directory)
@@ -80,7 +84,7 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
     # A training checkpoint nests the weights under "model" beside its plain entries.
     is_training_checkpoint = "step" in dist_checkpointing.load_common_state_dict(str(directory))
     if is_training_checkpoint:
-        state = dist_checkpointing.load({"model": template}, str(directory))["model"]
+        state = load_sharded({"model": template}, directory, fully_parallel)["model"]
     else:
-        state = dist_checkpointing.load(template, str(directory))
+        state = load_sharded(template, directory, fully_parallel)
     model.load_state_dict(state)

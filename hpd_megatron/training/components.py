@@ -86,12 +86,12 @@ def build_models(
     # gradients by the global batch's token count, giving the global token mean.
     student = _build_model(student_description, performance.student, calculate_per_token_loss=True)
     if run.checkpoint.load and not resuming:
-        load_model_weights(student, run.checkpoint.load)
+        load_model_weights(student, run.checkpoint.load, run.performance.fully_parallel_load)
     teacher = None
     if teacher_description is not None:
         teacher = _build_model(teacher_description, performance.teacher)
         if run.teacher is not None and run.teacher.checkpoint:
-            load_model_weights(teacher, run.teacher.checkpoint)
+            load_model_weights(teacher, run.teacher.checkpoint, run.performance.fully_parallel_load)
     student_config = student.config
     ddp = DistributedDataParallel(
         config=student_config,
