@@ -79,6 +79,7 @@ MULTIRANK_MODULES = {
     "test_gpu_conftest",
     "test_layout_equivalence",
     "test_losses_tp",
+    "test_packing",
     "test_slurm",
     "test_trainer",
     "test_training_tracking",

@@ -304,7 +304,7 @@ def test_packing_keeps_records_apart(tmp_path, word_tokenizer):
         {"prompt": "hi hi", "response": "ok"},
         {"prompt": "hi", "response": "ok ok ok"},
     ]
-    prepare(
+    sidecar = prepare(
         write_jsonl(tmp_path / "d.jsonl", records),
         word_tokenizer,
         tmp_path / "d",
@@ -312,23 +312,78 @@ def test_packing_keeps_records_apart(tmp_path, word_tokenizer):
         log=lambda _: None,
     )
     dataset = DistillationDataset(tmp_path / "d", seq_length=20, pack=True)
-    # Positions per record: 8, 8, 9 -> next-fit in 20: [8 + 8] [9]
+    # Positions per record: 8, 8, 9 -> best-fit decreasing in 20: [9 + 8] [8]; the tie
+    # between records 0 and 1 goes to the lower id.
     assert len(dataset) == 2
     first = dataset[0]
-    assert first["tokens"].tolist() == [1, 4, 5, 7, 6, 5, 8, 9, 1, 4, 5, 7, 7, 6, 5, 11] + [3] * 4
     assert (
-        first["labels"].tolist() == ([-100] * 5 + [8, 9, 2]) + ([-100] * 6 + [11, 2]) + [-100] * 4
+        first["tokens"].tolist() == [1, 4, 5, 7, 6, 5, 11, 11, 11, 1, 4, 5, 7, 6, 5, 8, 9] + [3] * 3
     )
-    assert first["position_ids"].tolist() == list(range(8)) + list(range(8)) + list(range(4))
+    assert (
+        first["labels"].tolist()
+        == ([-100] * 5 + [11, 11, 11, 2]) + ([-100] * 5 + [8, 9, 2]) + [-100] * 3
+    )
+    assert first["position_ids"].tolist() == list(range(9)) + list(range(8)) + list(range(3))
+    assert first["segment_ids"].tolist() == [0] * 9 + [1] * 8 + [2] * 3
     second = dataset[1]
-    assert second["labels"].tolist() == [-100] * 5 + [11, 11, 11, 2] + [-100] * 11
-    # Packing and padding supervise exactly the same tokens.
+    assert second["labels"].tolist() == [-100] * 6 + [11, 2] + [-100] * 12
+    assert second["segment_ids"].tolist() == [0] * 8 + [1] * 12
+    # Real tokens over slots: 25 positions in 2 x 20 packed, in 3 x 20 padded.
+    assert dataset.efficiency == 25 / 40
+    assert "efficiency 62.5% (real tokens / slots)" in dataset.describe()
+    assert sidecar["packing"] == {
+        "seq_length": 20,
+        "packed_samples": 2,
+        "packed_efficiency": 0.625,
+        "padded_samples": 3,
+        "padded_efficiency": 0.4167,
+    }
+    # Packing and padding supervise exactly the same tokens; padded samples stay as before.
     padded = DistillationDataset(tmp_path / "d", seq_length=20)
+    assert "segment_ids" not in padded[0]
 
     def labels(ds: DistillationDataset) -> list[int]:
         return sorted(int(t) for i in range(len(ds)) for t in ds[i]["labels"] if t != -100)
 
     assert labels(dataset) == labels(padded) == [2, 2, 2, 8, 9, 11, 11, 11, 11]
+
+
+def _fills(samples: list[list[int]], sizes: numpy.ndarray, capacity: int) -> None:
+    """Every record exactly once, no sample over capacity."""
+    assert sorted(r for sample in samples for r in sample) == list(range(len(sizes)))
+    assert max(int(sizes[sample].sum()) for sample in samples) <= capacity
+
+
+def test_best_fit_packs_where_next_fit_wastes():
+    from hpd_megatron.data.packing import best_fit_decreasing, efficiency, next_fit
+
+    # Records of 10-60% of a sample, in random order: next-fit closes a sample as soon as
+    # the next record does not fit, leaving on average a fifth of it empty.
+    capacity = 1024
+    sizes = numpy.random.default_rng(0).integers(100, 620, 4000)
+    best, nxt = best_fit_decreasing(sizes, capacity, seed=1), next_fit(sizes, capacity)
+    _fills(best, sizes, capacity)
+    _fills(nxt, sizes, capacity)
+    packed, baseline = efficiency(sizes, len(best), capacity), efficiency(sizes, len(nxt), capacity)
+    print(f"best-fit decreasing {packed:.2%}, next-fit {baseline:.2%}")
+    assert packed >= 0.95
+    assert baseline < 0.85
+
+
+def test_packing_depends_on_the_seed_and_the_data_only():
+    from hpd_megatron.data.packing import best_fit_decreasing
+
+    sizes = numpy.random.default_rng(3).integers(1, 300, 2500)
+    # Windows of 1000 records: the last one is partial, and records never cross windows.
+    first = best_fit_decreasing(sizes, 512, seed=5, window=1000)
+    assert first == best_fit_decreasing(sizes.copy(), 512, seed=5, window=1000)
+    _fills(first, sizes, 512)
+    other = best_fit_decreasing(sizes, 512, seed=6, window=1000)
+    _fills(other, sizes, 512)
+    assert other != first, "the seed shuffles which records share a sample"
+    order = numpy.random.default_rng(5).permutation(len(sizes))
+    window = {int(r): i // 1000 for i, r in enumerate(order)}
+    assert all(len({window[r] for r in sample}) == 1 for sample in first)
 
 
 def test_overlong_truncate_and_drop(tmp_path, word_tokenizer):

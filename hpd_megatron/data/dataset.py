@@ -6,15 +6,18 @@ so no position ever predicts a token of another record.
 
 - Padding (``pack=False``): one record per sample, then pad tokens (labels -100) up to
   ``seq_length``.
-- Packing (``pack=True``): consecutive records, in file order, fill a sample while their
-  positions fit (next-fit), then padding. The label shift is done per record, so the masks
-  at the boundaries are the same as padding would give; ``position_ids`` restart at 0 for
-  every record (and for the padding). Attention is NOT separated: with the usual causal mask
-  a record sees the records before it in its sample.
+- Packing (``pack=True``): several records per sample, chosen by best-fit decreasing within
+  seeded windows (``packing.py``), then padding. The label shift is done per record, so the
+  masks at the boundaries are the same as padding would give; ``position_ids`` restart at 0
+  for every record (and for the padding). A packed sample also carries ``segment_ids``:
+  record k of the sample is segment k, the padding the segment after the last record. The
+  model keeps segments apart (``schedule.causal_lm_forward``): a block-diagonal causal mask
+  on the local spec, THD attention with ``cu_seqlens`` on Transformer Engine.
 
-The set of samples is fixed when the dataset is opened; the sampler shuffles their order.
-Each sample is a dict of tensors of length ``seq_length``: ``tokens``, ``labels`` (int64),
-``loss_mask`` (float32, 1 where labels != -100) and ``position_ids`` (int64).
+The set of samples is fixed when the dataset is opened (from the data and the seed); the
+sampler shuffles their order. Each sample is a dict of tensors of length ``seq_length``:
+``tokens``, ``labels`` (int64), ``loss_mask`` (float32, 1 where labels != -100),
+``position_ids`` (int64) and, packed, ``segment_ids`` (int64).
 """
 
 from __future__ import annotations
@@ -28,13 +31,16 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from hpd_megatron.data.files import read_json_object
+from hpd_megatron.data.packing import best_fit_decreasing, efficiency
 from hpd_megatron.data.prepare import LOSS_MASK_SUFFIX, TOKENS_SUFFIX
 from hpd_megatron.errors import ConfigError, DataError
 from hpd_megatron.losses import IGNORE_INDEX
 
 
 class DistillationDataset(Dataset):
-    def __init__(self, prefix: str | Path, seq_length: int, pack: bool = False) -> None:
+    def __init__(
+        self, prefix: str | Path, seq_length: int, pack: bool = False, seed: int = 0
+    ) -> None:
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         if seq_length < 1:
@@ -59,53 +65,68 @@ class DistillationDataset(Dataset):
                 f"data.seq_length + 1 = {seq_length + 1} (prepared with --seq-length "
                 f"{self.meta.get('seq_length')}); prepare it again with --seq-length {seq_length}"
             )
-        # Sample i holds records starts[i] .. starts[i+1]-1.
-        self.starts = _pack(lengths - 1, seq_length) if pack else numpy.arange(len(lengths) + 1)
+        # Sample i holds records records[offsets[i]:offsets[i+1]], in that order.
+        self.positions = lengths.astype(numpy.int64) - 1
+        if pack:
+            samples = best_fit_decreasing(self.positions, seq_length, seed)
+            self.records = numpy.concatenate([numpy.asarray(s) for s in samples])
+            self.offsets = numpy.cumsum([0] + [len(s) for s in samples])
+        else:
+            self.records = numpy.arange(len(lengths))
+            self.offsets = numpy.arange(len(lengths) + 1)
         # Any id would do for padding (padded positions have no label); pad, else EOS, else 0.
         tokenizer = self.meta.get("tokenizer", {})
         pad = tokenizer.get("pad_id")
         self.pad_id: int = pad if pad is not None else tokenizer.get("eos_id") or 0
 
     def __len__(self) -> int:
-        return len(self.starts) - 1
+        return len(self.offsets) - 1
+
+    @property
+    def efficiency(self) -> float:
+        """Real positions over slots (samples x seq_length)."""
+        return efficiency(self.positions, len(self), self.seq_length)
+
+    def describe(self) -> str:
+        """One line for the start-up log: how well the records fill the samples."""
+        how = "packed (best-fit decreasing)" if self.pack else "padded, one record each"
+        return (
+            f"data: {len(self.positions)} records in {len(self)} samples of "
+            f"{self.seq_length} positions, {how}: efficiency {self.efficiency:.1%} "
+            "(real tokens / slots)"
+        )
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         tokens = numpy.full(self.seq_length, self.pad_id, dtype=numpy.int64)
         labels = numpy.full(self.seq_length, IGNORE_INDEX, dtype=numpy.int64)
         positions = numpy.zeros(self.seq_length, dtype=numpy.int64)
+        segments = numpy.zeros(self.seq_length, dtype=numpy.int64)
         start = 0
-        for record in range(self.starts[index], self.starts[index + 1]):
+        records = self.records[self.offsets[index] : self.offsets[index + 1]]
+        for segment, record in enumerate(records):
             x = self.tokens[record].astype(numpy.int64)
             m = self.loss_mask[record]
             end = start + len(x) - 1
             tokens[start:end] = x[:-1]
             labels[start:end] = numpy.where(m[1:] == 1, x[1:], IGNORE_INDEX)
             positions[start:end] = numpy.arange(end - start)
+            segments[start:end] = segment
             start = end
         positions[start:] = numpy.arange(self.seq_length - start)
-        return {
+        segments[start:] = len(records)
+        sample = {
             "tokens": torch.from_numpy(tokens),
             "labels": torch.from_numpy(labels),
             "loss_mask": torch.from_numpy((labels != IGNORE_INDEX).astype(numpy.float32)),
             "position_ids": torch.from_numpy(positions),
         }
+        if self.pack:  # unpacked samples stay as they were: one record, plain causal attention
+            sample["segment_ids"] = torch.from_numpy(segments)
+        return sample
 
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """The samples at ``indices`` stacked into [len(indices), seq_length] tensors."""
         return default_collate([self[i] for i in indices])
-
-
-def _pack(positions: numpy.ndarray, capacity: int) -> numpy.ndarray:
-    """Next-fit: start offsets of runs of consecutive records whose positions fit ``capacity``."""
-    starts = [0]
-    used = 0
-    for record, size in enumerate(positions.tolist()):
-        if used + size > capacity:
-            starts.append(record)
-            used = 0
-        used += size
-    starts.append(len(positions))
-    return numpy.asarray(starts)
 
 
 def _read_sidecar(path: Path) -> dict[str, Any]:

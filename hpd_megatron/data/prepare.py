@@ -5,7 +5,9 @@ For ``output_prefix`` P it writes (all or nothing: staged, then renamed, the sid
     P_tokens.bin / .idx      one sequence and one document per record: its token ids
     P_loss_mask.bin / .idx   same lengths and boundaries, uint8: 1 on assistant-reply tokens
                              (with the EOS or end-of-turn text that closes each reply), else 0
-    P.json                   counts, the settings used, and the tokenizer's ids and fingerprint
+    P.json                   counts, the settings used, the tokenizer's ids and fingerprint,
+                             and ``packing``: samples and efficiency (real tokens / slots) at
+                             seq_length, packed (data.pack, with seed 0) and padded
 
 A record may hold ``seq_length + 1`` tokens: a training sample feeds ``seq_length`` tokens
 and predicts each one's successor, so the last token is only ever a label. Longer records
@@ -26,6 +28,7 @@ import numpy
 
 from hpd_megatron.data.chat import encode_conversation, resolve_chat_template
 from hpd_megatron.data.files import staged_files
+from hpd_megatron.data.packing import packing_report
 from hpd_megatron.data.records import read_records, shown_lines
 from hpd_megatron.data.tokenizer import Tokenizer, load_tokenizer
 from hpd_megatron.errors import ConfigError, DataError
@@ -44,6 +47,8 @@ class Tally:
     response_tokens: int = 0
     truncated_lines: list[int] = field(default_factory=list)
     dropped_lines: list[int] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    """Tokens of each record kept, for the packing report."""
 
     def counts(self) -> dict[str, int]:
         return {
@@ -93,6 +98,7 @@ def prepare(
             if chat_template == "auto"
             else chat_template,
             **tally.counts(),
+            "packing": packing_report(numpy.asarray(tally.lengths) - 1, seq_length),
             "tokenizer": tokenizer.describe(),
             "datasets": {
                 "tokens": Path(prefix).name + TOKENS_SUFFIX,
@@ -101,6 +107,12 @@ def prepare(
         }
         sidecar_path.write_text(json.dumps(sidecar, indent=2) + "\n")
     log_summary(log, input_path, prefix, tally, max_tokens)
+    packing = sidecar["packing"]
+    log(
+        f"efficiency at seq_length {seq_length} (real tokens / slots): packed "
+        f"{packing['packed_efficiency']:.1%} in {packing['packed_samples']} samples, padded "
+        f"{packing['padded_efficiency']:.1%} in {packing['padded_samples']}"
+    )
     return sidecar
 
 
@@ -150,6 +162,7 @@ def write_datasets(
         tokens_out.add_document(ids, [len(ids)])
         mask_out.add_document(mask, [len(mask)])
         tally.records += 1
+        tally.lengths.append(len(ids))
         tally.tokens += len(ids)
         tally.response_tokens += sum(mask)
     tokens_out.finalize(str(tokens_idx))

@@ -14,6 +14,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from hpd_megatron.models.description import ModelDescription
@@ -37,13 +38,25 @@ def transformer_engine_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
-def layer_spec(model: ModelDescription, use_transformer_engine: bool | None = None) -> ModuleSpec:
-    """The Transformer Engine spec on a GPU with TE, Megatron-Core's local spec otherwise."""
+def layer_spec(
+    model: ModelDescription, use_transformer_engine: bool | None = None, packed: bool = False
+) -> ModuleSpec:
+    """The Transformer Engine spec on a GPU with TE, Megatron-Core's local spec otherwise.
+
+    ``packed`` (data.pack): the local spec's self-attention takes the block-diagonal mask
+    the batch brings (``AttnMaskType.arbitrary``); with the causal type its fused softmax
+    would build its own mask and ignore the given one. The TE spec stays as it is: THD
+    attention turns causal into padding_causal itself.
+    """
     if use_transformer_engine is None:
         use_transformer_engine = transformer_engine_available()
     if use_transformer_engine:
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
-    return get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+    if packed:
+        attention = spec.submodules.self_attention
+        attention.params = {**attention.params, "attn_mask_type": AttnMaskType.arbitrary}
+    return spec
 
 
 def transformer_config(

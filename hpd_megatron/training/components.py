@@ -57,7 +57,7 @@ def _in_dtype(model: torch.nn.Module, config) -> torch.nn.Module:
 
 
 def _build_model(
-    description: ModelDescription, settings: ModelSettings, **overrides
+    description: ModelDescription, settings: ModelSettings, packed: bool, **overrides
 ) -> torch.nn.Module:
     """One model's stage with the performance section's settings, every parameter in dtype."""
     try:
@@ -67,7 +67,7 @@ def _build_model(
     except (ValueError, AssertionError) as error:
         # TransformerConfig's own checks (e.g. recompute_num_layers against the layers).
         raise ConfigError(f"performance: Megatron-Core refused the settings: {error}") from None
-    spec = layer_spec(description, settings.use_transformer_engine)
+    spec = layer_spec(description, settings.use_transformer_engine, packed=packed)
     return _in_dtype(build_gpt_model(description, config, spec=spec), config)
 
 
@@ -84,12 +84,14 @@ def build_models(
     performance = resolve_performance(run, parallel_state.get_tensor_model_parallel_world_size())
     # The loss function returns (sum, num_tokens): the schedule then divides the
     # gradients by the global batch's token count, giving the global token mean.
-    student = _build_model(student_description, performance.student, calculate_per_token_loss=True)
+    student = _build_model(
+        student_description, performance.student, run.data.pack, calculate_per_token_loss=True
+    )
     if run.checkpoint.load and not resuming:
         load_model_weights(student, run.checkpoint.load, run.performance.fully_parallel_load)
     teacher = None
     if teacher_description is not None:
-        teacher = _build_model(teacher_description, performance.teacher)
+        teacher = _build_model(teacher_description, performance.teacher, run.data.pack)
         if run.teacher is not None and run.teacher.checkpoint:
             load_model_weights(teacher, run.teacher.checkpoint, run.performance.fully_parallel_load)
     student_config = student.config

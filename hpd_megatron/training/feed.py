@@ -23,7 +23,11 @@ class TrainingFeed:
             raise DataError(
                 "data.train: no prepared data given (the --output-prefix of tools/prepare_data.py)"
             )
-        self.dataset = DistillationDataset(run.data.train, run.data.seq_length, pack=run.data.pack)
+        # Packing depends on the data and the seed only: every rank, DP size and resume
+        # sees the same samples.
+        self.dataset = DistillationDataset(
+            run.data.train, run.data.seq_length, pack=run.data.pack, seed=run.seed
+        )
         tokenizer = self.dataset.meta.get("tokenizer", {})
         if tokenizer.get("vocab_size") != student.vocab_size:
             raise DataError(

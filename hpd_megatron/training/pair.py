@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from megatron.core.transformer.module import MegatronModule
 
-from hpd_megatron.training.schedule import Batch, causal_lm_forward
+from hpd_megatron.training.schedule import Batch, causal_lm_forward, unwrap_model
 
 
 class DistillationPair(MegatronModule):
@@ -33,13 +33,15 @@ class DistillationPair(MegatronModule):
         student_hidden: int,
         teacher_hidden: int,
     ) -> None:
-        super().__init__(config=_unwrap(student).config)
+        super().__init__(config=unwrap_model(student).config)
         self.student = student
         self.teacher = teacher
         self.student_hidden = student_hidden
         self.teacher_hidden = teacher_hidden if teacher is not None else 0
-        self.teacher_dtype = _unwrap(teacher).config.params_dtype if teacher is not None else None
-        self.model_type = _unwrap(student).model_type
+        self.teacher_dtype = (
+            unwrap_model(teacher).config.params_dtype if teacher is not None else None
+        )
+        self.model_type = unwrap_model(student).model_type
         if teacher is not None:
             teacher.eval()
             for parameter in teacher.parameters():
@@ -49,14 +51,14 @@ class DistillationPair(MegatronModule):
         if isinstance(input_tensor, (list, tuple)):
             input_tensor = input_tensor[0]
         if input_tensor is None or self.teacher is None:
-            _unwrap(self.student).set_input_tensor(input_tensor)
+            unwrap_model(self.student).set_input_tensor(input_tensor)
             if self.teacher is not None:
                 self.teacher.set_input_tensor(None)
             return
         student_part, teacher_part = torch.split(
             input_tensor, [self.student_hidden, self.teacher_hidden], dim=-1
         )
-        _unwrap(self.student).set_input_tensor(student_part)
+        unwrap_model(self.student).set_input_tensor(student_part)
         # The activation travels in the student's dtype; the teacher may compute in bf16.
         self.teacher.set_input_tensor(teacher_part.detach().to(self.teacher_dtype))
 
@@ -66,7 +68,7 @@ class DistillationPair(MegatronModule):
             return student_out, None
         with torch.no_grad():
             teacher_out = causal_lm_forward(self.teacher, batch)
-        if _unwrap(self.student).post_process:
+        if unwrap_model(self.student).post_process:
             return student_out, teacher_out
         return torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1), None
 
@@ -77,19 +79,19 @@ class DistillationPair(MegatronModule):
 
     # What Megatron's helpers look up on "the model" refers to the student.
     def shared_embedding_or_output_weight(self) -> torch.Tensor:
-        return _unwrap(self.student).shared_embedding_or_output_weight()
+        return unwrap_model(self.student).shared_embedding_or_output_weight()
 
     @property
     def share_embeddings_and_output_weights(self) -> bool:
-        return _unwrap(self.student).share_embeddings_and_output_weights
+        return unwrap_model(self.student).share_embeddings_and_output_weights
 
     @property
     def pre_process(self) -> bool:
-        return _unwrap(self.student).pre_process
+        return unwrap_model(self.student).pre_process
 
     @property
     def post_process(self) -> bool:
-        return _unwrap(self.student).post_process
+        return unwrap_model(self.student).post_process
 
     def train(self, mode: bool = True) -> DistillationPair:
         self.training = mode
@@ -97,10 +99,3 @@ class DistillationPair(MegatronModule):
         if self.teacher is not None:
             self.teacher.eval()  # the teacher never leaves eval mode
         return self
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside a DDP (or other ``.module``) wrapper."""
-    while hasattr(module, "module"):
-        module = module.module
-    return module

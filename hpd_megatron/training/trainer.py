@@ -137,6 +137,8 @@ class DistillationTrainer:
             dp_rank=context.dp_rank,
             dp_size=context.layout.data_parallel_size,
         )
+        if context.is_logging_rank:  # how much of each step is padding
+            print(self.feed.dataset.describe(), flush=True)
         # A run whose checkpoint directory holds a complete save resumes from it; otherwise
         # the student starts from checkpoint.load (or a random initialisation).
         self.models = self.build_models(resuming=resume_step is not None)
