@@ -12,7 +12,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -83,6 +83,9 @@ def _as_bool(value: Any, where: str) -> bool:
 def _as_int(value: Any, where: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
+    if isinstance(value, str) and _INTEGER.fullmatch(value):
+        # What ${NAME:-100} expands to: the environment only holds strings.
+        return int(value)
     raise ConfigError(f"{where}: expected an integer, got {value!r}")
 
 
@@ -104,6 +107,7 @@ def _as_str(value: Any, where: str) -> str:
     raise ConfigError(f"{where}: expected a string, got {value!r}")
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
 _SCALARS = {
     Any: lambda value, _where: value,
     bool: _as_bool,
@@ -143,15 +147,42 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     return cls(**kwargs)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last,
+    silently dropping the first value)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader's own error says so
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"duplicate key {key!r}", problem_mark=key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, naming the file (and line, for syntax errors) on failure."""
+    """Read a YAML mapping, naming the file (and line, for syntax errors and duplicate keys)
+    on failure."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a YAML file") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path}: not UTF-8 text ({error.reason} at byte {error.start})"
+        ) from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read ({error.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -164,7 +195,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+SECRET_VARIABLE = re.compile(r"TOKEN|PASSWORD|SECRET|KEY", re.IGNORECASE)
+"""Variable names whose values are masked in everything logged or saved."""
+_EXPANDED_SECRETS: set[str] = set()
 _KEPT_UNSET: ContextVar[list[str] | None] = ContextVar("kept_unset_variables", default=None)
+
+
+def expanded_secrets() -> frozenset[str]:
+    """The values this process expanded from secret-named variables (for redaction)."""
+    return frozenset(_EXPANDED_SECRETS)
 
 
 @contextmanager
@@ -203,11 +242,11 @@ def expand_variables(data: Any, source: str | Path, where: str = "") -> Any:
 
     def substitute(match: re.Match) -> str:
         name, default = match.group(1), match.group(2)
-        value = os.environ.get(name)
+        value = os.environ.get(name, default)
         if value is not None:
+            if value and SECRET_VARIABLE.search(name):
+                _EXPANDED_SECRETS.add(value)
             return value
-        if default is not None:
-            return default
         kept = _KEPT_UNSET.get()
         if kept is None:
             raise ConfigError(

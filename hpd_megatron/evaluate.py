@@ -36,7 +36,7 @@ from hpd_megatron.eval.runner import (
 )
 from hpd_megatron.eval.source import CheckpointInfo
 from hpd_megatron.eval.tracking import log_evaluation, tracking_target
-from hpd_megatron.tracking import TrackingConfig
+from hpd_megatron.tracking import TrackingConfig, redact
 
 GENERATIONS = "generations.jsonl"
 SUMMARY = "summary.json"
@@ -153,7 +153,7 @@ def track(
         tags={"hpd.evaluated_checkpoint": str(info.path)},
         artifacts=[out / SUMMARY],
     )
-    print(f"logged to {tracking.tracking_uri} (run {run_id})", flush=True)
+    print(f"logged to {redact(tracking.tracking_uri)} (run {run_id})", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--tracking-uri",
-        help="MLflow store (default: the training run's, else $MLFLOW_TRACKING_URI)",
+        help="MLflow store (default: $MLFLOW_TRACKING_URI; never one the checkpoint names)",
     )
     parser.add_argument("--experiment", help="MLflow experiment (default: the training run's)")
     parser.add_argument(

@@ -46,8 +46,20 @@ hpd_container_python() {
         "which needs megatron-core and this project installed"
 }
 
+# Exit unless $2 (the value of the variable named $1) is a non-negative integer. Bash
+# arithmetic evaluates a variable's text as an expression, array subscripts and their
+# $(...) included, so a value must be checked before (( )) ever sees it.
+hpd_require_integer() {
+    if [[ ! $2 =~ ^[0-9]+$ ]]; then
+        hpd_log "error: $1 must be a non-negative integer, got '$2'"
+        exit 1
+    fi
+}
+
 # cd to the checkout, pick the interpreter, and export the rendezvous and GPU settings.
 hpd_environment() {
+    hpd_require_integer HPD_MAX_REQUEUES "${HPD_MAX_REQUEUES:-50}"
+    hpd_require_integer SLURM_RESTART_COUNT "${SLURM_RESTART_COUNT:-0}"
     HPD_HOME=${HPD_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
     cd "$HPD_HOME" || { hpd_log "error: HPD_HOME=$HPD_HOME: no such directory"; exit 1; }
     export HPD_HOME

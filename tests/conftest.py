@@ -83,6 +83,7 @@ MULTIRANK_MODULES = {
     "test_slurm",
     "test_trainer",
     "test_training_tracking",
+    "test_untrusted_checkpoints",
 }
 SLOW_MODULES = {"test_slurm", "test_tracking", "test_training_tracking"}
 

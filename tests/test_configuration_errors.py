@@ -150,7 +150,7 @@ def test_model_description_defaults_by_family():
             "model.family: unsupported family 'gpt2' (supported: llama, mistral, qwen2, qwen3)",
         ),
         ({"hiden_size": 64}, "model.hiden_size: unknown key"),
-        ({"num_layers": "4"}, "model.num_layers: expected an integer, got '4'"),
+        ({"num_layers": "four"}, "model.num_layers: expected an integer, got 'four'"),
         (
             {"num_query_groups": 3},
             "model.num_query_groups: 3 does not divide num_attention_heads 4",

@@ -160,13 +160,10 @@ def test_tracking_target(task, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     assert tracking_target(info, None, "evals").tracking_uri == "http://mlflow:5000"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    # A checkpoint whose training run tracked: its store, its experiment.
+    # A checkpoint whose training run tracked: never its store (it could name any server).
     info.training = {"run_dir": str(task / "r"), "tracking": {"enabled": True, "experiment": "exp"}}
-    target = tracking_target(info, None, None)
-    assert target.tracking_uri == f"sqlite:///{(task / 'r' / 'mlflow.db').resolve()}"
-    assert target.experiment == "exp"
-    info.training["tracking"]["enabled"] = False
     assert tracking_target(info, None, None) is None
+    assert tracking_target(info, "sqlite:///x.db", None).experiment == "exp"
 
 
 def test_training_records_keep_finished_replies_in_the_prompt_schema(tmp_path):

@@ -24,12 +24,36 @@ from hpd_megatron.checkpoint.training_state import (
     save_checkpoint,
     saved_extra,
 )
-from hpd_megatron.checkpoint.weights import export_model_weights
-from hpd_megatron.errors import CheckpointError
+from hpd_megatron.checkpoint.weights import export_model_weights, not_an_export
+from hpd_megatron.errors import CheckpointError, ConfigError
 from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.parallel.initialize import logging_rank
 from hpd_megatron.training.config import CheckpointConfig, RunConfig
 from hpd_megatron.training.inputs import checkpoint_dir
+
+
+def check_export_dir(run: RunConfig) -> None:
+    """``checkpoint.export_dir`` is safe to replace at the end: refused at start otherwise.
+
+    The export replaces its directory, so one that is (or holds) the run directory or the
+    checkpoints, or that holds anything an export does not write, would be deleted.
+    """
+    if not run.checkpoint.export_dir:
+        return
+    export = Path(run.checkpoint.export_dir)
+    for key, path in (("run_dir", Path(run.run_dir)), ("checkpoint.dir", checkpoint_dir(run))):
+        if export.resolve() in (path.resolve(), *path.resolve().parents):
+            raise ConfigError(
+                f"checkpoint.export_dir: {export} is or contains the {key} {path}, which the "
+                "export would replace; choose a directory of its own (e.g. RUN_DIR/export)"
+            )
+    for existing in (export, export.with_name(export.name + ".previous")):
+        reason = not_an_export(existing) if existing.exists() else None
+        if reason is not None:
+            raise ConfigError(
+                f"checkpoint.export_dir: {existing}: {reason}; refusing to replace it "
+                "(remove it or choose another)"
+            )
 
 
 @dataclass(frozen=True)
@@ -61,6 +85,7 @@ class Checkpointer:
 
     @classmethod
     def for_run(cls, run: RunConfig) -> Checkpointer:
+        check_export_dir(run)  # at start, not after the training it would end
         return cls(
             run.checkpoint,
             checkpoint_dir(run),

@@ -25,8 +25,13 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer import distrib_optimizer
 
 from hpd_megatron.checkpoint.dist_save import load_sharded, save_sharded
-from hpd_megatron.checkpoint.publish import publish_directory
-from hpd_megatron.checkpoint.verify import CheckpointError, check_shapes, read_index
+from hpd_megatron.checkpoint.publish import fsync_path, publish_directory
+from hpd_megatron.checkpoint.verify import (
+    CheckpointError,
+    check_safe_loading,
+    check_shapes,
+    read_index,
+)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -47,13 +52,29 @@ def latest_step(root: str | Path) -> int | None:
         raise CheckpointError(f"{tracker}: expected a step number, found {text!r}") from None
     if not (iteration_dir(root, step) / "metadata.json").is_file():
         raise CheckpointError(
-            f"{tracker}: names step {step} but {iteration_dir(root, step)} is missing or incomplete"
+            f"{tracker}: names step {step} but {iteration_dir(root, step)} is missing or "
+            f"incomplete{_earlier_intact(root, step, lambda _: None)}"
         )
     return step
 
 
+def _earlier_intact(root: str | Path, step: int, check: Any) -> str:
+    """How to resume from the newest save before ``step`` that ``check`` accepts (a clause)."""
+    for earlier in reversed([s for s in complete_steps(root) if s < step]):
+        try:
+            check(iteration_dir(root, earlier))
+        except CheckpointError:
+            continue
+        return (
+            f"; {iteration_dir(root, earlier)} is intact: to resume from it, "
+            f"write {earlier} into {Path(root) / TRACKER}"
+        )
+    return "; no earlier save is intact"
+
+
 def saved_extra(root: str | Path, step: int) -> dict[str, Any]:
     """The ``extra`` dict of a save, read without loading any tensor (no process group)."""
+    check_safe_loading()
     return dist_checkpointing.load_common_state_dict(str(iteration_dir(root, step)))["extra"]
 
 
@@ -204,19 +225,47 @@ def save_checkpoint(
         )
         save_sharded(state, str(partial), fully_parallel)
     if dist.get_rank() == 0:
-        tracker = root / TRACKER
-        temporary = tracker.with_name(TRACKER + ".tmp")
-        temporary.write_text(f"{step}\n")
-        os.replace(temporary, tracker)
+        _write_tracker(root, step)
     dist.barrier()
     return final
 
 
+def _write_tracker(root: Path, step: int) -> None:
+    """Replace the tracker atomically and durably (the save it names is already synced)."""
+    tracker = root / TRACKER
+    temporary = tracker.with_name(TRACKER + ".tmp")
+    with open(temporary, "w") as file:
+        file.write(f"{step}\n")
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, tracker)
+    fsync_path(root)
+
+
+def complete_steps(root: str | Path) -> list[int]:
+    """The steps of the complete saves under ``root``, oldest first."""
+    steps = []
+    for path in Path(root).glob("iter_*"):
+        number = path.name.removeprefix("iter_")
+        if number.isdigit() and len(number) == 7 and (path / "metadata.json").is_file():
+            steps.append(int(number))
+    return sorted(steps)
+
+
 def remove_old_checkpoints(root: str | Path, keep_last: int) -> None:
-    """Rank 0: delete all but the ``keep_last`` newest complete iteration directories."""
-    complete = sorted(p for p in Path(root).glob("iter_*") if p.suffix != ".partial")
-    for old in complete[: max(len(complete) - keep_last, 0)]:
-        shutil.rmtree(old)
+    """Rank 0: delete all but the ``keep_last`` newest complete saves.
+
+    The save the tracker names and the newest complete one are always kept, whatever
+    ``keep_last`` says and whatever stale ``iter_*`` directory lies beside them.
+    """
+    steps = complete_steps(root)
+    keep = set(steps[-max(keep_last, 1) :])
+    named = latest_step(root)
+    if named is not None:
+        keep.add(named)
+    for step in steps:
+        if step not in keep:
+            shutil.rmtree(iteration_dir(root, step))
 
 
 def _check_optimizer_resumable(directory: Path, common: dict[str, Any], optimizer: Any) -> None:
@@ -259,7 +308,11 @@ def load_checkpoint(
     data-parallel replica reads a share of the replicated tensors and they exchange them.
     """
     directory = iteration_dir(root, step)
-    index = read_index(directory)
+    check_safe_loading()
+    try:
+        index = read_index(directory)
+    except CheckpointError as error:
+        raise CheckpointError(f"{error}{_earlier_intact(root, step, read_index)}") from None
     common = dist_checkpointing.load_common_state_dict(str(directory))
     if load_optimizer:
         _check_optimizer_resumable(directory, common, optimizer)

@@ -5,24 +5,102 @@ tensor of another shape, with a message that names neither the file nor the mode
 field. Both checks here are cheap (the ``.metadata`` index and file sizes, no tensor
 data) and every rank reaches the same verdict, so all ranks raise together instead of
 leaving the others blocked in a collective.
+
+The index is read here first, through a restricted unpickler, because ``.metadata`` is a
+pickle: torch's ``FileSystemReader.read_metadata`` (also inside ``dist_checkpointing.load``)
+would run whatever a tampered one names. Every load goes through ``read_index`` before
+anything else opens the checkpoint, so the later unrestricted reads only see a checked
+index.
 """
 
 from __future__ import annotations
 
+import collections
+import os
+import pickle
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
+import torch.serialization
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import filesystem, planner
+from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from hpd_megatron.errors import CheckpointError
 
+# What a DCP index holds (found by reading every index the project's saves write): the
+# metadata and save-plan dataclasses and enums, the file layout of each item, torch.Size,
+# dtypes and layouts. Nothing here runs code when built from pickled arguments.
+_INDEX_MODULES = (dcp_metadata, planner)
+_INDEX_GLOBALS = {
+    ("torch", "Size"): torch.Size,
+    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): filesystem._StorageInfo,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+}
+UNSAFE_LOAD_VARIABLE = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+def _index_global(module: str, name: str) -> Any:
+    """The object a DCP index may name, or None for anything else."""
+    if (module, name) in _INDEX_GLOBALS:
+        return _INDEX_GLOBALS[module, name]
+    if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout)):
+        return getattr(torch, name)
+    for allowed in _INDEX_MODULES:
+        found = getattr(allowed, name, None) if module == allowed.__name__ else None
+        if isinstance(found, type) and found.__module__ == module:
+            return found
+    return None
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    def __init__(self, file: Any, path: Path) -> None:
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = _index_global(module, name)
+        if found is None:
+            raise CheckpointError(
+                f"{self.path}: refused: names {module}.{name}, which a checkpoint index never "
+                "holds (a tampered or foreign file; nothing was loaded)"
+            )
+        return found
+
+
+def _load_index(index_file: Path) -> Metadata:
+    """``.metadata`` unpickled with only the classes an index holds (module doc)."""
+    try:
+        with open(index_file, "rb") as file:
+            index = _IndexUnpickler(file, index_file).load()
+    except CheckpointError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise CheckpointError(
+            f"{index_file}: unreadable ({type(error).__name__}: {error})"
+        ) from None
+    if not isinstance(index, Metadata):
+        raise CheckpointError(f"{index_file}: not a checkpoint index ({type(index).__name__})")
+    return index
+
+
+def check_safe_loading() -> None:
+    """Refuse to open checkpoints while torch is told to unpickle ``common.pt`` unrestricted."""
+    if os.environ.get(UNSAFE_LOAD_VARIABLE, "0").lower() in ("1", "y", "yes", "true"):
+        raise CheckpointError(
+            f"{UNSAFE_LOAD_VARIABLE} is set: torch would load a checkpoint's common.pt with "
+            "plain pickle, which runs any code the file names; unset it to load checkpoints"
+        )
+
 
 def read_index(directory: str | Path) -> Metadata:
     """The checkpoint's tensor index, after checking that every file it names is whole."""
+    check_safe_loading()
     directory = Path(directory)
     if not (directory / "metadata.json").is_file():
         raise CheckpointError(
@@ -31,12 +109,7 @@ def read_index(directory: str | Path) -> Metadata:
     index_file = directory / ".metadata"
     if not index_file.is_file():
         raise CheckpointError(f"{index_file}: missing (the checkpoint's tensor index)")
-    try:
-        index = FileSystemReader(str(directory)).read_metadata()
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means a damaged file
-        raise CheckpointError(
-            f"{index_file}: unreadable ({type(error).__name__}: {error})"
-        ) from None
+    index = _load_index(index_file)
     needed: dict[str, int] = {}
     for item in index.storage_data.values():
         end = item.offset + item.length

@@ -26,6 +26,25 @@ from hpd_megatron.checkpoint.verify import CheckpointError, check_shapes, read_i
 from hpd_megatron.models.description import ModelDescription
 
 HF_FILES = "hf"
+EXPORT_ENTRIES = frozenset({"metadata.json", ".metadata", "common.pt", "model.yaml", HF_FILES})
+"""What a model-only export holds besides its ``*.distcp`` tensor files."""
+
+
+def not_an_export(directory: Path) -> str | None:
+    """Why ``directory`` is not recognisably a model-only export (None: it is, or empty).
+
+    An export replaces the directory it is written to; anything else found there (a run
+    directory, someone's data) is refused rather than deleted.
+    """
+    entries = sorted(directory.iterdir()) if directory.is_dir() else None
+    if entries is None:
+        return "not a directory"
+    for entry in entries:
+        if entry.name not in EXPORT_ENTRIES and entry.suffix != ".distcp":
+            return f"not a previous export (it holds {entry.name}, which an export never writes)"
+    if entries and not (directory / "metadata.json").is_file():
+        return "not a previous export (no metadata.json)"
+    return None
 
 
 def save_model_weights(model: torch.nn.Module, directory: str | Path) -> None:
@@ -46,9 +65,9 @@ def export_model_weights(
 
     ``description`` is written as ``model.yaml``; ``hf_files_from`` names a checkpoint whose
     ``hf/`` folder is carried over (for the way back to Hugging Face). An existing export
-    is replaced only once the new one is complete.
+    is replaced only once the new one is complete, and only if it is one (``not_an_export``).
     """
-    with publish_directory(directory) as partial:
+    with publish_directory(directory, refuse=not_an_export) as partial:
         save_sharded(model.sharded_state_dict(), str(partial), fully_parallel)
         if dist.get_rank() == 0:
             if description is not None:

@@ -39,7 +39,17 @@ def read_config(hf_dir: str | Path) -> dict[str, Any]:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise ConversionError(f"{hf_dir}: no config.json (expected a Hugging Face model directory)")
-    return read_json_object(path, ConversionError)
+    return read_json_object(inside_model_dir(hf_dir, path), ConversionError)
+
+
+def inside_model_dir(hf_dir: str | Path, path: Path) -> Path:
+    """``path``, refused unless it (after following symlinks) lies inside ``hf_dir``: an
+    index entry or side file must not make the converter read, or copy into its output,
+    a file from elsewhere."""
+    root = Path(hf_dir).resolve()
+    if not path.resolve().is_relative_to(root):
+        raise ConversionError(f"{path}: points outside the model directory {root}")
+    return path
 
 
 def detect_family(config: dict[str, Any], where: str = "config.json") -> str:
@@ -115,6 +125,17 @@ def _require(config: dict[str, Any], key: str, where: str) -> Any:
     return config[key]
 
 
+def _integer(config: dict[str, Any], key: str, where: str, default: int | None = None) -> int:
+    """``config[key]`` as a JSON integer (``default`` when absent or null; required when no
+    default): int() would silently truncate 1.5 or accept "12"."""
+    value = _require(config, key, where) if default is None else config.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConversionError(f"{where}: {key} must be an integer, got {value!r}")
+    return value
+
+
 # config.json flags that would make the model differ from what Megatron computes.
 UNSUPPORTED_FLAGS = {
     "attention_bias": "attention_bias=true (a bias on the output projection) is not supported",
@@ -160,20 +181,20 @@ def description_from_hf(
 def _description(
     config: dict[str, Any], family: str, tokenizer_vocab_size: int | None, where: str
 ) -> ModelDescription:
-    heads = int(_require(config, "num_attention_heads", where))
-    hidden = int(_require(config, "hidden_size", where))
-    rows = int(_require(config, "vocab_size", where))
+    heads = _integer(config, "num_attention_heads", where)
+    hidden = _integer(config, "hidden_size", where)
+    rows = _integer(config, "vocab_size", where)
     theta, scaling = _rope(config, where)
     return ModelDescription(
         family=family,
-        num_layers=int(_require(config, "num_hidden_layers", where)),
+        num_layers=_integer(config, "num_hidden_layers", where),
         hidden_size=hidden,
         num_attention_heads=heads,
-        ffn_hidden_size=int(_require(config, "intermediate_size", where)),
+        ffn_hidden_size=_integer(config, "intermediate_size", where),
         vocab_size=int(tokenizer_vocab_size or rows),
-        num_query_groups=int(config.get("num_key_value_heads") or heads),
-        kv_channels=int(config.get("head_dim") or hidden // heads),
-        max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+        num_query_groups=_integer(config, "num_key_value_heads", where, heads),
+        kv_channels=_integer(config, "head_dim", where, hidden // heads if heads > 0 else 0),
+        max_position_embeddings=_integer(config, "max_position_embeddings", where, 4096),
         rotary_base=theta,
         rope_scaling=scaling,
         norm_epsilon=float(config.get("rms_norm_eps", 1e-6)),

@@ -15,9 +15,11 @@ and renamed at the end; every check of the input runs before anything is written
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ import torch
 import yaml
 
 from hpd_megatron.checkpoint.publish import publish_directory
+from hpd_megatron.checkpoint.run_lock import output_locked
 from hpd_megatron.convert import hf_config, mapping
 from hpd_megatron.errors import ConversionError
 from hpd_megatron.models.description import ModelDescription
@@ -73,17 +76,29 @@ class HFCheckpoint:
     """The dtype config.json records (float32 when it records none)."""
 
 
+@contextlib.contextmanager
+def open_safetensors(path: Path) -> Iterator[Any]:
+    """``safe_open(path)``; a truncated or damaged file is a ConversionError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            yield handle
+    except (SafetensorError, OSError) as error:
+        raise ConversionError(f"{path}: not a readable safetensors file ({error})") from None
+
+
 def weight_files(hf_dir: Path) -> dict[str, Path]:
     """Tensor name -> file, from the index or the single file; never a .bin."""
-    from safetensors import safe_open
-
     index = hf_dir / INDEX_FILE
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+            files = {name: hf_dir / file for name, file in weight_map.items()}
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
             raise ConversionError(f"{index}: not a safetensors index ({error})") from None
-        files = {name: hf_dir / file for name, file in weight_map.items()}
+        for path in set(files.values()):
+            hf_config.inside_model_dir(hf_dir, path)
         missing = sorted({str(p.name) for p in files.values() if not p.is_file()})
         if missing:
             raise ConversionError(
@@ -92,7 +107,7 @@ def weight_files(hf_dir: Path) -> dict[str, Path]:
         return files
     single = hf_dir / SINGLE_FILE
     if single.is_file():
-        with safe_open(single, framework="pt") as handle:
+        with open_safetensors(single) as handle:
             return {name: single for name in handle.keys()}
     pickled = sorted(p.name for p in hf_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
     if pickled:
@@ -116,11 +131,12 @@ def tokenizer_vocab_size(hf_dir: Path) -> int | None:
 
 def open_hf_checkpoint(hf_dir: str | Path) -> HFCheckpoint:
     """Read config.json, the tokenizer's size and the safetensors headers; check every shape."""
-    from safetensors import safe_open
-
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise ConversionError(f"{hf_dir}: no such directory")
+    for name in (*HF_SIDE_FILES, INDEX_FILE, SINGLE_FILE):
+        if (hf_dir / name).exists():
+            hf_config.inside_model_dir(hf_dir, hf_dir / name)
     config = hf_config.read_config(hf_dir)
     where = str(hf_dir / "config.json")
     description = hf_config.description_from_hf(config, tokenizer_vocab_size(hf_dir), where)
@@ -142,7 +158,7 @@ def open_hf_checkpoint(hf_dir: str | Path) -> HFCheckpoint:
     for name, path in files.items():
         by_file.setdefault(path, []).append(name)
     for path, names in sorted(by_file.items()):
-        with safe_open(path, framework="pt") as handle:
+        with open_safetensors(path) as handle:
             for name in names:
                 if name not in expected:
                     if name.endswith("rotary_emb.inv_freq") or (
@@ -188,11 +204,9 @@ class SliceReader:
         self.bytes_read = 0
 
     def __call__(self, name: str, slices: tuple[slice, ...]) -> torch.Tensor:
-        from safetensors import safe_open
-
         # Opening per read unmaps the file afterwards, so pages of a column slice
         # (which touch every row) do not accumulate in this process's memory.
-        with safe_open(self.files[name], framework="pt") as handle:
+        with open_safetensors(self.files[name]) as handle:
             data = handle.get_slice(name)[slices]
         self.bytes_read += data.numel() * data.element_size()
         return data.to(self.dtype).contiguous()
@@ -301,8 +315,48 @@ def _piece_bytes(entry: mapping.Entry, tp: int, dtype: torch.dtype) -> int:
     return numel // share * torch.empty((), dtype=dtype).element_size()
 
 
+@contextlib.contextmanager
+def disk_full_reported(directory: Path) -> Iterator[None]:
+    """A full disk while writing ``directory`` becomes one ConversionError naming it (the
+    caller's ``publish_directory`` removes the partial output)."""
+    try:
+        yield
+    except BaseException as error:  # torch's CheckpointException is a BaseException
+        if not _is_disk_full(error):
+            raise
+        raise ConversionError(
+            f"{directory}: no space left on the device while writing the converted checkpoint; "
+            "nothing was published"
+        ) from None
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """ENOSPC anywhere among ``error``'s causes. torch's CheckpointException keeps each
+    rank's failure in ``failures``, and Megatron's forked writers pass an OSError on only as
+    the text of a RuntimeError ("Worker failure: [Errno 28] ...")."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if getattr(current, "errno", None) == errno.ENOSPC or (
+            f"[Errno {errno.ENOSPC}]" in str(current)
+        ):
+            return True
+        pending += [c for c in (current.__cause__, current.__context__) if c is not None]
+        for failure in (getattr(current, "failures", None) or {}).values():
+            pending.append(failure[0] if isinstance(failure, tuple) else failure)
+    return False
+
+
 def write_side_files(source: HFCheckpoint, directory: Path) -> None:
     """model.yaml and hf/ (rank 0, after the weights)."""
+    with disk_full_reported(directory):
+        _copy_side_files(source, directory)
+
+
+def _copy_side_files(source: HFCheckpoint, directory: Path) -> None:
     (directory / "model.yaml").write_text(
         yaml.safe_dump(source.description.to_dict(), sort_keys=False)
     )
@@ -341,7 +395,7 @@ def convert(
     rank, world = dist.get_rank(), dist.get_world_size()
     if world not in (1, tp * pp):
         raise ConversionError(f"launched with {world} processes; use 1 or TP x PP = {tp * pp}")
-    with publish_directory(out) as partial:
+    with output_locked(out), publish_directory(out) as partial:
         positions = positions_of_rank(tp, pp, rank, world)
         state, reader = build_sharded_state(
             source, positions, tp, pp, target_dtype, progress and rank == 0
@@ -368,7 +422,8 @@ def save_state(state: dict[str, Any], directory: Path, progress: bool) -> dict[s
 
     if progress:
         print(f"writing the distributed checkpoint to {directory}", flush=True)
-    save_sharded(state, str(directory))
+    with disk_full_reported(directory):
+        save_sharded(state, str(directory))
     shard_bytes = sum(
         t.data.numel() * t.data.element_size()
         for t in state.values()

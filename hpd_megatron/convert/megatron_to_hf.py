@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from hpd_megatron.checkpoint.publish import publish_directory
+from hpd_megatron.checkpoint.run_lock import output_locked
 from hpd_megatron.convert import hf_config, mapping
 from hpd_megatron.convert.hf_to_megatron import HF_SIDE_FILES, INDEX_FILE, SINGLE_FILE
 from hpd_megatron.errors import ConfigError, ConversionError
@@ -100,10 +101,13 @@ def target_config(ckpt: Path, description: ModelDescription) -> dict[str, Any]:
 
 
 def stored_dtypes(ckpt: Path) -> dict[str, torch.dtype]:
-    """Key -> dtype of each tensor in the checkpoint (from its metadata, no data read)."""
-    from torch.distributed.checkpoint import FileSystemReader
+    """Key -> dtype of each tensor in the checkpoint (from its metadata, no data read).
 
-    metadata = FileSystemReader(str(ckpt)).read_metadata()
+    Read through ``read_index``'s restricted unpickler: ``.metadata`` is a pickle.
+    """
+    from hpd_megatron.checkpoint.verify import read_index
+
+    metadata = read_index(ckpt)
     return {
         key: value.properties.dtype
         for key, value in metadata.state_dict_metadata.items()
@@ -244,6 +248,8 @@ def plan(
         raise ConversionError(
             f"{ckpt}: not a Megatron-Core distributed checkpoint (no metadata.json)"
         )
+    # The index first: nothing else of the checkpoint is read before it is checked.
+    stored = stored_dtypes(ckpt)
     description = read_description(ckpt, model_yaml)
     config = target_config(ckpt, description)
     rows = int(config["vocab_size"])
@@ -252,7 +258,6 @@ def plan(
         raise ConversionError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     if out.exists():
         raise ConversionError(f"{out}: already exists; remove it or choose another --out")
-    stored = stored_dtypes(ckpt)
     work = units(description, rows)
     for entries in work:
         for entry in entries:
@@ -283,7 +288,7 @@ def convert(
 
     p = plan(ckpt, out, model_yaml, shard_size, dtype)
     rank, world = dist.get_rank(), dist.get_world_size()
-    with publish_directory(p.out) as partial:
+    with output_locked(p.out), publish_directory(p.out) as partial:
         writer = ShardWriter(partial, rank, p.limit)
         rounds = -(-len(p.work) // world)
         with tqdm(

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from hpd_megatron.checkpoint.weights import load_model_weights
+from hpd_megatron.checkpoint.verify import check_safe_loading, read_index
+from hpd_megatron.checkpoint.weights import load_model_weights, weights_directory
 from hpd_megatron.data.chat import resolve_chat_template
 from hpd_megatron.data.tokenizer import Tokenizer, load_tokenizer
 from hpd_megatron.errors import ConfigError, DataError
@@ -170,6 +171,12 @@ def job_from_arguments(args: argparse.Namespace, require_answer: bool) -> Genera
 def inspect_job(job: GenerationJob) -> CheckpointInfo:
     """The job's settings checked, and what its checkpoint needs (no process group)."""
     job.check()
+    # A pickled index is checked before anything else of the checkpoint is read
+    # (checkpoint/verify.py); a directory without one is reported when it is loaded.
+    check_safe_loading()
+    directory = weights_directory(job.ckpt)
+    if (directory / ".metadata").is_file():
+        read_index(directory)
     return inspect_checkpoint(job.ckpt, job.model, job.tokenizer, job.chat_template)
 
 

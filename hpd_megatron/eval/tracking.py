@@ -5,9 +5,11 @@ Each evaluation is its own MLflow run, tagged ``mlflow.parentRunId`` = the train
 the training run itself would have to reopen it (MLflow sets it RUNNING again) and close it
 with a status of the evaluation's choosing, which is wrong while training still runs.
 
-Where: ``--tracking-uri``, else the training run's own store (its ``tracking`` section, when
-the checkpoint's run is known and tracked), else ``$MLFLOW_TRACKING_URI``; none of them (or
-``--no-tracking``): nothing is logged.
+Where: ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``; neither (or ``--no-tracking``):
+nothing is logged. Never a store the checkpoint names: a checkpoint may come from anyone,
+and MLflow sends ``MLFLOW_TRACKING_TOKEN`` to whatever server the URI names (or creates an
+SQLite file wherever it points). Only the experiment's name is taken from the checkpoint's
+training config.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 from hpd_megatron.config import from_dict
 from hpd_megatron.eval.source import CheckpointInfo
-from hpd_megatron.tracking import TrackingConfig, resolve_tracking_uri, start_tracking
+from hpd_megatron.tracking import TrackingConfig, start_tracking
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
 
@@ -27,18 +29,12 @@ PARENT_RUN_TAG = "mlflow.parentRunId"
 def tracking_target(
     info: CheckpointInfo, tracking_uri: str | None, experiment: str | None
 ) -> TrackingConfig | None:
-    """The tracking settings of this evaluation, or None when nothing names a store."""
-    training = (info.training or {}).get("tracking")
-    config = from_dict(TrackingConfig, training, "tracking") if isinstance(training, dict) else None
-    if tracking_uri is None:
-        if config is not None and config.enabled:
-            tracking_uri = resolve_tracking_uri(
-                config, Path((info.training or {}).get("run_dir", "."))
-            )
-        else:
-            tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    """The tracking settings of this evaluation, or None when the user names no store."""
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
         return None
+    training = (info.training or {}).get("tracking")
+    config = from_dict(TrackingConfig, training, "tracking") if isinstance(training, dict) else None
     return TrackingConfig(
         tracking_uri=tracking_uri,
         experiment=experiment

@@ -23,6 +23,16 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3": {"qkv_bias": False, "qk_layernorm": True},
 }
 SUPPORTED_ROPE_SCALING = ("llama3",)
+POSITIVE_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "ffn_hidden_size",
+    "vocab_size",
+    "num_query_groups",
+    "kv_channels",
+    "max_position_embeddings",
+)
 
 
 @dataclass
@@ -71,6 +81,11 @@ class ModelDescription:
         for name, default in FAMILY_DEFAULTS[self.family].items():
             if getattr(self, name) is None:
                 setattr(self, name, default)
+        # Before anything divides by them (a zero would be a ZeroDivisionError).
+        for name in POSITIVE_FIELDS:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"model.{name}: must be positive, got {value}")
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         if self.kv_channels is None:
@@ -80,18 +95,6 @@ class ModelDescription:
                     f"num_attention_heads {self.num_attention_heads}; set kv_channels"
                 )
             self.kv_channels = self.hidden_size // self.num_attention_heads
-        for name in (
-            "num_layers",
-            "hidden_size",
-            "num_attention_heads",
-            "ffn_hidden_size",
-            "vocab_size",
-            "num_query_groups",
-            "kv_channels",
-            "max_position_embeddings",
-        ):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name}: must be positive, got {getattr(self, name)}")
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"model.num_query_groups: {self.num_query_groups} does not divide "
@@ -109,7 +112,11 @@ class ModelDescription:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ModelDescription:
-        return from_dict(cls, load_yaml(path), str(path))
+        data = load_yaml(path)
+        try:
+            return from_dict(cls, data, "model")
+        except ConfigError as error:  # name the file as well as the key
+            raise ConfigError(f"{path}: {error}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -40,6 +40,7 @@ from hpd_megatron.checkpoint.training_state import iteration_dir
 from hpd_megatron.cli import run_cli
 from hpd_megatron.data import prepare
 from hpd_megatron.data.files import staged_files
+from hpd_megatron.errors import ConfigError
 from hpd_megatron.eval.divergence import compare_with_teacher
 from hpd_megatron.eval.runner import GenerationJob, run_generation
 from hpd_megatron.eval.teacher_data import training_records
@@ -52,6 +53,8 @@ from hpd_megatron.training.inputs import checkpoint_dir
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "tiny_cpu_study.yaml"
 METHODS = ("sft", "fkl", "rkl", "jsd", "hpd")
+STUDY_MARKER = ".hpd-study"
+"""Marks a directory this tool created, the only kind ``--out`` may replace."""
 
 
 @dataclass
@@ -282,12 +285,28 @@ def compare_all(
     results["heldout_tokens"] = compared["tokens"]
 
 
+def fresh_output(out: Path) -> None:
+    """Make ``out`` an empty study directory (with its marker and data/).
+
+    A run whose checkpoint directory holds a save would resume from it, so a previous
+    study's output is removed first; anything else already there is refused, never deleted.
+    """
+    if out.exists():
+        if (out / STUDY_MARKER).is_file():
+            shutil.rmtree(out)
+        elif not out.is_dir() or any(out.iterdir()):
+            raise ConfigError(
+                f"--out {out}: exists and is not a previous study's output (no {STUDY_MARKER}); "
+                "remove it or choose another --out"
+            )
+    (out / "data").mkdir(parents=True)
+    (out / STUDY_MARKER).write_text("written by python -m hpd_megatron.study\n")
+
+
 def run_study(plan: StudyPlan) -> dict[str, Any]:
     """Every stage of the study (module doc); writes and returns ``OUT/study.json``'s data."""
     out = Path(plan.out)
-    # A run whose checkpoint directory holds a save would resume from it: start clean.
-    shutil.rmtree(out, ignore_errors=True)
-    (out / "data").mkdir(parents=True)
+    fresh_output(out)
     seq_length = load_run_config(RECIPE).data.seq_length
     clock = PhaseClock()
     results: dict[str, Any] = {"plan": asdict(plan), "k": plan.samples}

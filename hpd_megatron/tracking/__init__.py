@@ -6,6 +6,7 @@ with ``tracking.enabled: false``, uses a ``NullTracker``. See tracker.py for the
 
 from hpd_megatron.tracking.config import TrackingConfig, resolve_tracking_uri
 from hpd_megatron.tracking.params import flatten_params
+from hpd_megatron.tracking.redact import redact, redacted_config
 from hpd_megatron.tracking.tags import default_tags
 from hpd_megatron.tracking.tracker import DeliveryStats, NullTracker, Tracker, start_tracking
 
@@ -16,6 +17,8 @@ __all__ = [
     "TrackingConfig",
     "default_tags",
     "flatten_params",
+    "redact",
+    "redacted_config",
     "resolve_tracking_uri",
     "start_tracking",
 ]

@@ -50,6 +50,7 @@ from hpd_megatron.tracking.outbox import (
     Terminate,
 )
 from hpd_megatron.tracking.params import MAX_TAG_VALUE_LENGTH, flatten_params, truncate
+from hpd_megatron.tracking.redact import redact, redact_script, redact_values
 from hpd_megatron.tracking.remote import RemoteRun, is_invalid_value, is_permanent
 from hpd_megatron.tracking.tags import default_tags
 
@@ -62,8 +63,9 @@ REPORTED_REJECTIONS = 5
 
 
 def say(message: str) -> None:
-    """One line on stderr, prefixed so it is clear which component speaks."""
-    print(f"mlflow: {message}", file=sys.stderr, flush=True)
+    """One line on stderr, prefixed so it is clear which component speaks; credentials (in
+    the URI, or in an MLflow error that quotes it) are masked."""
+    print(f"mlflow: {redact(message)}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -167,16 +169,25 @@ class Tracker:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self._outbox.add(
-            TagBatch({str(k): truncate(str(v), MAX_TAG_VALUE_LENGTH) for k, v in tags.items()})
+            TagBatch(
+                {str(k): truncate(redact(str(v)), MAX_TAG_VALUE_LENGTH) for k, v in tags.items()}
+            )
         )
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """Queue a file or directory; it lands as ``<artifact_path>/<its name>``."""
+    def log_artifact(
+        self, path: str | Path, artifact_path: str | None = None, *, redact_text: bool = False
+    ) -> None:
+        """Queue a file or directory; it lands as ``<artifact_path>/<its name>``.
+        ``redact_text``: a text file (a submitted script) is sent as a copy with its
+        credentials masked (``redact.redact_script``)."""
         path = Path(path)
         if not path.exists():
             say(f"artifact {path} does not exist; not logged")
             return
-        self._outbox.add(ArtifactUpload(self._stage(path), artifact_path))
+        staged = self._stage_redacted(path) if redact_text else self._stage(path)
+        if staged is None:
+            return
+        self._outbox.add(ArtifactUpload(staged, artifact_path))
 
     def finish(self, status: str = "FINISHED") -> None:
         """Deliver what is buffered (for at most ``flush_timeout_s``), set the run's status,
@@ -199,6 +210,28 @@ class Tracker:
         if self._stage_root is not None and not self._thread.is_alive():
             shutil.rmtree(self._stage_root, ignore_errors=True)
 
+    def _stage_redacted(self, path: Path) -> Path | None:
+        """A masked copy of text file ``path``; None (said) when it cannot be made, since
+        the original must not be sent instead."""
+        try:
+            # surrogateescape: bytes that are not UTF-8 pass through unchanged.
+            text = path.read_text(errors="surrogateescape")
+            copy = self._stage_slot(path.name)
+            copy.write_text(redact_script(text), errors="surrogateescape")
+            return copy
+        except OSError as error:
+            say(f"artifact {path} not logged: {_one_line(error)}")
+            return None
+
+    def _stage_slot(self, name: str) -> Path:
+        """A fresh path ``<stage root>/<n>/<name>`` whose parent exists."""
+        if self._stage_root is None:
+            self._stage_root = Path(tempfile.mkdtemp(prefix="hpd-mlflow-"))
+        self._staged += 1
+        copy = self._stage_root / str(self._staged) / name
+        copy.parent.mkdir()
+        return copy
+
     def _stage(self, path: Path) -> Path:
         try:
             size = (
@@ -208,11 +241,7 @@ class Tracker:
             )
             if size > STAGE_LIMIT_BYTES:
                 return path
-            if self._stage_root is None:
-                self._stage_root = Path(tempfile.mkdtemp(prefix="hpd-mlflow-"))
-            self._staged += 1
-            copy = self._stage_root / str(self._staged) / path.name
-            copy.parent.mkdir()
+            copy = self._stage_slot(path.name)
             if path.is_dir():
                 shutil.copytree(path, copy)
             else:
@@ -423,7 +452,9 @@ class NullTracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         pass
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+    def log_artifact(
+        self, path: str | Path, artifact_path: str | None = None, *, redact_text: bool = False
+    ) -> None:
         pass
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -442,7 +473,8 @@ def start_tracking(
     a ``NullTracker``). ``run_id`` (from the checkpoint) continues that run; else a
     ``run_token`` from the checkpoint continues the run created with it, if any; else a
     new run is created in ``config.experiment``. ``params`` is the nested resolved config;
-    ``tags`` are added to ``default_tags()``. Returns at once, whatever the server's state."""
+    ``tags`` are added to ``default_tags()``; credentials in params and tags are masked
+    (``redact``). Returns at once, whatever the server's state."""
     if not config.enabled:
         return NullTracker()
     try:
@@ -455,10 +487,10 @@ def start_tracking(
     return Tracker(
         config,
         resolve_tracking_uri(config, run_dir),
-        flatten_params(params),
+        flatten_params(redact_values(params)),
         run_name=config.run_name or run_dir.resolve().name,
         run_id=run_id,
-        tags={**default_tags(), **(tags or {})},
+        tags=redact_values({**default_tags(), **(tags or {})}),
         run_token=run_token,
     )
 

@@ -10,6 +10,7 @@ working directory, as a user typing the command expects.
 from __future__ import annotations
 
 import dataclasses
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,9 @@ class LossConfig:
     chunk_size: int = 1024
     """Tokens per chunk inside the loss kernel (bounds its temporaries)."""
 
+    def __post_init__(self) -> None:
+        _at_least_one("loss.chunk_size", self.chunk_size)
+
 
 @dataclass
 class OptimizerConfig:
@@ -79,6 +83,11 @@ class OptimizerConfig:
     max_consecutive_nonfinite: int = 3
     """A step whose loss or gradients are not finite is skipped (and counted); this many in a
     row stop the run, leaving the last checkpoint as it was."""
+
+    def __post_init__(self) -> None:
+        if self.lr < 0:
+            raise ConfigError(f"optimizer.lr: must be >= 0, got {self.lr}")
+        _at_least_one("optimizer.max_consecutive_nonfinite", self.max_consecutive_nonfinite)
 
 
 @dataclass
@@ -129,6 +138,10 @@ class CheckpointConfig:
     export_dir: str | None = None
     """Where the trained student's model-only weights go at the end (any TP/PP can load
     them), with model.yaml and the hf/ files of checkpoint.load when it has them."""
+
+    def __post_init__(self) -> None:
+        # Zero or less would delete every save, the one just written included.
+        _at_least_one("checkpoint.keep_last", self.keep_last)
 
 
 @dataclass
@@ -201,6 +214,32 @@ class PerformanceConfig:
 class LoggingConfig:
     log_interval: int = 1
 
+    def __post_init__(self) -> None:
+        _at_least_one("logging.log_interval", self.log_interval)
+
+
+def _at_least_one(key: str, value: int) -> None:
+    # Zero would divide by zero (log_interval, chunk_size) or stop at the first skipped
+    # step; say so at load time rather than mid-run.
+    if value < 1:
+        raise ConfigError(f"{key}: must be >= 1, got {value}")
+
+
+# SIGKILL and SIGSTOP cannot be caught, so a handler for them is never called.
+UNCATCHABLE_SIGNALS = frozenset({"SIGKILL", "SIGSTOP"})
+
+
+def _check_stop_signals(names: list[str]) -> None:
+    """Every name is a signal this platform has and a handler can catch."""
+    for name in names:
+        number = getattr(signal, name, None)
+        if not isinstance(number, signal.Signals) or number not in signal.valid_signals():
+            raise ConfigError(f"checkpoint.stop_signals: unknown signal {name!r}")
+        if name in UNCATCHABLE_SIGNALS:
+            raise ConfigError(
+                f"checkpoint.stop_signals: {name} cannot be caught (use SIGTERM or SIGUSR1)"
+            )
+
 
 @dataclass
 class RunConfig:
@@ -224,6 +263,7 @@ class RunConfig:
     cuda (required), or cpu (gloo over the CPU emulation, on purpose)."""
 
     def __post_init__(self) -> None:
+        _check_stop_signals(self.checkpoint.stop_signals)
         # Parse the model descriptions now, so their errors come with the recipe's.
         self.student.description("student")
         if self.student.checkpoint is not None:

@@ -40,12 +40,36 @@ class MetricsSink(Protocol):
 
 
 class JsonlSink:
-    """One JSON line per step, appended (a resumed run continues the same file)."""
+    """One JSON line per step, appended (a resumed run continues the same file).
+
+    A run killed after its last save logged steps that the resumed run does again: the
+    first step logged cuts the file back to the steps before it, so no step appears twice
+    (a line cut short by the kill goes too).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.cut_back = False
+
+    def _cut_back_to(self, step: int) -> None:
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines(keepends=True):
+            try:
+                earlier = json.loads(line)["step"] < step
+            except (ValueError, KeyError, TypeError):
+                earlier = False
+            if earlier and line.endswith("\n"):
+                kept.append(line)
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text("".join(kept))
+        os.replace(temporary, self.path)
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        if not self.cut_back:
+            self._cut_back_to(step)
+            self.cut_back = True
         with self.path.open("a") as out:
             out.write(json.dumps({"step": step, **metrics}) + "\n")
 
@@ -134,7 +158,7 @@ class MetricsLogger:
         )
         sbatch_script = os.environ.get("HPD_SBATCH_SCRIPT")
         if sbatch_script and Path(sbatch_script).is_file():
-            tracker.log_artifact(sbatch_script, "slurm")
+            tracker.log_artifact(sbatch_script, "slurm", redact_text=True)
         console = ConsoleSink(run, context.world_size, flops_per_token)
         sinks = [JsonlSink(Path(run.run_dir) / "metrics.jsonl"), console, tracker]
         return cls(sinks, tracker)

@@ -25,12 +25,14 @@ import yaml
 from megatron.core import parallel_state
 
 from hpd_megatron.checkpoint.checkpointer import Checkpointer
+from hpd_megatron.checkpoint.run_lock import RUN_LOCK, DirectoryLock, acquire_on_rank_zero
 from hpd_megatron.checkpoint.signals import StopRequested
 from hpd_megatron.data.files import staged_files
 from hpd_megatron.errors import NonFiniteTraining
 from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.parallel.initialize import destroy_parallel, initialize_parallel
 from hpd_megatron.plan import training_flops_per_token
+from hpd_megatron.tracking import redacted_config
 from hpd_megatron.training.components import (
     Models,
     build_models,
@@ -83,7 +85,12 @@ class DistillationTrainer:
             print(self._startup_line(), flush=True)
         self.checkpointer: Checkpointer | None = None
         self.metrics: MetricsLogger | None = None
+        self.run_lock: DirectoryLock | None = None
         try:
+            # One job per run directory, taken before anything is written there.
+            self.run_lock = acquire_on_rank_zero(
+                Path(run.run_dir) / RUN_LOCK, f"run_dir {run.run_dir}"
+            )
             self._set_up()
         except BaseException:
             if self.metrics is not None:
@@ -157,7 +164,7 @@ class DistillationTrainer:
         if self.context.rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             with staged_files([run_dir / "config.yaml"]) as (resolved,):
-                resolved.write_text(yaml.safe_dump(self.run.to_dict(), sort_keys=False))
+                resolved.write_text(yaml.safe_dump(redacted_config(self.run), sort_keys=False))
         torch.distributed.barrier()
         self.metrics.log_artifact(run_dir / "config.yaml")
 
@@ -252,7 +259,7 @@ class DistillationTrainer:
         """Collective: the student, optimizer, schedule, data position and tracking run."""
         extra = {
             "sampler": self.feed.state_dict(),
-            "config": self.run.to_dict(),
+            "config": redacted_config(self.run),
             **self.metrics.tracking_run(),
         }
         with parameters_gathered(self.models.student):
@@ -266,4 +273,6 @@ class DistillationTrainer:
         """Restore the signal handlers and tear the process groups down (always call it)."""
         if self.checkpointer is not None:
             self.checkpointer.close()
+        if self.run_lock is not None:
+            self.run_lock.release()
         destroy_parallel()
