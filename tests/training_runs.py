@@ -100,3 +100,41 @@ def read_student(directory: str) -> dict[str, torch.Tensor]:
     }
     destroy_parallel()
     return weights
+
+
+def resume_without_optimizer_state(recipe: str, overrides: list[str]) -> dict:
+    """The student's weights at build time, right after the resume, and after one step."""
+    from hpd_megatron.training.config import load_run_config
+    from hpd_megatron.training.trainer import DistillationTrainer
+
+    def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().float().clone() for k, v in module.named_parameters()}
+
+    class WatchingTrainer(DistillationTrainer):
+        def build_models(self, resuming: bool):
+            models = super().build_models(resuming)
+            self.built = weights(models.student.module)
+            return models
+
+    trainer = WatchingTrainer(load_run_config(recipe, overrides))
+    try:
+        resumed = weights(trainer.models.student.module)
+        trainer.train()
+        stepped = weights(trainer.models.student.module)
+    finally:
+        trainer.close()
+    return {"built": trainer.built, "resumed": resumed, "stepped": stepped}
+
+
+def assert_resume_kept_the_loaded_weights(ranks: list[dict], lr: float) -> None:
+    """What ``resume_without_optimizer_state`` reported: one step moved no weight by more
+    than Adam's first step can (about lr), away from the checkpoint's weights, which must be
+    far from those the model was built with (else the check could not fail)."""
+    for rank in ranks:
+        for key, resumed in rank["resumed"].items():
+            moved = (rank["stepped"][key] - resumed).abs().max().item()
+            assert moved <= 1.5 * lr, (key, moved)
+        farthest = max(
+            (rank["built"][k] - v).abs().max().item() for k, v in rank["resumed"].items()
+        )
+        assert farthest > 3 * lr, "the built weights must be far from the trained ones"
