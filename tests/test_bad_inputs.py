@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from hpd_megatron.config import load_yaml
+from hpd_megatron.data.tokenizer import load_tokenizer
 from hpd_megatron.errors import ConfigError
 from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.study.experiment import STUDY_MARKER, fresh_output
@@ -31,6 +32,7 @@ from hpd_megatron.training.config import load_run_config
 from tests.tool_runs import load_tool, run_main
 
 ROOT = Path(__file__).resolve().parent.parent
+STUDENT_YAML = ROOT / "recipes/models/tiny_student.yaml"
 TINY_HF = dict(
     model_type="llama",
     architectures=["LlamaForCausalLM"],
@@ -74,10 +76,7 @@ def _config_error(directory: Path, load, *args) -> str:
 
 def _recipe(tmp_path: Path, text: str = "") -> Path:
     path = tmp_path / "recipe.yaml"
-    path.write_text(
-        f"student:\n  model: {ROOT / 'recipes/models/tiny_student.yaml'}\n"
-        "loss:\n  method: sft\n" + text
-    )
+    path.write_text(f"student:\n  model: {STUDENT_YAML}\nloss:\n  method: sft\n" + text)
     return path
 
 
@@ -167,17 +166,18 @@ def test_zero_heads_is_a_key_error_not_a_division_by_zero(tmp_path):
 # ---- the HF converter -------------------------------------------------------------------
 
 
-def _hf_model(directory: Path, config: dict | None = None) -> Path:
-    """A tiny Llama in safetensors, shaped as the converter's own mapping expects."""
+def _hf_model(directory: Path, config: dict | None = None, vocab_size: int = 32) -> Path:
+    """A tiny Llama in safetensors, shaped as the converter's own mapping expects for a
+    ``vocab_size``-token vocabulary (``config`` may then break config.json)."""
     from safetensors.torch import save_file
 
     from hpd_megatron.convert import hf_config, mapping
 
-    config = dict(TINY_HF, **(config or {}))
+    shaped = dict(TINY_HF, vocab_size=vocab_size)
     directory.mkdir(parents=True)
-    (directory / "config.json").write_text(json.dumps(config))
-    description = hf_config.description_from_hf(dict(TINY_HF))
-    shapes = mapping.hf_shapes(description, TINY_HF["vocab_size"])
+    (directory / "config.json").write_text(json.dumps(dict(shaped, **(config or {}))))
+    description = hf_config.description_from_hf(shaped)
+    shapes = mapping.hf_shapes(description, vocab_size)
     save_file({n: torch.ones(s) for n, s in shapes.items()}, str(directory / "model.safetensors"))
     return directory
 
@@ -249,6 +249,97 @@ def test_side_file_symlinked_outside_the_model_directory(tmp_path):
     assert _convert_fails(tmp_path, source) == (
         f"{source / 'tokenizer_config.json'}: points outside the model directory {source}"
     )
+
+
+# ---- one tokenizer for teacher, student and data ----------------------------------------
+
+
+def _word_tokenizer(directory: Path, size: int) -> Path:
+    """A Hugging Face tokenizer of ``size`` made-up words: same size, other pieces."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"word{i}": i for i in range(size)}
+    Tokenizer(models.WordLevel(vocab, unk_token="word0")).save(str(directory / "tokenizer.json"))
+    return directory
+
+
+def _converted_description(tmp_path: Path, name: str, tokenizer_file: Path | None) -> Path:
+    """model.yaml as tools/convert_hf_to_megatron.py writes it, for an HF directory holding
+    ``tokenizer_file`` (the data's SentencePiece model) or else a word-level tokenizer."""
+    from hpd_megatron.convert.hf_to_megatron import open_hf_checkpoint, write_side_files
+
+    source = _hf_model(tmp_path / name, vocab_size=128)
+    if tokenizer_file is None:
+        _word_tokenizer(source, 128)
+    else:
+        (source / "tokenizer.model").write_bytes(tokenizer_file.read_bytes())
+    out = tmp_path / f"{name}_megatron"
+    out.mkdir()
+    write_side_files(open_hf_checkpoint(source), out)
+    return out / "model.yaml"
+
+
+def _fingerprint(model_yaml: Path) -> str:
+    return ModelDescription.from_yaml(model_yaml).extra["tokenizer_fingerprint"]
+
+
+def test_a_student_converted_with_another_tokenizer_of_the_same_size(tmp_path, prepared_data):
+    """Llama-2 and Mistral both have 32000 tokens: the sizes agree, the fingerprints do not."""
+    from hpd_megatron.training.inputs import check_inputs
+
+    data_tokenizer = Path(prepared_data).parent / "tokenizer.model"
+    other = _converted_description(tmp_path, "other", None)
+    same = _converted_description(tmp_path, "same", data_tokenizer)
+    assert _fingerprint(same) == load_tokenizer(data_tokenizer).fingerprint() != _fingerprint(other)
+    recipe = _recipe(tmp_path, f"data:\n  train: {prepared_data}\n")
+    check_inputs(load_run_config(recipe, [f"student.model={same}"]))
+    run = load_run_config(recipe, [f"student.model={other}"])
+    message = _config_error(tmp_path, check_inputs, run)
+    assert message == (
+        f"student.model ({other}) has tokenizer fingerprint {_fingerprint(other)} but "
+        f"data.train ({prepared_data}.json) has {_fingerprint(same)} (same size, different "
+        "pieces): teacher, student and data must share one tokenizer"
+    )
+
+
+def test_evaluating_with_another_tokenizer_than_the_model_was_converted_with(
+    tmp_path, prepared_data
+):
+    from hpd_megatron.errors import DataError
+    from hpd_megatron.eval.runner import GenerationJob, encode_job_prompts
+    from hpd_megatron.eval.source import inspect_checkpoint
+
+    model = _converted_description(tmp_path, "other", None)
+    data_tokenizer = Path(prepared_data).parent / "tokenizer.model"
+    job = GenerationJob(ckpt=str(model.parent), data="unused", tokenizer=str(data_tokenizer))
+    info = inspect_checkpoint(job.ckpt, tokenizer=job.tokenizer)
+    with unchanged(tmp_path), pytest.raises(DataError) as error:
+        encode_job_prompts(job, info)
+    assert str(error.value) == (
+        f"tokenizer {data_tokenizer} has tokenizer fingerprint "
+        f"{load_tokenizer(data_tokenizer).fingerprint()} but the model of {model.parent} has "
+        f"{_fingerprint(model)} (same size, different pieces): pass the tokenizer the model "
+        "was converted with"
+    )
+
+
+def test_teacher_and_student_of_different_vocabulary_sizes(tmp_path, prepared_data):
+    from hpd_megatron.training.inputs import tokenizer_problems
+
+    recipe = _recipe(tmp_path, f"data:\n  train: {prepared_data}\n")
+    teacher = tmp_path / "teacher.yaml"
+    teacher.write_text(
+        yaml.safe_dump(dict(yaml.safe_load(STUDENT_YAML.read_text()), vocab_size=256))
+    )
+    run = load_run_config(recipe, ["loss.method=fkl", f"teacher.model={teacher}"])
+    with unchanged(tmp_path):
+        problems = tokenizer_problems(run)
+    assert problems == [
+        f"student.model ({STUDENT_YAML}) has a 128-token vocabulary but teacher.model "
+        f"({teacher}) has 256: teacher, student and data must share one tokenizer",
+        f"teacher.model ({teacher}) has a 256-token vocabulary but data.train "
+        f"({prepared_data}.json) has 128: teacher, student and data must share one tokenizer",
+    ]
 
 
 # ---- the study's --out ------------------------------------------------------------------
@@ -365,3 +456,28 @@ def test_non_utf8_jsonl_names_the_line(tmp_path):
     with unchanged(tmp_path), pytest.raises(DataError) as error:
         list(read_records(path))
     assert str(error.value) == f"{path}:2: not UTF-8 text (invalid start byte at byte 44)"
+
+
+@pytest.mark.parametrize("victim", ["input", "tokenizer"])
+def test_prepare_data_refuses_to_overwrite_its_own_input(tmp_path, prepared_data, victim):
+    """``--output-prefix data/train`` writes data/train.json: the input, or a tokenizer
+    directory's tokenizer.json, must not be that file."""
+    source = Path(prepared_data).parent
+    tokenizer_dir = tmp_path / "tok"
+    tokenizer_dir.mkdir()
+    _word_tokenizer(tokenizer_dir, 128)
+    records = tmp_path / "train.json"
+    records.write_bytes((source / "train.jsonl").read_bytes())
+    prefix = {"input": tmp_path / "train", "tokenizer": tokenizer_dir / "tokenizer"}[victim]
+    args = ["--input", str(records), "--tokenizer", str(tokenizer_dir)]
+    with unchanged(tmp_path):
+        code, err = run_main(
+            load_tool("prepare_data").main,
+            [*args, "--output-prefix", str(prefix), "--seq-length", "64"],
+        )
+    option = {"input": "--input", "tokenizer": "--tokenizer"}[victim]
+    assert code == 1 and "Traceback" not in err, err
+    assert err.strip() == (
+        f"error: --output-prefix: {prefix}.json is the {option} file; writing it would "
+        "destroy the input (choose another prefix)"
+    )

@@ -101,35 +101,6 @@ def _run_config(prepared_data: str, **changes):
     return from_dict(RunConfig, raw)
 
 
-def test_teacher_and_student_vocabularies_must_match():
-    from hpd_megatron.config import ConfigError
-    from hpd_megatron.models.description import ModelDescription
-    from hpd_megatron.training.components import check_shared_vocabulary
-
-    with pytest.raises(
-        ConfigError, match="teacher.model.vocab_size 256 != student.model.vocab_size 128"
-    ):
-        check_shared_vocabulary(
-            ModelDescription.from_dict(STUDENT),
-            ModelDescription.from_dict(dict(TEACHER, vocab_size=256)),
-        )
-
-
-def test_data_tokenizer_must_match_the_student(prepared_data):
-    from hpd_megatron.data import DataError
-    from hpd_megatron.models.description import ModelDescription
-    from hpd_megatron.training.feed import TrainingFeed
-
-    run = _run_config(prepared_data)
-    student = ModelDescription.from_dict(dict(STUDENT, vocab_size=200))
-    with pytest.raises(
-        DataError,
-        match=r"train.json: the data's tokenizer has 128 tokens but "
-        r"student.model.vocab_size is 200",
-    ):
-        TrainingFeed(run, student, dp_rank=0, dp_size=1)
-
-
 def test_missing_data_names_the_path(prepared_data, tmp_path):
     from hpd_megatron.data import DataError
     from hpd_megatron.models.description import ModelDescription

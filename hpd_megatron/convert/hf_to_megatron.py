@@ -30,6 +30,7 @@ import yaml
 from hpd_megatron.checkpoint.publish import publish_directory
 from hpd_megatron.checkpoint.run_lock import output_locked
 from hpd_megatron.convert import hf_config, mapping
+from hpd_megatron.data.tokenizer import Tokenizer, load_tokenizer
 from hpd_megatron.errors import ConversionError
 from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.models.dtypes import DTYPES
@@ -120,13 +121,11 @@ def weight_files(hf_dir: Path) -> dict[str, Path]:
     raise ConversionError(f"{hf_dir}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
-def tokenizer_vocab_size(hf_dir: Path) -> int | None:
-    """The tokenizer's vocabulary (added tokens included), when the directory has one."""
+def hf_tokenizer(hf_dir: Path) -> Tokenizer | None:
+    """The directory's tokenizer, when it has one."""
     if not any((hf_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         return None
-    from hpd_megatron.data.tokenizer import load_tokenizer
-
-    return load_tokenizer(hf_dir).vocab_size
+    return load_tokenizer(hf_dir)
 
 
 def open_hf_checkpoint(hf_dir: str | Path) -> HFCheckpoint:
@@ -139,7 +138,13 @@ def open_hf_checkpoint(hf_dir: str | Path) -> HFCheckpoint:
             hf_config.inside_model_dir(hf_dir, hf_dir / name)
     config = hf_config.read_config(hf_dir)
     where = str(hf_dir / "config.json")
-    description = hf_config.description_from_hf(config, tokenizer_vocab_size(hf_dir), where)
+    tokenizer = hf_tokenizer(hf_dir)
+    description = hf_config.description_from_hf(
+        config, tokenizer.vocab_size if tokenizer else None, where
+    )
+    if tokenizer is not None:
+        # The trainer compares it with the other model's and the data's (inputs.py).
+        description.extra["tokenizer_fingerprint"] = tokenizer.fingerprint()
     rows = int(config["vocab_size"])
     if description.vocab_size > rows:
         raise ConversionError(

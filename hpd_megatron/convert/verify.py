@@ -51,12 +51,10 @@ def prompt_tokens(
 ) -> torch.Tensor:
     """(batch, length) token ids: the tokenizer's encoding of fixed texts, else seeded random
     ids."""
-    from hpd_megatron.convert.hf_to_megatron import tokenizer_vocab_size
+    from hpd_megatron.convert.hf_to_megatron import hf_tokenizer
 
-    if hf_dir is not None and tokenizer_vocab_size(hf_dir) is not None:
-        from hpd_megatron.data.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(hf_dir)
+    tokenizer = hf_tokenizer(hf_dir) if hf_dir is not None else None
+    if tokenizer is not None:
         rows = []
         for index in range(batch):
             ids = [i for i in tokenizer.encode(PROMPTS[index % len(PROMPTS)]) if i < vocab_size]

@@ -78,14 +78,18 @@ def prepare(
         raise ConfigError(f"seq_length: must be >= 1, got {seq_length}")
     if overlong not in OVERLONG:
         raise ConfigError(f"overlong: expected one of {', '.join(OVERLONG)}, got {overlong!r}")
+    input_path, prefix = Path(input_path), str(output_prefix)
+    datasets = [prefix + TOKENS_SUFFIX, prefix + LOSS_MASK_SUFFIX]
+    outputs = [f"{name}.{kind}" for name in datasets for kind in ("bin", "idx")]
+    refuse_overwriting_inputs(
+        [*outputs, prefix + ".json"],
+        {"--input": input_path, "--tokenizer": tokenizer_path, "--chat-template": chat_template},
+    )
     tokenizer = load_tokenizer(tokenizer_path)
     template = resolve_chat_template(tokenizer, chat_template)
-    input_path, prefix = Path(input_path), str(output_prefix)
     max_tokens = seq_length + 1
     tally = Tally()
     records = encode_records(input_path, tokenizer, template, max_tokens, overlong, tally)
-    datasets = [prefix + TOKENS_SUFFIX, prefix + LOSS_MASK_SUFFIX]
-    outputs = [f"{name}.{kind}" for name in datasets for kind in ("bin", "idx")]
     with staged_files([*outputs, prefix + ".json"]) as (*staged, sidecar_path):
         write_datasets(records, staged, tokenizer.vocab_size, tally)
         check_kept(tally, input_path, max_tokens, overlong)
@@ -114,6 +118,24 @@ def prepare(
         f"{packing['padded_efficiency']:.1%} in {packing['padded_samples']}"
     )
     return sidecar
+
+
+def refuse_overwriting_inputs(outputs: list[str], inputs: dict[str, str | Path]) -> None:
+    """An output that is one of the inputs (``train`` as the prefix of ``train.json``, or a
+    tokenizer directory's ``tokenizer.json``) would be replaced by the rename at the end."""
+    read: dict[Path, str] = {}
+    for option, value in inputs.items():
+        path = Path(value)
+        for file in path.iterdir() if path.is_dir() else [path]:
+            if file.is_file():
+                read[file.resolve()] = option
+    for output in outputs:
+        option = read.get(Path(output).resolve())
+        if option is not None:
+            raise ConfigError(
+                f"--output-prefix: {output} is the {option} file; writing it would destroy "
+                "the input (choose another prefix)"
+            )
 
 
 def encode_records(

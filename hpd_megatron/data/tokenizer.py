@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,39 @@ class Tokenizer:
             "pad_id": self.pad_id,
             "fingerprint": self.fingerprint(),
         }
+
+
+@dataclass(frozen=True)
+class TokenizerIdentity:
+    """What one input of a run says about its tokenizer; None where it records nothing
+    (a description written by hand has a vocabulary size but no fingerprint)."""
+
+    owner: str
+    """Names the input in an error: ``student.model (ckpt/model.yaml)``, ``data.train (...)``."""
+    vocab_size: int | None
+    fingerprint: str | None
+
+
+def tokenizer_mismatch(first: TokenizerIdentity, second: TokenizerIdentity) -> str | None:
+    """Why two inputs do not share token ids, or None when nothing recorded says so.
+
+    Sizes alone miss the classic mix-up: Llama-2 and Mistral both have 32000 tokens.
+    """
+    if _known_and_different(first.vocab_size, second.vocab_size):
+        return (
+            f"{first.owner} has a {first.vocab_size}-token vocabulary but {second.owner} has "
+            f"{second.vocab_size}"
+        )
+    if _known_and_different(first.fingerprint, second.fingerprint):
+        return (
+            f"{first.owner} has tokenizer fingerprint {first.fingerprint} but {second.owner} "
+            f"has {second.fingerprint} (same size, different pieces)"
+        )
+    return None
+
+
+def _known_and_different(first: object, second: object) -> bool:
+    return first is not None and second is not None and first != second
 
 
 class SentencePieceTokenizer(Tokenizer):

@@ -24,7 +24,12 @@ import torch.distributed as dist
 from hpd_megatron.checkpoint.verify import check_safe_loading, read_index
 from hpd_megatron.checkpoint.weights import load_model_weights, weights_directory
 from hpd_megatron.data.chat import resolve_chat_template
-from hpd_megatron.data.tokenizer import Tokenizer, load_tokenizer
+from hpd_megatron.data.tokenizer import (
+    Tokenizer,
+    TokenizerIdentity,
+    load_tokenizer,
+    tokenizer_mismatch,
+)
 from hpd_megatron.errors import ConfigError, DataError
 from hpd_megatron.eval.generate import Generation, SamplingSettings, generate
 from hpd_megatron.eval.prompts import (
@@ -199,11 +204,18 @@ def encode_job_prompts(job: GenerationJob, info: CheckpointInfo) -> EncodedPromp
     here, alike on every rank, before any process group exists."""
     description = info.description
     tokenizer = load_tokenizer(info.tokenizer)
-    if tokenizer.vocab_size != description.vocab_size:
-        raise DataError(
-            f"{info.tokenizer}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
-            f"vocab_size is {description.vocab_size}"
-        )
+    mismatch = tokenizer_mismatch(
+        TokenizerIdentity(
+            f"tokenizer {info.tokenizer}", tokenizer.vocab_size, tokenizer.fingerprint()
+        ),
+        TokenizerIdentity(
+            f"the model of {info.path}",
+            description.vocab_size,
+            description.extra.get("tokenizer_fingerprint"),
+        ),
+    )
+    if mismatch is not None:
+        raise DataError(f"{mismatch}: pass the tokenizer the model was converted with")
     template = resolve_chat_template(tokenizer, info.chat_template)
     context_length = job.context_length or description.max_position_embeddings
     if not 1 < context_length <= description.max_position_embeddings:

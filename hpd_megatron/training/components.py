@@ -35,15 +35,6 @@ class Models:
     performance: Performance
 
 
-def check_shared_vocabulary(student: ModelDescription, teacher: ModelDescription | None) -> None:
-    """Teacher and student must share token ids: HPD compares them position by position."""
-    if teacher is not None and teacher.vocab_size != student.vocab_size:
-        raise ConfigError(
-            f"teacher.model.vocab_size {teacher.vocab_size} != student.model.vocab_size "
-            f"{student.vocab_size}: teacher and student must share one tokenizer"
-        )
-
-
 def _in_dtype(model: torch.nn.Module, config) -> torch.nn.Module:
     """Every parameter in the model's dtype, as upstream's Float16Module casts a bf16 model.
 

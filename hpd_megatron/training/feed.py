@@ -28,13 +28,6 @@ class TrainingFeed:
         self.dataset = DistillationDataset(
             run.data.train, run.data.seq_length, pack=run.data.pack, seed=run.seed
         )
-        tokenizer = self.dataset.meta.get("tokenizer", {})
-        if tokenizer.get("vocab_size") != student.vocab_size:
-            raise DataError(
-                f"{run.data.train}.json: the data's tokenizer has {tokenizer.get('vocab_size')} "
-                f"tokens but student.model.vocab_size is {student.vocab_size}; teacher, student "
-                "and data must share one tokenizer"
-            )
         self.sampler = DistributedBatchSampler(
             len(self.dataset),
             run.schedule.global_batch_size,

@@ -8,13 +8,16 @@ trainer on every rank and in the Slurm templates on the batch host (through
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from hpd_megatron.checkpoint.training_state import CheckpointError, latest_step
 from hpd_megatron.checkpoint.verify import read_index
 from hpd_megatron.checkpoint.weights import weights_directory
+from hpd_megatron.data.files import read_json_object
 from hpd_megatron.data.prepare import LOSS_MASK_SUFFIX, TOKENS_SUFFIX
-from hpd_megatron.errors import ConfigError
+from hpd_megatron.data.tokenizer import TokenizerIdentity, tokenizer_mismatch
+from hpd_megatron.errors import ConfigError, HpdError
 from hpd_megatron.training.config import RunConfig
 
 
@@ -50,6 +53,43 @@ def _data_problems(prefix: str) -> list[str]:
     return []
 
 
+def tokenizer_identities(run: RunConfig) -> list[TokenizerIdentity]:
+    """The student's, the teacher's (when used) and the data's tokenizer, as each records it.
+
+    A converter writes the fingerprint into model.yaml's ``extra``; prepare_data writes it
+    into the data's sidecar.
+    """
+    identities = []
+    for name, description in run.named_models():
+        source = getattr(run, name).model
+        owner = f"{name}.model" + (f" ({source})" if isinstance(source, str) else "")
+        fingerprint = description.extra.get("tokenizer_fingerprint")
+        identities.append(TokenizerIdentity(owner, description.vocab_size, fingerprint))
+    sidecar = Path(run.data.train + ".json")
+    if run.data.train and sidecar.is_file():
+        recorded = read_json_object(sidecar).get("tokenizer") or {}
+        identities.append(
+            TokenizerIdentity(
+                f"data.train ({sidecar})", recorded.get("vocab_size"), recorded.get("fingerprint")
+            )
+        )
+    return identities
+
+
+def tokenizer_problems(run: RunConfig) -> list[str]:
+    """HPD compares teacher and student id by id, on the data's ids: one tokenizer for all."""
+    try:
+        identities = tokenizer_identities(run)
+    except HpdError as error:  # an unreadable sidecar or description
+        return [str(error)]
+    problems = (tokenizer_mismatch(a, b) for a, b in itertools.combinations(identities, 2))
+    return [
+        f"{problem}: teacher, student and data must share one tokenizer"
+        for problem in problems
+        if problem is not None
+    ]
+
+
 def input_problems(run: RunConfig) -> list[str]:
     """One line per unreadable input: teacher weights, starting weights, data."""
     problems: list[str] = []
@@ -73,15 +113,16 @@ def input_problems(run: RunConfig) -> list[str]:
         problems.append("data.train: not set (the prefix written by tools/prepare_data.py)")
     else:
         problems += _data_problems(run.data.train)
-    return problems
+    return problems + tokenizer_problems(run)
 
 
 def check_inputs(run: RunConfig) -> None:
-    """Raise one ConfigError listing every missing or damaged input of ``run``."""
+    """Raise one ConfigError listing every missing, damaged or mismatched input of ``run``."""
     problems = input_problems(run)
     if len(problems) == 1:
         raise ConfigError(problems[0])
     if problems:
         raise ConfigError(
-            f"{len(problems)} inputs are missing or damaged:\n  " + "\n  ".join(problems)
+            f"{len(problems)} inputs are missing, damaged or mismatched:\n  "
+            + "\n  ".join(problems)
         )

@@ -37,7 +37,6 @@ from hpd_megatron.training.components import (
     Models,
     build_models,
     build_optimizer,
-    check_shared_vocabulary,
     gradients_are_finite,
     parameters_gathered,
 )
@@ -70,8 +69,8 @@ class DistillationTrainer:
         # Models first as descriptions: validation needs no process group.
         self.named_models = run.named_models()
         self.student_description, self.teacher_description = self._descriptions()
-        check_shared_vocabulary(self.student_description, self.teacher_description)
-        check_inputs(run)  # every missing path at once, before any process group or GPU
+        # Every missing path and tokenizer mismatch at once, before any process group or GPU.
+        check_inputs(run)
         # A setting this node cannot run stops here, before any process group.
         self.performance = resolve_performance(run, run.parallel.tensor_model_parallel_size)
         self.context = initialize_parallel(
