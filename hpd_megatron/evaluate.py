@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from hpd_megatron.cli import run_cli
-from hpd_megatron.data.files import staged_files
+from hpd_megatron.data.files import check_outputs, staged_files
 from hpd_megatron.eval.answers import answers_match, avg_at_k, extract_answer
 from hpd_megatron.eval.runner import (
     GenerationRun,
@@ -104,6 +104,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
         Path(args.out)
         if args.out
         else info.path.parent / f"eval_{info.path.name}_{Path(job.data).stem}"
+    )
+    check_outputs(
+        "--out",
+        [out / GENERATIONS, out / SUMMARY],
+        {"--data": job.data, "--tokenizer": info.tokenizer},
     )
     run = run_generation(job, info)
     if not run.is_writer:

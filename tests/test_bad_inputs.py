@@ -479,5 +479,5 @@ def test_prepare_data_refuses_to_overwrite_its_own_input(tmp_path, prepared_data
     assert code == 1 and "Traceback" not in err, err
     assert err.strip() == (
         f"error: --output-prefix: {prefix}.json is the {option} file; writing it would "
-        "destroy the input (choose another prefix)"
+        "destroy the input (choose another output)"
     )

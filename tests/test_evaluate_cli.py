@@ -24,7 +24,7 @@ from hpd_megatron.eval.teacher_data import training_records
 from hpd_megatron.eval.tracking import tracking_target
 from hpd_megatron.evaluate import main
 from tests.test_generation import TEST_PROBLEMS, write_eval_task
-from tests.tool_runs import run_main
+from tests.tool_runs import load_tool, run_main
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +150,29 @@ def test_other_bad_input(task):
     )
     assert f"{data}: skipped {TEST_PROBLEMS + 2} prompt(s) of 10 tokens or more" in message
     assert "nothing left to generate" in message
+
+
+def test_unwritable_outputs_fail_before_generating(task):
+    """Checked before the model is built: hours of generation are never lost to --out."""
+    ckpt, data = str(task / "described"), str(task / "eval.jsonl")
+    tokenizer = str(task / "data" / "tokenizer.model")
+    args = ["--ckpt", ckpt, "--data", data, "--tokenizer", tokenizer]
+    blocker = task / "a_file"
+    blocker.write_text("not a directory")
+    assert _fail([*args, "--out", str(blocker / "eval")]) == (
+        f"error: --out: {blocker} is not a directory, so {blocker / 'eval'} cannot be made"
+    )
+    before = Path(data).read_bytes()
+    code, err = run_main(load_tool("generate_data").main, [*args, "--out", data])
+    assert code == 1 and err.strip() == (
+        f"error: --out: {data} is the --data file; writing it would destroy the input "
+        "(choose another output)"
+    ), err
+    assert Path(data).read_bytes() == before
+    code, err = run_main(load_tool("generate_data").main, [*args, "--out", str(task)])
+    assert code == 1 and err.strip() == (
+        f"error: --out: {task} is a directory, not a file it can write"
+    ), err
 
 
 def test_tracking_target(task, monkeypatch):

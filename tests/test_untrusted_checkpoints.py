@@ -382,3 +382,40 @@ def test_a_resumed_run_logs_no_step_twice(tmp_path):
     steps = [json.loads(line)["step"] for line in path.read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     assert [json.loads(line)["loss"] for line in path.read_text().splitlines()][2:] == [0.5, 0.25]
+
+
+def test_two_runs_sharing_a_checkpoint_dir_outside_their_run_dirs(setup, tmp_path):
+    """Their retention would delete each other's saves: the second job stops at start-up."""
+    from hpd_megatron.checkpoint.run_lock import RUN_LOCK, acquire
+    from tests.multiprocess import run_on_ranks
+    from tests.training_runs import train_on_rank
+
+    shared = tmp_path / "shared_checkpoints"
+    first = acquire(shared / RUN_LOCK, f"checkpoint.dir {shared}")  # the first job's lock
+    overrides = [f"run_dir={tmp_path / 'second'}", f"checkpoint.dir={shared}"]
+    try:
+        with pytest.raises(pytest.fail.Exception) as error:  # a rank raised
+            run_on_ranks(train_on_rank, 1, setup["recipe"], overrides)
+    finally:
+        first.release()
+    assert f"checkpoint.dir {shared}: in use by another job (host " in str(error.value)
+    assert sorted(p.name for p in shared.iterdir()) == [RUN_LOCK]
+
+
+def test_a_second_conversion_to_one_out_fails_naming_the_holder(tmp_path):
+    from hpd_megatron.checkpoint.run_lock import acquire, output_lock_path
+    from tests.test_bad_inputs import _hf_model
+
+    source = _hf_model(tmp_path / "hf")
+    out = tmp_path / "out"
+    first = acquire(output_lock_path(out), f"--out {out}", remove_on_release=True)
+    try:
+        code, err = run_main(
+            load_tool("convert_hf_to_megatron").main,
+            ["--hf-dir", str(source), "--out", str(out), "--no-progress"],
+        )
+    finally:
+        first.release()
+    assert code == 1 and "Traceback" not in err, err
+    assert err.strip().startswith(f"error: --out {out}: in use by another job (host ")
+    assert not out.exists() and not list(tmp_path.glob("out.partial*"))

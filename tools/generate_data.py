@@ -15,8 +15,13 @@ import argparse
 import json
 
 from hpd_megatron.cli import run_cli
-from hpd_megatron.data.files import staged_files
-from hpd_megatron.eval.runner import add_generation_arguments, job_from_arguments, run_generation
+from hpd_megatron.data.files import check_outputs, staged_files
+from hpd_megatron.eval.runner import (
+    add_generation_arguments,
+    inspect_job,
+    job_from_arguments,
+    run_generation,
+)
 from hpd_megatron.eval.teacher_data import training_records
 
 
@@ -33,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         "--keep-unfinished", action="store_true", help="also keep replies cut off before EOS"
     )
     args = parser.parse_args(argv)
-    run = run_generation(job_from_arguments(args, require_answer=args.only_correct))
+    job = job_from_arguments(args, require_answer=args.only_correct)
+    info = inspect_job(job)
+    check_outputs("--out", [args.out], {"--data": job.data, "--tokenizer": info.tokenizer})
+    run = run_generation(job, info)
     if run.is_writer:
         records, dropped = training_records(run.replies, args.only_correct, args.keep_unfinished)
         with staged_files([args.out]) as (out,):

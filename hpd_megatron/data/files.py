@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from hpd_megatron.errors import DataError, HpdError
+from hpd_megatron.errors import ConfigError, DataError, HpdError
 
 
 def read_json_object(path: Path, error: type[HpdError] = DataError) -> dict[str, Any]:
@@ -58,3 +58,50 @@ def staged_files(paths: Sequence[str | Path]) -> Iterator[list[Path]]:
             os.replace(temporary, final)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def check_outputs(
+    option: str, outputs: Sequence[str | Path], inputs: dict[str, str | Path | None]
+) -> None:
+    """Before any work: every output can be created, and none is one of the inputs.
+
+    Generation runs for hours before it writes; an unwritable ``--out`` found then loses
+    them. An output that is an input (``--output-prefix train`` beside ``train.json``, or
+    ``--out`` equal to ``--data``) would be replaced by the final rename. ``inputs`` maps an
+    option to its file or directory (every file in it counts); None is skipped.
+    """
+    read = {
+        file.resolve(): name
+        for name, value in inputs.items()
+        if value is not None
+        for file in _files(Path(value))
+    }
+    for output in map(Path, outputs):
+        if output.resolve() in read:
+            raise ConfigError(
+                f"{option}: {output} is the {read[output.resolve()]} file; writing it would "
+                "destroy the input (choose another output)"
+            )
+        if output.is_dir():
+            raise ConfigError(f"{option}: {output} is a directory, not a file it can write")
+        _check_creatable(option, output.parent)
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return [file for file in path.iterdir() if file.is_file()]
+    return [path] if path.is_file() else []
+
+
+def _check_creatable(option: str, directory: Path) -> None:
+    """``directory`` exists or can be made, and a file can be created in it."""
+    existing = directory.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{option}: {existing} is not a directory, so {directory} cannot be made")
+    try:  # a real probe: os.access trusts the local uid, which root-squashing NFS overrides
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{option}: cannot write in {existing} ({error.strerror})") from None

@@ -27,7 +27,7 @@ from typing import Any
 import numpy
 
 from hpd_megatron.data.chat import encode_conversation, resolve_chat_template
-from hpd_megatron.data.files import staged_files
+from hpd_megatron.data.files import check_outputs, staged_files
 from hpd_megatron.data.packing import packing_report
 from hpd_megatron.data.records import read_records, shown_lines
 from hpd_megatron.data.tokenizer import Tokenizer, load_tokenizer
@@ -81,7 +81,8 @@ def prepare(
     input_path, prefix = Path(input_path), str(output_prefix)
     datasets = [prefix + TOKENS_SUFFIX, prefix + LOSS_MASK_SUFFIX]
     outputs = [f"{name}.{kind}" for name in datasets for kind in ("bin", "idx")]
-    refuse_overwriting_inputs(
+    check_outputs(
+        "--output-prefix",
         [*outputs, prefix + ".json"],
         {"--input": input_path, "--tokenizer": tokenizer_path, "--chat-template": chat_template},
     )
@@ -118,24 +119,6 @@ def prepare(
         f"{packing['padded_efficiency']:.1%} in {packing['padded_samples']}"
     )
     return sidecar
-
-
-def refuse_overwriting_inputs(outputs: list[str], inputs: dict[str, str | Path]) -> None:
-    """An output that is one of the inputs (``train`` as the prefix of ``train.json``, or a
-    tokenizer directory's ``tokenizer.json``) would be replaced by the rename at the end."""
-    read: dict[Path, str] = {}
-    for option, value in inputs.items():
-        path = Path(value)
-        for file in path.iterdir() if path.is_dir() else [path]:
-            if file.is_file():
-                read[file.resolve()] = option
-    for output in outputs:
-        option = read.get(Path(output).resolve())
-        if option is not None:
-            raise ConfigError(
-                f"--output-prefix: {output} is the {option} file; writing it would destroy "
-                "the input (choose another prefix)"
-            )
 
 
 def encode_records(

@@ -31,6 +31,17 @@ def checkpoint_dir_of(run_dir: str, configured: str | None) -> Path:
     return Path(configured or Path(run_dir) / "checkpoints")
 
 
+def locked_directories(run: RunConfig) -> list[tuple[Path, str]]:
+    """The directories one job owns, each with its name for the refusal: the run directory
+    and, when it lies outside it, the checkpoint directory (two runs sharing one would
+    delete each other's saves through retention)."""
+    run_dir, checkpoints = Path(run.run_dir), checkpoint_dir(run)
+    owned = [(run_dir, f"run_dir {run_dir}")]
+    if not checkpoints.resolve().is_relative_to(run_dir.resolve()):
+        owned.append((checkpoints, f"checkpoint.dir {checkpoints}"))
+    return owned
+
+
 def _weights_problem(key: str, path: str) -> list[str]:
     try:
         read_index(weights_directory(path))

@@ -42,7 +42,7 @@ from hpd_megatron.training.components import (
 )
 from hpd_megatron.training.config import RunConfig
 from hpd_megatron.training.feed import TrainingFeed
-from hpd_megatron.training.inputs import check_inputs
+from hpd_megatron.training.inputs import check_inputs, locked_directories
 from hpd_megatron.training.metrics import (
     MetricsLogger,
     peak_memory_gb,
@@ -84,12 +84,13 @@ class DistillationTrainer:
             print(self._startup_line(), flush=True)
         self.checkpointer: Checkpointer | None = None
         self.metrics: MetricsLogger | None = None
-        self.run_lock: DirectoryLock | None = None
+        self.run_locks: list[DirectoryLock] = []
         try:
-            # One job per run directory, taken before anything is written there.
-            self.run_lock = acquire_on_rank_zero(
-                Path(run.run_dir) / RUN_LOCK, f"run_dir {run.run_dir}"
-            )
+            # One job per run directory (and per checkpoint directory, which may lie
+            # elsewhere), taken before anything is written there.
+            for directory, what in locked_directories(run):
+                lock = acquire_on_rank_zero(directory / RUN_LOCK, what)
+                self.run_locks += [lock] if lock is not None else []
             self._set_up()
         except BaseException:
             if self.metrics is not None:
@@ -272,6 +273,6 @@ class DistillationTrainer:
         """Restore the signal handlers and tear the process groups down (always call it)."""
         if self.checkpointer is not None:
             self.checkpointer.close()
-        if self.run_lock is not None:
-            self.run_lock.release()
+        for lock in self.run_locks:
+            lock.release()
         destroy_parallel()
