@@ -120,13 +120,32 @@ def test_the_converter_back_to_hf_refuses_a_tampered_index(hostile):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("name", [".metadata", "common.pt"])
+def test_a_truncated_index_or_common_state_is_one_line(tmp_path, name):
+    directory = _fake_checkpoint(tmp_path / "ckpt")
+    damaged = directory / name
+    damaged.write_bytes(damaged.read_bytes()[:-20])
+    before = _files(tmp_path)
+    code, stderr = run_main(
+        load_tool("convert_megatron_to_hf").main,
+        ["--ckpt", str(directory), "--out", str(tmp_path / "hf_out")],
+    )
+    expected = {
+        ".metadata": "unreadable (UnpicklingError: pickle data was truncated)",
+        "common.pt": "truncated or damaged (File is not a zip file)",
+    }[name]
+    assert (code, stderr) == (1, f"error: {damaged}: {expected}\n")
+    assert _files(tmp_path) == before
+
+
 def _recipe_inputs(root: Path, monkeypatch, teacher: Path) -> None:
     """The math recipe's inputs: ``teacher``, a plain student checkpoint and data files."""
     student = _fake_checkpoint(root / "student")
     data = root / "data" / "train"
     data.parent.mkdir()
-    for suffix in (".json", "_tokens.bin", "_tokens.idx", "_loss_mask.bin", "_loss_mask.idx"):
+    for suffix in ("_tokens.bin", "_tokens.idx", "_loss_mask.bin", "_loss_mask.idx"):
         Path(str(data) + suffix).write_text("")
+    Path(str(data) + ".json").write_text("{}")  # a sidecar that records no tokenizer
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("HPD_TEACHER_CKPT", str(teacher))
     monkeypatch.setenv("HPD_STUDENT_CKPT", str(student))
@@ -419,3 +438,42 @@ def test_a_second_conversion_to_one_out_fails_naming_the_holder(tmp_path):
     assert code == 1 and "Traceback" not in err, err
     assert err.strip().startswith(f"error: --out {out}: in use by another job (host ")
     assert not out.exists() and not list(tmp_path.glob("out.partial*"))
+
+
+def _train_with_a_full_disk_at_step_2(recipe: str, overrides: list[str]) -> dict:
+    """Train with every tensor write of the step-2 save failing as on a full disk."""
+    import errno
+    import functools
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from tests.training_runs import train_on_rank
+
+    write = filesystem_async._write_item
+
+    @functools.wraps(write)  # Megatron inspects its signature
+    def full_at_step_2(*args, **kwargs):
+        if any("iter_0000002" in str(getattr(a, "name", "")) for a in args):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(*args, **kwargs)
+
+    # Megatron's writer processes are forked from this one, so they inherit the patch.
+    filesystem_async._write_item = full_at_step_2
+    return train_on_rank(recipe, overrides)
+
+
+def test_disk_full_while_saving_keeps_the_last_save(setup, tmp_path):
+    from hpd_megatron.checkpoint.training_state import TRACKER
+    from tests.multiprocess import run_on_ranks
+
+    run_dir = tmp_path / "run"
+    overrides = [f"run_dir={run_dir}", "checkpoint.save_interval=1", "schedule.train_steps=3"]
+    with pytest.raises(pytest.fail.Exception) as error:
+        run_on_ranks(_train_with_a_full_disk_at_step_2, 1, setup["recipe"], overrides)
+    checkpoints = run_dir / "checkpoints"
+    assert (
+        f"CheckpointError: {checkpoints / 'iter_0000002.partial'}: no space left on the device "
+        "while writing the checkpoint of step 2; nothing was published"
+    ) in str(error.value)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["iter_0000001", TRACKER]
+    assert (checkpoints / TRACKER).read_text() == "1\n"

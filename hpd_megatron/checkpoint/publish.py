@@ -15,6 +15,7 @@ power cut after the tracker names a save cannot leave it half on disk.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -88,14 +89,37 @@ def _agreed(problem: str | None) -> None:
         raise CheckpointError(shared[0])
 
 
+def _is_disk_full(error: BaseException) -> bool:
+    """ENOSPC anywhere among ``error``'s causes. torch's CheckpointException keeps each
+    rank's failure in ``failures``, and Megatron's forked writers pass an OSError on only as
+    the text of a RuntimeError ("Worker failure: [Errno 28] ...")."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if getattr(current, "errno", None) == errno.ENOSPC or (
+            f"[Errno {errno.ENOSPC}]" in str(current)
+        ):
+            return True
+        pending += [c for c in (current.__cause__, current.__context__) if c is not None]
+        for failure in (getattr(current, "failures", None) or {}).values():
+            pending.append(failure[0] if isinstance(failure, tuple) else failure)
+    return False
+
+
 @contextmanager
-def publish_directory(out: str | Path, refuse: Refusal | None = None) -> Iterator[Path]:
+def publish_directory(
+    out: str | Path, refuse: Refusal | None = None, what: str = "the checkpoint"
+) -> Iterator[Path]:
     """Collective: yield ``OUT.partial`` to write into; publish it as ``OUT`` at the end.
 
     Every rank of the default process group enters and leaves together. An ``OUT`` that
     already exists is replaced only once the new directory is complete, and only when
     ``refuse`` (if given) finds no reason against it; its reason is raised on every rank
-    before anything is written.
+    before anything is written. A full disk while writing is one CheckpointError naming
+    the partial directory and ``what`` was being written.
     """
     out = Path(out)
     partial = _partial(out)
@@ -117,7 +141,12 @@ def publish_directory(out: str | Path, refuse: Refusal | None = None) -> Iterato
             except OSError as error:
                 problem = f"{out}: could not be published ({error})"
         _agreed(problem)
-    except BaseException:
+    except BaseException as error:  # torch's CheckpointException is a BaseException
         if rank == 0 and partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
+        if _is_disk_full(error):
+            raise CheckpointError(
+                f"{partial}: no space left on the device while writing {what}; nothing was "
+                "published"
+            ) from None
         raise

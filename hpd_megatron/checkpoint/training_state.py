@@ -210,7 +210,7 @@ def save_checkpoint(
     """
     root = Path(root)
     final = iteration_dir(root, step)
-    with publish_directory(final) as partial:
+    with publish_directory(final, what=f"the checkpoint of step {step}") as partial:
         state = _sharded_state(
             model, optimizer, is_loading=False, optimizer_format=optimizer_format
         )

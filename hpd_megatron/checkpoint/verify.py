@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import os
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -121,9 +122,19 @@ def read_index(directory: str | Path) -> Metadata:
         actual = path.stat().st_size
         if actual < size:
             raise CheckpointError(f"{path}: truncated ({actual} bytes, the index needs {size})")
-    if not (directory / "common.pt").is_file():
-        raise CheckpointError(f"{directory / 'common.pt'}: missing")
+    _check_common_state(directory / "common.pt")
     return index
+
+
+def _check_common_state(path: Path) -> None:
+    """``common.pt`` is a torch zip archive; a cut one fails deep inside Megatron's load."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        with zipfile.ZipFile(path):  # reads the central directory at the end of the file
+            pass
+    except (zipfile.BadZipFile, OSError) as error:
+        raise CheckpointError(f"{path}: truncated or damaged ({error})") from None
 
 
 def _sharded_tensors(sharded_state: dict[str, Any]) -> list[ShardedTensor]:

@@ -67,7 +67,7 @@ def export_model_weights(
     ``hf/`` folder is carried over (for the way back to Hugging Face). An existing export
     is replaced only once the new one is complete, and only if it is one (``not_an_export``).
     """
-    with publish_directory(directory, refuse=not_an_export) as partial:
+    with publish_directory(directory, refuse=not_an_export, what="the export") as partial:
         save_sharded(model.sharded_state_dict(), str(partial), fully_parallel)
         if dist.get_rank() == 0:
             if description is not None:

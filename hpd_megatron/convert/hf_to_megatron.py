@@ -16,7 +16,6 @@ and renamed at the end; every check of the input runs before anything is written
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import shutil
 from collections.abc import Callable, Iterator
@@ -320,48 +319,8 @@ def _piece_bytes(entry: mapping.Entry, tp: int, dtype: torch.dtype) -> int:
     return numel // share * torch.empty((), dtype=dtype).element_size()
 
 
-@contextlib.contextmanager
-def disk_full_reported(directory: Path) -> Iterator[None]:
-    """A full disk while writing ``directory`` becomes one ConversionError naming it (the
-    caller's ``publish_directory`` removes the partial output)."""
-    try:
-        yield
-    except BaseException as error:  # torch's CheckpointException is a BaseException
-        if not _is_disk_full(error):
-            raise
-        raise ConversionError(
-            f"{directory}: no space left on the device while writing the converted checkpoint; "
-            "nothing was published"
-        ) from None
-
-
-def _is_disk_full(error: BaseException) -> bool:
-    """ENOSPC anywhere among ``error``'s causes. torch's CheckpointException keeps each
-    rank's failure in ``failures``, and Megatron's forked writers pass an OSError on only as
-    the text of a RuntimeError ("Worker failure: [Errno 28] ...")."""
-    pending, seen = [error], set()
-    while pending:
-        current = pending.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        if getattr(current, "errno", None) == errno.ENOSPC or (
-            f"[Errno {errno.ENOSPC}]" in str(current)
-        ):
-            return True
-        pending += [c for c in (current.__cause__, current.__context__) if c is not None]
-        for failure in (getattr(current, "failures", None) or {}).values():
-            pending.append(failure[0] if isinstance(failure, tuple) else failure)
-    return False
-
-
 def write_side_files(source: HFCheckpoint, directory: Path) -> None:
     """model.yaml and hf/ (rank 0, after the weights)."""
-    with disk_full_reported(directory):
-        _copy_side_files(source, directory)
-
-
-def _copy_side_files(source: HFCheckpoint, directory: Path) -> None:
     (directory / "model.yaml").write_text(
         yaml.safe_dump(source.description.to_dict(), sort_keys=False)
     )
@@ -400,7 +359,7 @@ def convert(
     rank, world = dist.get_rank(), dist.get_world_size()
     if world not in (1, tp * pp):
         raise ConversionError(f"launched with {world} processes; use 1 or TP x PP = {tp * pp}")
-    with output_locked(out), publish_directory(out) as partial:
+    with output_locked(out), publish_directory(out, what="the converted checkpoint") as partial:
         positions = positions_of_rank(tp, pp, rank, world)
         state, reader = build_sharded_state(
             source, positions, tp, pp, target_dtype, progress and rank == 0
@@ -427,8 +386,7 @@ def save_state(state: dict[str, Any], directory: Path, progress: bool) -> dict[s
 
     if progress:
         print(f"writing the distributed checkpoint to {directory}", flush=True)
-    with disk_full_reported(directory):
-        save_sharded(state, str(directory))
+    save_sharded(state, str(directory))
     shard_bytes = sum(
         t.data.numel() * t.data.element_size()
         for t in state.values()

@@ -288,7 +288,7 @@ def convert(
 
     p = plan(ckpt, out, model_yaml, shard_size, dtype)
     rank, world = dist.get_rank(), dist.get_world_size()
-    with output_locked(p.out), publish_directory(p.out) as partial:
+    with output_locked(p.out), publish_directory(p.out, what="the HF model") as partial:
         writer = ShardWriter(partial, rank, p.limit)
         rounds = -(-len(p.work) // world)
         with tqdm(
