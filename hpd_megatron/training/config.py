@@ -211,6 +211,43 @@ class PerformanceConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """The student answers a share of each global batch's prompts itself (on-policy data).
+
+    A rollout sample's prompt is its record's tokens before the first supervised one; the
+    student continues it with the run's current weights (Megatron-Core's KV cache, at the
+    run's TP x PP), and prompt + reply replace the record: prompt unsupervised, reply (with
+    the EOS that ended it) supervised. The teacher scores it like any other sample. Which
+    samples and which tokens depend only on (seed, step, sample index) and the weights.
+    """
+
+    fraction: float = 0.0
+    """lambda: the share of each global batch answered by the student (0: off-policy, as
+    without this section; 1: every sample)."""
+    temperature: float = 1.0
+    """Sampling temperature (0: greedy). On-policy distillation samples at 1."""
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    """Reply length limit; a reply also stops where prompt + reply fill data.seq_length + 1."""
+    seed: int | None = None
+    """Row r's token at position t is drawn from sha256(seed/step/sample/t); None: the run's
+    seed."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ConfigError(f"rollout.fraction: must be in [0, 1], got {self.fraction}")
+        if self.temperature < 0:
+            raise ConfigError(f"rollout.temperature: must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"rollout.top_p: must be in (0, 1], got {self.top_p}")
+        _at_least_one("rollout.max_new_tokens", self.max_new_tokens)
+
+    @property
+    def enabled(self) -> bool:
+        return self.fraction > 0
+
+
+@dataclass
 class LoggingConfig:
     log_interval: int = 1
 
@@ -253,6 +290,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     performance: PerformanceConfig = field(default_factory=PerformanceConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run_dir: str = "runs/default"
     seed: int = 1234
@@ -276,9 +314,24 @@ class RunConfig:
         if needs_teacher(self.loss.method) and self.teacher is None:
             # The reference code silently distils the student into itself here.
             raise ConfigError(f"teacher: loss.method {self.loss.method!r} needs a teacher")
+        self._check_rollout()
         if self.performance.overlap_param_gather and not self.optimizer.use_distributed_optimizer:
             raise ConfigError(
                 "performance.overlap_param_gather: needs optimizer.use_distributed_optimizer=true"
+            )
+
+    def _check_rollout(self) -> None:
+        if not self.rollout.enabled:
+            return
+        if self.rollout.max_new_tokens >= self.data.seq_length:
+            raise ConfigError(
+                f"rollout.max_new_tokens: {self.rollout.max_new_tokens} leaves no room for a "
+                f"prompt in data.seq_length {self.data.seq_length} (a reply of N tokens needs "
+                "a sample of at least N + 1 positions)"
+            )
+        if self.data.pack:
+            raise ConfigError(
+                "rollout.fraction: rollouts replace one record per sample; set data.pack=false"
             )
 
     @property
