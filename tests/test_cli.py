@@ -86,7 +86,7 @@ def test_torchrun_prints_a_bad_recipe_once(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert lines == [
         f"error: {recipe}: loss.method: expected one of hpd, fkl, rkl, skl, srkl, tvd, jsd, "
-        "sft, got 'kl'"
+        "sft, opd, got 'kl'"
     ]
 
 

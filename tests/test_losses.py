@@ -2,7 +2,8 @@
 
 Every loss is compared with ``dense_loss``, an independent full-vocabulary
 implementation written from the method page (fp64 log-softmax of both models, the
-divergences in probability space with xlogy, HPD's A and B with explicit detach); the
+divergences in probability space with xlogy, HPD's A and B and on-policy distillation's
+reward with explicit detach); the
 full-vocabulary methods' gradients are also checked with torch.autograd.gradcheck.
 The tensor-parallel tests are in test_losses_tp.py.
 """
@@ -27,7 +28,13 @@ from hpd_megatron.losses import (
     distillation_loss,
     sample_student_tokens,
 )
-from hpd_megatron.losses.methods import PointLogProbs, TokenMethod, TokenWeights, hpd_token_weights
+from hpd_megatron.losses.methods import (
+    PointLogProbs,
+    TokenMethod,
+    TokenWeights,
+    hpd_token_weights,
+    opd_token_weights,
+)
 
 # ---------------------------------------------------------------- dense reference
 
@@ -84,6 +91,12 @@ def dense_loss(
         a = (qy * (lp_y - lq_y) + py * m1 + py * m1 * m2).detach()
         b = (qs * (lp_s - lq_s) * m2).detach()
         per_token = -a * lq_y - b * (ys != y).to(dtype) * lq_s
+    elif method == "opd":
+        lq_y, lp_y = logq.gather(-1, y[..., None])[..., 0], logp.gather(-1, y[..., None])[..., 0]
+        reward = (lp_y - lq_y).detach()
+        surrogate = -reward * lq_y
+        # Value: the estimate log q(y) - log p(y); gradient: the surrogate's.
+        per_token = -reward + (surrogate - surrogate.detach())
     else:
         raise AssertionError(method)
     total = torch.where(mask, per_token, 0.0).sum()
@@ -306,6 +319,74 @@ def test_hpd_worked_example_end_to_end():
     assert grad.tolist() == pytest.approx([(a + b) * 0.3 - a, (a + b) * 0.7 - b, 0.0], rel=1e-10)
 
 
+# ---------------------------------------------------------------- on-policy distillation
+
+
+@pytest.mark.parametrize(
+    "p_y, q_y, reward",
+    [
+        (0.6, 0.3, 0.6931471805599453),  # log 2
+        (0.3, 0.6, -0.6931471805599453),
+        (0.9, 0.1, 2.197224577336219),  # log 9
+        (0.01, 0.9, -4.499809670330265),  # log(1/90)
+        (0.5, 0.5, 0.0),
+    ],
+)
+def test_opd_worked_weights(p_y, q_y, reward):
+    """w = log p(y) - log q(y) on y alone; the value is the estimate log q(y) - log p(y)."""
+    weights = opd_token_weights(_point(p_y, q_y))
+    assert float(weights.coef_y) == pytest.approx(reward, rel=1e-12, abs=1e-15)
+    assert weights.coef_s is None
+    assert float(weights.value) == pytest.approx(-reward, rel=1e-12, abs=1e-15)
+    assert float(weights.stats["opd/reward_mean"]) == pytest.approx(reward, rel=1e-12, abs=1e-15)
+    assert bool(weights.stats["opd/reward_positive"]) == (reward > 0)
+
+
+def test_opd_worked_example_end_to_end():
+    """Two-token vocabulary plus a padding column: q = (0.3, 0.7), p = (0.6, 0.4), y = 0."""
+    student = torch.log(torch.tensor([[0.3, 0.7, 0.0]], dtype=torch.float64)).requires_grad_()
+    teacher = torch.log(torch.tensor([[0.6, 0.4]], dtype=torch.float64))
+    loss, diag = distillation_loss(
+        student, teacher, torch.tensor([0]), "opd", vocab_size=2, tp_group=None
+    )
+    assert float(loss) == pytest.approx(-0.6931471805599453, rel=1e-12)  # log 0.3 - log 0.6
+    assert float(diag["opd/reward_mean"]) == pytest.approx(0.6931471805599453, rel=1e-6)
+    assert float(diag["opd/reward_positive"]) == 1.0
+    # d/dz of -w log q(0), w = log 2: w (q_0 - 1), w q_1, and nothing on the padding column.
+    grad = grads(loss, student)[0]
+    assert grad.tolist() == pytest.approx(
+        [-0.48520302639196167, 0.48520302639196167, 0.0], rel=1e-10
+    )
+
+
+def test_opd_gradient_against_an_autograd_reference():
+    """The gradient of -sum sg(log p(y) - log q(y)) log q(y) / N over supervised tokens,
+    differentiated by autograd in fp64 on the real vocabulary only."""
+    student, teacher, labels, _ = make_inputs(shape=(6, 3))
+    loss, diag = run("opd", student, teacher, labels, chunk_size=4)
+
+    z = student.detach()[..., :VOCAB].clone().requires_grad_()
+    mask = labels != -100
+    y = labels[mask]
+    logq_y = torch.log_softmax(z[mask], -1).gather(-1, y[:, None])[:, 0]
+    logp_y = torch.log_softmax(teacher[..., :VOCAB][mask], -1).gather(-1, y[:, None])[:, 0]
+    reward = (logp_y - logq_y).detach()
+    surrogate = -(reward * logq_y).sum() / mask.sum()
+    (expected,) = torch.autograd.grad(surrogate, z)
+
+    grad = grads(loss, student)
+    torch.testing.assert_close(grad[..., :VOCAB], expected, rtol=1e-10, atol=1e-14)
+    assert torch.all(grad[..., VOCAB:] == 0), "padding columns must get no gradient"
+    assert torch.all(grad[~mask] == 0), "ignore-index positions must get no gradient"
+    assert grad.abs().sum() > 0
+    # The reported value is the reverse-KL estimate, not the surrogate.
+    estimate = -reward.mean()
+    assert float(loss) == pytest.approx(float(estimate), rel=1e-12)
+    assert float(loss) != pytest.approx(float(surrogate), rel=1e-3)
+    assert float(diag["opd/reward_mean"]) == pytest.approx(-float(estimate), rel=1e-6)
+    assert float(diag["opd/reward_positive"]) == pytest.approx(float((reward > 0).double().mean()))
+
+
 # ---------------------------------------------------------------- edge cases
 
 
@@ -334,7 +415,7 @@ def test_bf16_inputs(method):
     torch.testing.assert_close(grad.float(), grad32, rtol=0, atol=float(grad32.abs().max()) * 1e-2)
 
 
-@pytest.mark.parametrize("method", sorted(FULL_VOCAB_METHODS) + ["hpd"])
+@pytest.mark.parametrize("method", sorted(FULL_VOCAB_METHODS) + ["hpd", "opd"])
 def test_underflowing_probabilities_stay_finite(method):
     """fp32 logits spread over ~200 nats: many p and q are exactly 0 in fp32 (not in the
     fp64 reference, whose probability-space KL would be inf where q underflows)."""

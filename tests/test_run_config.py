@@ -53,7 +53,7 @@ def test_overrides_reach_nested_sections(recipe):
         (["loss.methd=fkl"], "loss.methd: unknown key"),
         (
             ["loss.method=kl"],
-            "loss.method: expected one of hpd, fkl, rkl, skl, srkl, tvd, jsd, sft, got 'kl'",
+            "loss.method: expected one of hpd, fkl, rkl, skl, srkl, tvd, jsd, sft, opd, got 'kl'",
         ),
         (["schedule.train_steps=many"], "schedule.train_steps: expected an integer, got 'many'"),
         (["schedule.micro_batch_size=0"], "schedule.micro_batch_size: must be >= 1"),

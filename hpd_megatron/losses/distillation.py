@@ -14,6 +14,7 @@ method   value                                     gradient (w.r.t. student logi
 =======  ====================================================================
 sft      -log q(y)                                 of the value
 hpd      -(A log q(y) + B [yh != y] log q(yh))     with A, B held constant
+opd      log q(y) - log p(y)   (y: student's own)  of -w log q(y), w = log p(y) - log q(y) held
 fkl      KL(p || q)                                of the value
 rkl      KL(q || p)                                of the value
 skl      KL(p || a p + (1-a) q)    (alpha=a)       of the value
@@ -24,7 +25,10 @@ jsd      b KL(p||m) + (1-b) KL(q||m), m = b p + (1-b) q  (beta=b)   of the value
 
 For the full-vocabulary methods the gradient of the surrogate
 ``-sum_v sg[w(v)] log q(v)`` equals the gradient of the divergence itself, so the value
-reported is the divergence. For HPD the value is the surrogate objective.
+reported is the divergence. For HPD the value is the surrogate objective. For ``opd``
+(on-policy distillation, for rollouts, where the label is the student's own sample) the
+value is the one-sample estimate of KL(q || p); over y ~ q, the surrogate's gradient
+averages to that divergence's gradient.
 
 Reduction: ``"mean"`` divides by the number of supervised tokens of this call (0 when
 there are none); ``"sum"`` returns the sum so that Megatron's schedule with
@@ -36,8 +40,10 @@ Diagnostics: detached scalars, identical on all TP ranks: ``loss`` (the token me
 ``loss_sum``, ``num_tokens``, ``cross_entropy`` (data-token CE), for full-vocab methods
 ``divergence`` (mean), for HPD the shares ``hpd/sample_differs`` (yh != y),
 ``hpd/a_negative`` (A < 0), ``hpd/b_active`` (m2 and yh != y: the sample term
-contributes), ``hpd/m1_and_m2`` and the means ``hpd/a_mean``, ``hpd/b_mean``. Shares and
-means are over this call's supervised tokens.
+contributes), ``hpd/m1_and_m2`` and the means ``hpd/a_mean``, ``hpd/b_mean``, for
+``opd`` the mean reward ``opd/reward_mean`` (log p(y) - log q(y)) and the share
+``opd/reward_positive`` (reward > 0: the teacher likes the token more than the student).
+Shares and means are over this call's supervised tokens.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ so adding a divergence means writing one of the two kinds of function below:
 ``TokenMethod.weights(point)``
     Per token, from the log-probabilities of a few token ids (the data token y and, for
     HPD, the student's sample yh): returns those ids' weights and the reported value.
+    (On rollouts the data token is itself a student sample: on-policy distillation, ``opd``,
+    weights it alone.)
 """
 
 from __future__ import annotations
@@ -201,6 +203,21 @@ def hpd_token_weights(point: PointLogProbs) -> TokenWeights:
     return TokenWeights(a, b_coef, value, stats)
 
 
+def opd_token_weights(point: PointLogProbs) -> TokenWeights:
+    """On-policy distillation: reverse KL through one student sample (hpd_method.md, section 1).
+
+    On rollouts the data token y IS the student's sample, so the "one student sample v~q"
+    column of reverse KL applies to it: the reward w = log p(y) - log q(y), per token,
+    with no sum over later tokens; surrogate -w log q(y). The reported value is not the
+    surrogate but -w = log q(y) - log p(y), the one-sample estimate of KL(q || p): over
+    y ~ q the surrogate's gradient averages to that divergence's gradient, so, as for the
+    full-vocabulary methods, the value is the divergence the gradient descends.
+    """
+    reward = point.logp_y - point.logq_y
+    stats = {"opd/reward_mean": reward, "opd/reward_positive": reward > 0}
+    return TokenWeights(reward, None, -reward, stats)
+
+
 TOKEN_METHODS: dict[str, TokenMethod] = {
     "sft": TokenMethod(
         "sft",
@@ -216,11 +233,18 @@ TOKEN_METHODS: dict[str, TokenMethod] = {
         needs_sample=True,
         value="the surrogate -(A log q(y) + B [yh != y] log q(yh))",
     ),
+    "opd": TokenMethod(
+        "opd",
+        opd_token_weights,
+        needs_teacher=True,
+        needs_sample=False,
+        value="the sampled reverse-KL estimate log q(y) - log p(y) (y: the student's token)",
+    ),
 }
 
 METHODS = tuple(TOKEN_METHODS) + tuple(FULL_VOCAB_METHODS)
 
-MethodName = Literal["hpd", "fkl", "rkl", "skl", "srkl", "tvd", "jsd", "sft"]
+MethodName = Literal["hpd", "fkl", "rkl", "skl", "srkl", "tvd", "jsd", "sft", "opd"]
 """The recipes' ``loss.method``: every entry of the two tables above."""
 
 
