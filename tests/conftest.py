@@ -80,6 +80,7 @@ MULTIRANK_MODULES = {
     "test_layout_equivalence",
     "test_losses_tp",
     "test_packing",
+    "test_rollouts",
     "test_slurm",
     "test_trainer",
     "test_training_tracking",

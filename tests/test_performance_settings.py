@@ -93,6 +93,7 @@ def test_recomputation_and_fp8_teacher_reach_their_model_only():
             "performance.sequence_parallel",
         ),
         ({"data": {"seq_length": 97}}, GPU, 2, "data.seq_length"),
+        ({"rollout": {"fraction": 0.5}}, GPU, 2, "rollout.fraction"),
         ({"performance": {"teacher_precision": "fp8"}}, CPU, 1, "performance.teacher_precision"),
         (
             {"performance": {"teacher_precision": "fp8", "transformer_impl": "local"}},
@@ -106,6 +107,7 @@ def test_recomputation_and_fp8_teacher_reach_their_model_only():
         "sp on the cpu",
         "sp with the local spec",
         "sp with an odd sequence",
+        "rollouts with sp",
         "fp8 on the cpu",
         "fp8 with the local spec",
     ],

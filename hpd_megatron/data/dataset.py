@@ -97,15 +97,26 @@ class DistillationDataset(Dataset):
         )
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        records = self.records[self.offsets[index] : self.offsets[index + 1]]
+        return self.sample_of([(self.tokens[r], self.loss_mask[r]) for r in records])
+
+    def prompt(self, index: int) -> numpy.ndarray:
+        """An unpacked sample's record up to its first supervised token: what a rollout
+        continues (``training/rollout.py``)."""
+        record = self.records[self.offsets[index]]
+        return self.tokens[record][: int(numpy.argmax(self.loss_mask[record] == 1))]
+
+    def sample_of(
+        self, records: Sequence[tuple[numpy.ndarray, numpy.ndarray]]
+    ) -> dict[str, torch.Tensor]:
+        """The sample holding ``records``, each (token ids, loss mask), in order."""
         tokens = numpy.full(self.seq_length, self.pad_id, dtype=numpy.int64)
         labels = numpy.full(self.seq_length, IGNORE_INDEX, dtype=numpy.int64)
         positions = numpy.zeros(self.seq_length, dtype=numpy.int64)
         segments = numpy.zeros(self.seq_length, dtype=numpy.int64)
         start = 0
-        records = self.records[self.offsets[index] : self.offsets[index + 1]]
-        for segment, record in enumerate(records):
-            x = self.tokens[record].astype(numpy.int64)
-            m = self.loss_mask[record]
+        for segment, (ids, m) in enumerate(records):
+            x = numpy.asarray(ids).astype(numpy.int64)
             end = start + len(x) - 1
             tokens[start:end] = x[:-1]
             labels[start:end] = numpy.where(m[1:] == 1, x[1:], IGNORE_INDEX)

@@ -86,11 +86,14 @@ def generate(
     eos_id: int | None,
     context_length: int,
     seed: int = 0,
+    row_seeds: Sequence[int] | None = None,
 ) -> list[Generation]:
     """Continue every prompt (token ids) until it finishes; collective over the TP x PP group.
 
     Sampled tokens depend on ``seed`` and on the batch (one uniform per row and position,
-    drawn for the whole batch), not on the TP or PP size.
+    drawn for the whole batch), not on the TP or PP size. With ``row_seeds`` (one per
+    prompt) row r's uniform at position t comes from (row_seeds[r], t) alone, so a row's
+    reply does not depend on the other rows, their order or when they finish.
     """
     _check_prompts(prompts, settings, context_length)
     width = min(context_length, max(map(len, prompts)) + settings.max_new_tokens)
@@ -111,6 +114,7 @@ def generate(
             settings,
             vocab_size,
             sample_seed(seed, position, 0),
+            None if row_seeds is None else _row_uniforms(row_seeds, rows.active, position),
         )
         kept = _take_step(rows, position, ids.tolist(), entropies.tolist(), settings, eos_id)
         if not kept:
@@ -120,6 +124,20 @@ def generate(
             rows.active = [rows.active[index] for index in kept]
         chunk = rows.tokens[rows.active, position : position + 1]
     return rows.generations
+
+
+def _row_uniforms(row_seeds: Sequence[int], active: list[int], position: int) -> torch.Tensor:
+    """Each active row's U[0, 1) at ``position``, from its own seed (on the host, then moved
+    to the device like the tokens)."""
+    draws = [
+        torch.rand(
+            1,
+            dtype=torch.float64,
+            generator=torch.Generator().manual_seed(sample_seed(row_seeds[row], position, 0)),
+        )
+        for row in active
+    ]
+    return to_device(torch.cat(draws))
 
 
 def _check_prompts(
@@ -183,6 +201,7 @@ def _next_step(
     settings: SamplingSettings,
     vocab_size: int,
     seed: int,
+    uniforms: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Feed ``tokens`` (positions ``offset``.. of every row) through the model with the KV
     cache; every rank gets the next token and its entropy per row."""
@@ -204,7 +223,12 @@ def _next_step(
     )
     if parallel_state.is_pipeline_last_stage():
         ids, entropies = next_tokens(
-            reports[0]["logits"], vocab_size, settings.temperature, settings.top_p, seed
+            reports[0]["logits"],
+            vocab_size,
+            settings.temperature,
+            settings.top_p,
+            seed,
+            uniforms=uniforms,
         )
     else:
         ids = torch.empty(rows, dtype=torch.long, device=tokens.device)

@@ -48,10 +48,12 @@ def next_tokens(
     top_p: float = 1.0,
     seed: int = 0,
     tp_group: TPGroupArg = FROM_PARALLEL_STATE,
+    uniforms: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The next token of each row and the entropy of the distribution it came from.
 
-    ``temperature`` 0 is greedy. Returns ``(ids [n] long, entropy [n] float64)``.
+    ``temperature`` 0 is greedy. ``uniforms`` ([n] float64), when given, are the rows' own
+    draws instead of ones from ``seed``. Returns ``(ids [n] long, entropy [n] float64)``.
     """
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
@@ -69,7 +71,7 @@ def next_tokens(
         labels,
         vocab_size=vocab_size,
         tp_group=tp.group,
-        sampling=SamplingOptions(seed=seed),
+        sampling=SamplingOptions(seed=seed, uniforms=uniforms),
     )
     return ids, entropy
 

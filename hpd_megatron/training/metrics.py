@@ -103,6 +103,8 @@ class ConsoleSink:
         shown = ("loss", "cross_entropy", "lr", "grad_norm", "tokens_per_s", "step_time_s")
         parts = [f"{name} {metrics[name]:.4g}" for name in shown if name in metrics]
         parts += self._throughput(metrics["step_time_s"], self.total - step)
+        if "rollout/share" in metrics:  # what on-policy data costs: HPD's argument
+            parts.append(f"rollout {100 * metrics['rollout/share']:.0f}% of the step")
         parts += [
             f"{name} {value:.3f}" for name, value in metrics.items() if name.startswith("hpd/")
         ]

@@ -16,6 +16,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 
 from hpd_megatron.training.schedule import Batch, causal_lm_forward, unwrap_model
+from hpd_megatron.training.timing import RegionTimer
 
 
 class DistillationPair(MegatronModule):
@@ -42,6 +43,8 @@ class DistillationPair(MegatronModule):
             unwrap_model(teacher).config.params_dtype if teacher is not None else None
         )
         self.model_type = unwrap_model(student).model_type
+        self.teacher_timer = RegionTimer()
+        """The teacher's forward time (the metrics' teacher share of a step)."""
         if teacher is not None:
             teacher.eval()
             for parameter in teacher.parameters():
@@ -66,7 +69,7 @@ class DistillationPair(MegatronModule):
         student_out = causal_lm_forward(self.student, batch)
         if self.teacher is None:
             return student_out, None
-        with torch.no_grad():
+        with torch.no_grad(), self.teacher_timer.region():
             teacher_out = causal_lm_forward(self.teacher, batch)
         if unwrap_model(self.student).post_process:
             return student_out, teacher_out

@@ -134,6 +134,14 @@ def resolve_performance(
             f"{tensor_parallel_size}, which sequence parallelism needs "
             "(or set performance.sequence_parallel=false)"
         )
+    if sp and run.rollout.enabled:
+        # Each decode step feeds one token per row, which TP ranks cannot split; the
+        # training model's sequence parallelism would have to be switched off around
+        # every rollout. Not done yet: say so instead of failing in the first decode.
+        raise ConfigError(
+            "rollout.fraction: rollouts decode one token at a time, which sequence "
+            "parallelism cannot split over the TP ranks; set performance.sequence_parallel=false"
+        )
     shared = {
         "sequence_parallel": sp,
         "apply_rope_fusion": settings.apply_rope_fusion and te,

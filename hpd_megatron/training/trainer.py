@@ -50,6 +50,7 @@ from hpd_megatron.training.metrics import (
 )
 from hpd_megatron.training.objective import DistillationObjective
 from hpd_megatron.training.performance import resolve_performance
+from hpd_megatron.training.rollout import RolloutMaker
 from hpd_megatron.training.schedule import run_schedule
 
 
@@ -152,6 +153,7 @@ class DistillationTrainer:
         self.optimizer, self.scheduler = build_optimizer(run, self.models.student)
         self.models.pair.train()
         self.objective = self.build_objective()
+        self.rollouts = self._rollout_maker()
         if resume_step is not None:
             extra = self.checkpointer.resume(
                 resume_step, self.models.student.module, self.optimizer, self.scheduler
@@ -172,6 +174,18 @@ class DistillationTrainer:
         """Student (DDP, trainable) and frozen teacher stages at this rank's grid position."""
         return build_models(
             self.run, self.student_description, self.teacher_description, resuming=resuming
+        )
+
+    def _rollout_maker(self) -> RolloutMaker | None:
+        if not self.run.rollout.enabled:
+            return None  # off-policy: the step is exactly what it was without rollouts
+        dataset = self.feed.dataset
+        return RolloutMaker(
+            self.run.rollout,
+            dataset,
+            self.run.seed,
+            self.student_description.vocab_size,
+            dataset.meta.get("tokenizer", {}).get("eos_id"),
         )
 
     def build_objective(self) -> DistillationObjective:
@@ -201,7 +215,7 @@ class DistillationTrainer:
         counted; ``optimizer.max_consecutive_nonfinite`` of them in a row end the run.
         """
         start = time.perf_counter()
-        micro_batches = self.feed.next_step()
+        micro_batches, rollout_metrics = self._roll_out(step, self.feed.next_step())
         self.models.student.zero_grad_buffer()
         self.optimizer.zero_grad()
         reports = run_schedule(
@@ -213,10 +227,28 @@ class DistillationTrainer:
             adjust_tensor_shapes_fn=self.models.pair.adjust_tensor_shapes,
         )
         applied, grad_norm = self._apply_gradients()
+        teacher_s = self.models.pair.teacher_timer.take_seconds()
         metrics = self._step_metrics(reports, grad_norm, time.perf_counter() - start)
+        if metrics:
+            metrics.update(rollout_metrics)
+            metrics.update(_time_split(metrics["step_time_s"], teacher_s, rollout_metrics))
         self.metrics.log(step, metrics)
         self._check_nonfinite_limit(step)
         return StepResult(step, applied, metrics)
+
+    def _roll_out(self, step: int, micro_batches: list) -> tuple[list, dict[str, float]]:
+        """The student's replies in place of a share of the step's samples (rollout:)."""
+        if self.rollouts is None:
+            return micro_batches, {}
+        start = time.perf_counter()
+        share = self.run.schedule.global_batch_size // self.context.layout.data_parallel_size
+        with parameters_gathered(self.models.student):
+            micro_batches, stats = self.rollouts.replace(
+                self.models.student.module, step, micro_batches, self.context.dp_rank * share
+            )
+        metrics = stats.reduced()
+        metrics["time/rollout_s"] = time.perf_counter() - start
+        return micro_batches, metrics
 
     def _apply_gradients(self) -> tuple[bool, float]:
         """The optimizer step when every rank's gradients are finite; (applied, grad norm)."""
@@ -276,3 +308,13 @@ class DistillationTrainer:
         for lock in self.run_locks:
             lock.release()
         destroy_parallel()
+
+
+def _time_split(step_time: float, teacher: float, rollout_metrics: dict) -> dict[str, float]:
+    """The step's time in rollouts, the teacher's forward and the rest (the student's
+    training), as this rank saw them; with rollouts, their share of the step."""
+    rollout = rollout_metrics.get("time/rollout_s", 0.0)
+    split = {"time/teacher_s": teacher, "time/train_s": step_time - rollout - teacher}
+    if "time/rollout_s" in rollout_metrics:
+        split["rollout/share"] = rollout / step_time
+    return split
