@@ -11,8 +11,8 @@ runs one ``train_step`` per variant, interleaved so machine noise hits all of th
   lambda 0.25  a quarter of the batch answered by the student first
   lambda 1     every sample answered by the student first
 
-The reported ratios are median(step) / median(off-policy step); the rollout share is the
-median of the steps' ``rollout/share`` metric (generation time over step time).
+The reported ratios are median(step) / median(off-policy step); the rollout share is
+median(rollout seconds) / median(step seconds), from the steps' own time split.
 """
 
 from __future__ import annotations
@@ -49,8 +49,10 @@ def prepare_inputs(root: Path) -> tuple[str, str]:
 
 
 def time_steps(trainer, makers: dict, repeats: int) -> dict[str, dict[str, list[float]]]:
-    """Per variant, each round's step time and rollout share; the first round is dropped."""
-    results = {name: {"step_s": [], "rollout_share": []} for name in makers}
+    """Per variant, each round's step, rollout and teacher seconds; the first round is
+    dropped."""
+    keys = {"step_s": "step_time_s", "rollout_s": "time/rollout_s", "teacher_s": "time/teacher_s"}
+    results = {name: {key: [] for key in keys} for name in makers}
     step = 0
     for repeat in range(repeats + 1):
         for name, maker in makers.items():
@@ -58,8 +60,8 @@ def time_steps(trainer, makers: dict, repeats: int) -> dict[str, dict[str, list[
             trainer.rollouts = maker
             metrics = trainer.train_step(step).metrics
             if repeat:
-                results[name]["step_s"].append(metrics["step_time_s"])
-                results[name]["rollout_share"].append(metrics.get("rollout/share", 0.0))
+                for key, metric in keys.items():
+                    results[name][key].append(metrics.get(metric, 0.0))
     return results
 
 
@@ -125,7 +127,10 @@ def write_report(args: argparse.Namespace, results: dict) -> None:
             name: {
                 "median_step_s": statistics.median(times["step_s"]),
                 "ratio_to_off_policy": statistics.median(times["step_s"]) / baseline,
-                "median_rollout_share": statistics.median(times["rollout_share"]),
+                "median_rollout_s": statistics.median(times["rollout_s"]),
+                "median_teacher_s": statistics.median(times["teacher_s"]),
+                "rollout_share": statistics.median(times["rollout_s"])
+                / statistics.median(times["step_s"]),
                 "step_s": times["step_s"],
             }
             for name, times in results.items()
@@ -136,7 +141,8 @@ def write_report(args: argparse.Namespace, results: dict) -> None:
     for name, row in report["variants"].items():
         print(
             f"{name:12s} step {row['median_step_s']:.3f} s  x{row['ratio_to_off_policy']:.2f} "
-            f"of off-policy  rollout share {row['median_rollout_share']:.0%}"
+            f"of off-policy  rollout {row['median_rollout_s']:.3f} s ({row['rollout_share']:.0%})"
+            f"  teacher {row['median_teacher_s']:.3f} s"
         )
 
 
