@@ -1,7 +1,7 @@
 """Will a recipe fit, and how long will a step take? Answered before any GPU is allocated.
 
     python -m hpd_megatron.plan --config recipes/llama3.1_70b_to_8b_hpd.yaml \
-        --nodes 4 --gpus-per-node 8 --gpu-mem-gb 80 [--tflops 400] \
+        --nodes 4 --gpus-per-node 8 --gpu-mem-gb 80 [--tflops 400] [--hbm-gb-s 3350] \
         [--intra-node-gb-s 450] [--inter-node-gb-s 200] [--top 5] [--json plan.json]
 
 Prints the recipe's own layout in detail, then every TP x PP layout of the same GPUs that
@@ -29,6 +29,10 @@ Memory per GPU, on the worst pipeline stage (sizes in GiB; --gpu-mem-gb is read 
                    logits gradient, each b*s*V/TP*4 B, plus the loss kernel's six
                    [loss.chunk_size, V/TP] fp32 buffers (V = Megatron's padded vocabulary)
   overhead         4 GiB (CUDA context, NCCL buffers, allocator fragmentation)
+  kv_cache         with rollouts only: the student's static KV cache while it generates,
+                   2 (K, V) x layers on the stage x num_query_groups/TP x kv_channels x e x
+                   rows per DP rank x seq_length. Freed before the training forward, it shares
+                   memory with activations + logits_and_loss: the total counts the larger.
 
 FLOPs per token: 6*N_student + 2*N_teacher (N: matmul parameters, i.e. all but the input
 embedding and norms) + attention 4*s*nq*d per layer and forward pass (no causal saving),
@@ -54,6 +58,26 @@ Megatron orders ranks TP fastest, then DP, then PP: a TP group fits in a node wh
 per node, a DP group when TP*DP does, a pipeline when the whole world does; a group that does
 not uses the inter-node figure. Left out: the loss kernel's collectives (a few floats per
 token), the tied-embedding gradient all-reduce between the first and last stage.
+
+Rollouts (rollout.fraction = lambda > 0) add their time to the step: step = training +
+rollout. Before the training forward the student answers floor(lambda x global_batch_size)
+rows per step, spread over the batch's positions as the trainer picks them
+(hpd_megatron/training/rollout.py); the busiest DP rank's rows set the step. It generates
+as hpd_megatron/eval/generate.py does: all of a rank's rows in one batch with
+Megatron-Core's static KV cache, one micro-batch through the pipeline, so its stages take
+turns (a forward costs the whole model's time per TP rank, not 1/PP of it). The prompt
+length is not known before the data is read: it is estimated as P = data.seq_length -
+max_new_tokens, and every reply as max_new_tokens = n long (no early EOS).
+  FLOPs per row, forward only: the prefill, P x the forward FLOPs per token at s = P less
+  the output layer on all but the last position (the static cache materialises only the
+  last position's logits); then n - 1 one-token forwards, the one at context c (P < c < P +
+  n) at 2 x matmul parameters + 4*c*nq*d*L (the n-th token is sampled, never fed).
+  time per forward (roofline): max(FLOPs / (TP x --tflops), bytes / --hbm-gb-s), bytes =
+  the student's matmul weights on one TP rank of every stage (each stage reads its own once)
+  + for a decode forward the KV cache up to context c. Decoding is memory-bound: HBM_GB_S
+  (H100 SXM) is the nominal peak, and kernel launches and the per-layer TP all-reduces'
+  latency are not counted, so the decode time is a lower bound (the full-length replies
+  make it an upper bound on the tokens).
 """
 
 from __future__ import annotations
@@ -72,13 +96,17 @@ from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.parallel.layout import LayoutError, ParallelLayout, validate_layout
 from hpd_megatron.training.config import RunConfig, load_run_config
 from hpd_megatron.training.inputs import check_inputs
-from hpd_megatron.training.performance import sequence_parallel
+from hpd_megatron.training.performance import sequence_parallel, sequence_parallel_problems
+from hpd_megatron.training.rollout import is_rollout
 
 GIB = 2**30
 OVERHEAD_GIB = 4.0
 LOSS_KERNEL_BUFFERS = 6
 """student_in, teacher_in, logp, logq, work, grad: see hpd_megatron/losses/kernel.py."""
 TOP_LAYOUTS = 5
+HBM_GB_S = 3350.0
+"""GPU memory bandwidth, GB/s: H100 SXM5's HBM3, 3.35 TB/s (NVIDIA's H100 datasheet). A
+nominal peak: decode times from it are lower bounds."""
 
 
 @dataclass
@@ -151,9 +179,8 @@ def activation_bytes_per_layer(
     return element_bytes * seq * micro_batch * (width + split // tp)
 
 
-def matmul_flops_per_token(model: ModelDescription, count: ParameterCount, seq: int) -> int:
-    """Forward FLOPs per token: 2 per matmul weight plus attention (QK^T and AV, no causal
-    saving)."""
+def matmul_parameters(model: ModelDescription, count: ParameterCount) -> int:
+    """The weights a forward multiplies by: all but the input embedding and the norms."""
     matmul = (
         count.total
         - count.embedding
@@ -162,8 +189,31 @@ def matmul_flops_per_token(model: ModelDescription, count: ParameterCount, seq: 
     )
     if model.tie_word_embeddings:
         matmul += count.embedding  # the output layer still multiplies by it
+    return matmul
+
+
+def matmul_flops_per_token(model: ModelDescription, count: ParameterCount, seq: int) -> int:
+    """Forward FLOPs per token: 2 per matmul weight plus attention (QK^T and AV, no causal
+    saving) over ``seq`` positions."""
     attention = 4 * seq * model.num_attention_heads * model.kv_channels * model.num_layers
-    return 2 * matmul + attention
+    return 2 * matmul_parameters(model, count) + attention
+
+
+def prefill_flops(model: ModelDescription, count: ParameterCount, prompt: int) -> int:
+    """Forward FLOPs of one row's ``prompt`` tokens with the static KV cache: the output layer
+    runs on the last position only (Megatron-Core's StaticInferenceContext materialises only
+    the last token's logits)."""
+    output = count.output_layer or count.embedding
+    return prompt * matmul_flops_per_token(model, count, prompt) - (prompt - 1) * 2 * output
+
+
+def kv_cache_bytes(
+    model: ModelDescription, layers: int, tp: int, element_bytes: int, rows: int, positions: int
+) -> int:
+    """Keys and values of ``layers`` layers for ``rows`` rows of ``positions`` positions on one
+    TP rank (each holds num_query_groups / TP of the KV heads)."""
+    heads = model.num_query_groups // tp
+    return 2 * layers * heads * model.kv_channels * element_bytes * rows * positions
 
 
 @dataclass
@@ -176,9 +226,15 @@ class StageMemory:
     activations: float
     logits_and_loss: float
     overhead: float = OVERHEAD_GIB
+    kv_cache: float = 0.0
+    """The rollouts' KV cache (0 without rollouts)."""
 
     @property
     def total(self) -> float:
+        # The KV cache lives while the student generates and is freed before the training
+        # forward: it reuses the memory of the activations and logits, so only what it needs
+        # beyond them raises the peak (nothing at all without rollouts).
+        training_phase = self.activations + self.logits_and_loss
         return (
             self.teacher_weights
             + self.student_weights
@@ -187,6 +243,7 @@ class StageMemory:
             + self.activations
             + self.logits_and_loss
             + self.overhead
+            + max(self.kv_cache - training_phase, 0.0)
         )
 
 
@@ -223,6 +280,8 @@ class StepTime:
     pipeline_p2p: float
     bubble: float
     data_parallel: float
+    rollout: float = 0.0
+    """The student's generation before the training forward (RolloutCost.seconds)."""
 
     @property
     def total(self) -> float:
@@ -232,7 +291,32 @@ class StepTime:
             + self.pipeline_p2p
             + self.bubble
             + self.data_parallel
+            + self.rollout
         )
+
+
+@dataclass
+class RolloutCost:
+    """The rollouts of one step (module doc). FLOPs over all DP ranks; seconds on the slowest
+    rank, which generates ``rows_per_dp_rank`` rows."""
+
+    rows: int
+    rows_per_dp_rank: int
+    prompt_tokens: int
+    """Estimated: data.seq_length - rollout.max_new_tokens."""
+    new_tokens: int
+    prefill_flops: float
+    decode_flops: float
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def flops(self) -> float:
+        return self.prefill_flops + self.decode_flops
+
+    @property
+    def seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
 
 
 @dataclass
@@ -253,6 +337,8 @@ class Plan:
     step: StepTime
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    rollout: RolloutCost | None = None
+    """None without rollouts (rollout.fraction 0)."""
 
     @property
     def fits(self) -> bool:
@@ -260,8 +346,13 @@ class Plan:
 
     @property
     def step_seconds(self) -> float:
-        """The estimated step time, communication and bubble included."""
+        """The estimated step time, communication, bubble and rollouts included."""
         return self.step.total
+
+    @property
+    def rollout_share(self) -> float:
+        """The rollouts' share of the estimated step time."""
+        return self.step.rollout / self.step.total
 
     def summary(self) -> dict:
         """The ranking's fields of this plan, for the JSON file."""
@@ -271,6 +362,7 @@ class Plan:
             "step_seconds_estimate": self.step.total,
             "step_seconds_lower_bound": self.step.compute,
             "step": asdict(self.step),
+            "rollout_share": self.rollout_share,
             "worst_gib": self.worst_gib,
         }
 
@@ -330,6 +422,14 @@ class Setting:
         """Bytes of one student weight or activation element."""
         return 2 if self.run.params_dtype == "bf16" else 4
 
+    rollout_rows: list[int]
+    """Rollout samples per step on each DP rank (the trainer's choice of positions)."""
+
+    @property
+    def rollout_rows_per_dp_rank(self) -> int:
+        """On the busiest rank: the slowest sets the step."""
+        return max(self.rollout_rows)
+
 
 def make_setting(run: RunConfig, layout: ParallelLayout) -> Setting:
     tp = layout.tensor_model_parallel_size
@@ -349,7 +449,19 @@ def make_setting(run: RunConfig, layout: ParallelLayout) -> Setting:
         vocab,
         max(run.schedule.global_batch_size // (mbs * layout.data_parallel_size), 1),
         sequence_parallel(run.performance, tp, te),
+        rollout_rows(run, layout.data_parallel_size),
     )
+
+
+def rollout_rows(run: RunConfig, dp: int) -> list[int]:
+    """Each DP rank's rollout samples per step: the trainer rolls out the global batch's
+    positions that ``is_rollout`` picks, and rank k holds the k-th slice of the batch."""
+    share = run.schedule.global_batch_size // dp
+    fraction = run.rollout.fraction
+    return [
+        sum(is_rollout(position, fraction) for position in range(k * share, (k + 1) * share))
+        for k in range(dp)
+    ]
 
 
 def stage_memory(setting: Setting, stage: int) -> StageMemory:
@@ -380,6 +492,9 @@ def stage_memory(setting: Setting, stage: int) -> StageMemory:
         setting.layout.data_parallel_size if run.optimizer.use_distributed_optimizer else 1
     )
     master = 4 if run.params_dtype == "bf16" else 0
+    kv_cache = kv_cache_bytes(
+        student, student.num_layers // pp, tp, element, setting.rollout_rows_per_dp_rank, seq
+    )
     return StageMemory(
         stage=stage,
         teacher_weights=2 * n_teacher / GIB,
@@ -388,6 +503,7 @@ def stage_memory(setting: Setting, stage: int) -> StageMemory:
         optimizer=(master + 8) * n / optimizer_shards / GIB,
         activations=activations / GIB,
         logits_and_loss=logits / GIB,
+        kv_cache=kv_cache / GIB,
     )
 
 
@@ -487,6 +603,42 @@ def step_time(
     )
 
 
+def rollout_cost(setting: Setting, tflops: float, hbm_gb_s: float) -> RolloutCost | None:
+    """The step's rollouts (module doc); None without them."""
+    run, student, count = setting.run, setting.student, setting.student_count
+    if not run.rollout.enabled:
+        return None
+    tp = setting.layout.tensor_model_parallel_size
+    rows, new = setting.rollout_rows_per_dp_rank, run.rollout.max_new_tokens
+    prompt = run.data.seq_length - new
+    # One micro-batch: the stages take turns, so a forward costs the whole model per TP rank.
+    flops_per_second, bytes_per_second = tp * tflops * 1e12, hbm_gb_s * 1e9
+    weights = setting.element_bytes * matmul_parameters(student, count) / tp
+
+    def roofline(flops: float, cache: float = 0.0) -> float:
+        return max(flops / flops_per_second, (weights + cache) / bytes_per_second)
+
+    prefill = prefill_flops(student, count, prompt)
+    decode_seconds, decode = 0.0, 0
+    for context in range(prompt + 1, prompt + new):  # the n-th token is never fed back
+        flops = matmul_flops_per_token(student, count, context)
+        cache = kv_cache_bytes(
+            student, student.num_layers, tp, setting.element_bytes, rows, context
+        )
+        decode_seconds += roofline(rows * flops, cache)
+        decode += flops
+    return RolloutCost(
+        rows=sum(setting.rollout_rows),
+        rows_per_dp_rank=rows,
+        prompt_tokens=prompt,
+        new_tokens=new,
+        prefill_flops=float(sum(setting.rollout_rows) * prefill),
+        decode_flops=float(sum(setting.rollout_rows) * decode),
+        prefill_seconds=roofline(rows * prefill) if rows else 0.0,
+        decode_seconds=decode_seconds if rows else 0.0,
+    )
+
+
 def make_plan(
     run: RunConfig,
     nodes: int,
@@ -494,20 +646,23 @@ def make_plan(
     gpu_mem_gib: float,
     tflops: float = 400.0,
     links: Interconnect | None = None,
+    hbm_gb_s: float = HBM_GB_S,
 ) -> Plan:
     world = nodes * gpus_per_node
     layout, problems, warnings = layout_problems(run, world, gpus_per_node)
     setting = make_setting(run, layout)
-    if setting.sequence_parallel and run.data.seq_length % layout.tensor_model_parallel_size:
-        problems.append(
-            f"data.seq_length {run.data.seq_length} is not a multiple of TP = "
-            f"{layout.tensor_model_parallel_size}, which sequence parallelism needs"
-        )
+    problems += sequence_parallel_problems(
+        run, layout.tensor_model_parallel_size, setting.sequence_parallel
+    )
     stages = [stage_memory(setting, stage) for stage in range(layout.pipeline_model_parallel_size)]
     worst = max(stages, key=lambda m: m.total)
     flops = training_flops_per_token(
         setting.student, setting.teacher, run.data.seq_length, layout.tensor_model_parallel_size
     )
+    step = step_time(setting, flops, gpus_per_node, tflops, links or Interconnect())
+    rollout = rollout_cost(setting, tflops, hbm_gb_s)
+    if rollout is not None:
+        step.rollout = rollout.seconds
     return Plan(
         layout={
             "TP": layout.tensor_model_parallel_size,
@@ -526,9 +681,10 @@ def make_plan(
         available_gib=gpu_mem_gib,
         flops_per_token=flops,
         tokens_per_step=run.schedule.global_batch_size * run.data.seq_length,
-        step=step_time(setting, flops, gpus_per_node, tflops, links or Interconnect()),
+        step=step,
         problems=problems,
         warnings=warnings,
+        rollout=rollout,
     )
 
 
@@ -539,6 +695,7 @@ def rank_layouts(
     gpu_mem_gib: float,
     tflops: float = 400.0,
     links: Interconnect | None = None,
+    hbm_gb_s: float = HBM_GB_S,
 ) -> list[Plan]:
     """Every TP x PP layout of these GPUs that passes the rules and fits, fastest first (ties:
     smaller TP, then smaller PP). The recipe's other settings are kept."""
@@ -547,7 +704,7 @@ def rank_layouts(
     for tp in (n for n in range(1, world + 1) if world % n == 0):
         for pp in (n for n in range(1, world // tp + 1) if world // tp % n == 0):
             candidate = dataclasses.replace(run, parallel=ParallelLayout(tp, pp))
-            plan = make_plan(candidate, nodes, gpus_per_node, gpu_mem_gib, tflops, links)
+            plan = make_plan(candidate, nodes, gpus_per_node, gpu_mem_gib, tflops, links, hbm_gb_s)
             if plan.fits:
                 plans.append(plan)
     return sorted(plans, key=lambda p: (p.step_seconds, p.layout["TP"], p.layout["PP"]))
@@ -560,13 +717,29 @@ def layout_name(plan: Plan) -> str:
 
 def format_step(plan: Plan) -> list[str]:
     step = plan.step
-    return [
+    rollout = f" + rollout {step.rollout:.2f}" if plan.rollout else ""
+    lines = [
         f"compute: {plan.flops_per_token / 1e9:.1f} GFLOP per token, "
         f"{plan.tokens_per_step:,} tokens per step: at least {step.compute:.1f} s per step "
         "from compute alone (lower bound)",
         f"estimated step: {step.total:.1f} s = compute {step.compute:.2f} + TP comm "
         f"{step.tensor_parallel:.2f} + PP p2p {step.pipeline_p2p:.2f} + bubble {step.bubble:.2f}"
-        f" + DP comm {step.data_parallel:.2f} (an estimate from the model, not a measurement)",
+        f" + DP comm {step.data_parallel:.2f}{rollout} (an estimate from the model, not a "
+        "measurement)",
+    ]
+    return lines + (format_rollout(plan.rollout, plan.rollout_share) if plan.rollout else [])
+
+
+def format_rollout(cost: RolloutCost, share: float) -> list[str]:
+    return [
+        f"rollouts: {cost.rows} rows per step ({cost.rows_per_dp_rank} on the busiest DP rank), "
+        f"prompts estimated at data.seq_length - max_new_tokens = {cost.prompt_tokens} tokens, "
+        f"replies at max_new_tokens = {cost.new_tokens}",
+        f"rollout: {cost.flops / 1e12:,.1f} TFLOP per step (prefill "
+        f"{cost.prefill_flops / 1e12:,.1f} + decode {cost.decode_flops / 1e12:,.1f}), "
+        f"{cost.seconds:.2f} s (prefill {cost.prefill_seconds:.2f} + decode "
+        f"{cost.decode_seconds:.2f}; decoding at the nominal HBM bandwidth, latency left out: a "
+        f"lower bound): {share:.1%} of the step",
     ]
 
 
@@ -581,6 +754,8 @@ def format_table(plan: Plan) -> str:
         "overhead",
     ]
     lay = plan.layout
+    if plan.rollout:
+        rows.append("kv_cache")
     lines = [
         f"world {plan.world_size} GPUs: TP={lay['TP']} PP={lay['PP']} DP={lay['DP']}"
         f"{', sequence parallel' if plan.sequence_parallel else ''}, "
@@ -594,6 +769,9 @@ def format_table(plan: Plan) -> str:
     for row in rows:
         lines.append(f"{row:<18}" + "".join(f"{getattr(m, row):>10.2f}" for m in plan.stages))
     lines.append(f"{'total':<18}" + "".join(f"{m.total:>10.2f}" for m in plan.stages))
+    if plan.rollout:
+        lines.append("(kv_cache is freed before the training forward: the total counts the larger")
+        lines.append(" of kv_cache and activations + logits_and_loss)")
     lines += [
         "",
         f"worst stage {plan.worst_stage}: {plan.worst_gib:.2f} GiB of {plan.available_gib:.2f} GiB",
@@ -605,19 +783,23 @@ def format_table(plan: Plan) -> str:
 
 def format_ranking(plans: Sequence[Plan], chosen: Plan, top: int) -> str:
     """The fastest ``top`` fitting layouts; * marks the recipe's."""
+    rollout = chosen.rollout is not None
     lines = [
         f"the {min(top, len(plans))} fastest of {len(plans)} layouts that fit; seconds per step "
         "estimated by the model, not measured (compute alone is a lower bound):",
         f"  {'layout':<20}{'step':>8}{'compute':>9}{'TP comm':>9}{'PP p2p':>8}{'bubble':>8}"
-        f"{'DP comm':>9}{'worst GiB':>11}",
+        f"{'DP comm':>9}"
+        + (f"{'rollout':>9}{'share':>7}" if rollout else "")
+        + f"{'worst GiB':>11}",
     ]
     for plan in plans[:top]:
         mark = "*" if plan.layout == chosen.layout else " "
         step = plan.step
+        share = f"{step.rollout:>9.2f}{plan.rollout_share:>7.1%}" if rollout else ""
         lines.append(
             f"{mark} {layout_name(plan):<20}{step.total:>8.2f}{step.compute:>9.2f}"
             f"{step.tensor_parallel:>9.2f}{step.pipeline_p2p:>8.2f}{step.bubble:>8.2f}"
-            f"{step.data_parallel:>9.2f}{plan.worst_gib:>11.2f}"
+            f"{step.data_parallel:>9.2f}{share}{plan.worst_gib:>11.2f}"
         )
     return "\n".join(lines)
 
@@ -632,6 +814,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--gpu-mem-gb", type=float, default=80.0, help="usable memory per GPU, GiB")
     parser.add_argument("--tflops", type=float, default=400.0, help="achieved bf16 TFLOP/s per GPU")
+    parser.add_argument(
+        "--hbm-gb-s",
+        type=float,
+        default=HBM_GB_S,
+        help="GPU memory bandwidth, GB/s, for the rollouts' decoding (default: H100 SXM peak)",
+    )
     defaults = Interconnect()
     parser.add_argument(
         "--intra-node-gb-s",
@@ -676,6 +864,7 @@ def write_json(path: str, plan: Plan, ranking: Sequence[Plan]) -> None:
         "stage_totals_gib": [m.total for m in plan.stages],
         "step_seconds_estimate": plan.step.total,
         "step_seconds_lower_bound": plan.step.compute,
+        "rollout_share": plan.rollout_share,
         "ranking": [candidate.summary() for candidate in ranking],
     }
     with open(path, "w") as handle:
@@ -686,7 +875,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     run = load_for_planning(args)
     links = Interconnect(args.intra_node_gb_s, args.inter_node_gb_s)
-    plan_args = (args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.tflops, links)
+    plan_args = (args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.tflops, links, args.hbm_gb_s)
     plan = make_plan(run, *plan_args)
     ranking = rank_layouts(run, *plan_args)
     print(format_table(plan))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -18,6 +19,8 @@ from hpd_megatron.plan import (
     GIB,
     Interconnect,
     count_parameters,
+    format_ranking,
+    format_table,
     make_plan,
     rank_layouts,
     stage_parameters_per_gpu,
@@ -27,10 +30,12 @@ from hpd_megatron.training.config import load_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE_70B = "recipes/llama3.1_70b_to_8b_hpd.yaml"
+TINY = "recipes/tiny_cpu.yaml"
 RECIPES = [
     RECIPE_70B,
     "recipes/qwen2.5_7b_to_1.5b_math_hpd.yaml",
     "recipes/qwen2.5_7b_to_1.5b_code_hpd.yaml",
+    "recipes/qwen2.5_7b_to_1.5b_math_opd.yaml",
 ]
 # The recipe's layout before the planner ranked layouts (PP across nodes), without sequence
 # parallelism: the memory arithmetic below is written for it.
@@ -229,7 +234,7 @@ def test_divisibility_violations_are_each_listed(site_env):
     assert "student: TP=3 does not divide num_attention_heads=32" in text
     assert "teacher: TP=3 does not divide num_query_groups (KV heads)=8" in text
     assert "global_batch_size 102 is not a multiple of micro_batch_size x DP = 1 x 4" in text
-    assert "data.seq_length 8192 is not a multiple of TP = 3, which sequence parallelism" in text
+    assert "data.seq_length: 8192 is not a multiple of the TP size 3, which sequence" in text
 
 
 def test_cli_plans_without_site_paths_prints_ranking_writes_json(tmp_path):
@@ -333,3 +338,184 @@ def test_expansion_defaults_and_nesting(monkeypatch):
     assert kept == {"l": ["${B}/${B}", "d"], "k": "x"} and unset == ["B"]
     with pytest.raises(ConfigError, match="environment variable B is not set"):
         expand_variables("${B}", "f.yaml")  # strict again after the block
+
+
+# ---- rollouts (issue 19) --------------------------------------------------------------------
+# The 70B recipe with rollouts: one record per sample, no sequence parallelism (the trainer
+# refuses both otherwise), replies of half the sequence.
+ROLLOUTS = ["data.pack=false", "performance.sequence_parallel=false", "rollout.max_new_tokens=4096"]
+
+
+def test_rollout_flops_kv_cache_and_time_match_hand_arithmetic(site_env):
+    """The tiny recipe (TP1 PP2 DP2, fp32): student 2 layers, h 96, 4 heads of 24, 2 KV
+    groups, FFN 256, vocab 128 (untied, no padding at TP1); seq 96, global batch 16."""
+    run = load_run_config(TINY, ["rollout.fraction=0.5", "rollout.max_new_tokens=32"])
+    kwargs = {"nodes": 1, "gpus_per_node": 4, "gpu_mem_gib": 80}
+    plan = make_plan(run, **kwargs, tflops=1e-6, hbm_gb_s=1.0)  # 1e6 FLOP/s: compute-bound
+    assert plan.layout == {"TP": 1, "PP": 2, "DP": 2} and plan.padded_vocab == 128
+    cost = plan.rollout
+    # 8 rows of 16 per step, 4 per DP rank; prompt estimated at 96 - 32 = 64 tokens.
+    assert (cost.rows, cost.rows_per_dp_rank, cost.prompt_tokens, cost.new_tokens) == (
+        8,
+        4,
+        64,
+        32,
+    )
+    # Matmul weights: 2 x (qkv 96 x 192 + o 96 x 96 + SwiGLU 3 x 96 x 256) + output 128 x 96.
+    matmul = 2 * (96 * 192 + 96 * 96 + 3 * 96 * 256) + 128 * 96
+    assert matmul == 215_040
+
+    def forward(context: int) -> int:  # per token: 2 per weight + 4 x c x 4 heads x 24 x 2
+        return 2 * matmul + 4 * context * 4 * 24 * 2
+
+    # Prefill: 64 tokens at s = 64, the output layer on the last position only.
+    prefill = 64 * forward(64) - 63 * 2 * 128 * 96
+    assert prefill == 29_122_560
+    # Decode: the tokens at positions 64..94 are fed back (the 32nd, at 95, is not): contexts
+    # 65..95.
+    decode = 31 * 2 * matmul + 4 * 4 * 24 * 2 * sum(range(65, 96))
+    assert decode == 15_237_120
+    assert (cost.prefill_flops, cost.decode_flops) == (8 * prefill, 8 * decode)
+    # The stages take turns: the busiest rank's 4 rows at 1e6 FLOP/s on TP = 1.
+    assert cost.prefill_seconds == pytest.approx(4 * prefill / 1e6)
+    assert cost.decode_seconds == pytest.approx(4 * decode / 1e6)
+    # KV cache per GPU: 2 (K, V) x 1 layer per stage x 2 groups x 24 x 4 B x 4 rows x 96.
+    assert [m.kv_cache * GIB for m in plan.stages] == [147_456, 147_456]
+    assert plan.step.rollout == cost.seconds
+
+    # Memory-bound at 1e6 B/s: each forward reads the 215,040 fp32 weights of both stages,
+    # a decode step at context c also 2 x 2 layers x 2 groups x 24 x 4 B x 4 rows x c.
+    slow = make_plan(run, **kwargs, tflops=1e6, hbm_gb_s=1e-3).rollout
+    weights = 4 * matmul
+    assert slow.prefill_seconds == pytest.approx(weights / 1e6)
+    kv = sum(2 * 2 * 2 * 24 * 4 * 4 * c for c in range(65, 96))
+    assert slow.decode_seconds == pytest.approx((31 * weights + kv) / 1e6)
+    assert slow.decode_seconds == pytest.approx(34.28352)
+    # The trainer's choice (training/rollout.py): floor(0.35 x 16) = 5 rows, at positions 2, 5
+    # of rank 0's slice 0..7 and 8, 11, 14 of rank 1's: the busier rank's 3 set the time and
+    # the cache.
+    odd = make_plan(
+        load_run_config(TINY, ["rollout.fraction=0.35", "rollout.max_new_tokens=32"]), **kwargs
+    )
+    assert (odd.rollout.rows, odd.rollout.rows_per_dp_rank) == (5, 3)
+    assert odd.stages[0].kv_cache * GIB == 147_456 // 4 * 3
+
+
+def test_kv_cache_competes_with_activations_not_added_to_them(site_env):
+    run = load_run_config(
+        TINY,
+        ["rollout.fraction=1", "rollout.max_new_tokens=32", "schedule.global_batch_size=1024"],
+    )
+    stage = make_plan(run, nodes=1, gpus_per_node=2, gpu_mem_gib=80).stages[0]
+    # 1024 rows on one DP rank: the cache outgrows the training phase and replaces it.
+    assert stage.kv_cache * GIB == 2 * 1 * 2 * 24 * 4 * 1024 * 96
+    assert stage.kv_cache > stage.activations + stage.logits_and_loss
+    weights = stage.teacher_weights + stage.student_weights + stage.student_grads
+    assert stage.total == pytest.approx(weights + stage.optimizer + stage.kv_cache + 4.0)
+    small = make_plan(
+        load_run_config(TINY, ["rollout.fraction=0.0625", "rollout.max_new_tokens=32"]),
+        nodes=1,
+        gpus_per_node=2,
+        gpu_mem_gib=80,
+    ).stages[0]
+    assert 0 < small.kv_cache < small.activations
+    assert (
+        small.total
+        == make_plan(load_run_config(TINY), nodes=1, gpus_per_node=2, gpu_mem_gib=80)
+        .stages[0]
+        .total
+    )
+
+
+def test_fraction_zero_is_todays_plan(site_env):
+    """With fraction 0 the other rollout settings change nothing: today's numbers and text."""
+    today = make_plan(load_run_config(RECIPE_70B), nodes=4, gpus_per_node=8, gpu_mem_gib=80)
+    zero = make_plan(
+        load_run_config(RECIPE_70B, ["rollout.fraction=0", "rollout.max_new_tokens=4096"]),
+        nodes=4,
+        gpus_per_node=8,
+        gpu_mem_gib=80,
+    )
+    assert dataclasses.asdict(zero) == dataclasses.asdict(today)
+    assert zero.rollout is None and zero.step.rollout == 0 and zero.rollout_share == 0
+    assert all(m.kv_cache == 0 for m in zero.stages)
+    # The figures of docs/performance.md and the recipe's header.
+    assert zero.worst_gib == pytest.approx(63.08, abs=0.005)
+    assert zero.step_seconds == pytest.approx(19.93, abs=0.005)
+    text = format_table(zero) + format_ranking([zero], zero, 1)
+    assert text == format_table(today) + format_ranking([today], today, 1)
+    assert "rollout" not in text and "kv_cache" not in text
+
+
+def test_rollout_time_grows_with_fraction(site_env):
+    plans = [
+        make_plan(
+            load_run_config(RECIPE_70B, ROLLOUTS + [f"rollout.fraction={fraction}"]),
+            nodes=4,
+            gpus_per_node=8,
+            gpu_mem_gib=80,
+        )
+        for fraction in (0, 0.25, 0.5, 1)
+    ]
+    rollout = [plan.step.rollout for plan in plans]
+    assert rollout[0] == 0 and rollout == sorted(rollout) and len(set(rollout)) == 4
+    # 32, 64 and 128 rows of 128: 4, 8 and 16 per DP rank (DP 8); the FLOPs scale with rows.
+    assert [p.rollout.rows_per_dp_rank for p in plans[1:]] == [4, 8, 16]
+    assert plans[3].rollout.flops == pytest.approx(4 * plans[1].rollout.flops)
+    # Decoding is memory-bound: 4x the rows cost far less than 4x the time.
+    assert plans[3].rollout.decode_seconds < 2 * plans[1].rollout.decode_seconds
+    # The training part of the step is untouched.
+    training = {plan.step.total - plan.step.rollout for plan in plans}
+    assert max(training) == pytest.approx(min(training))
+    kv = [plan.stages[0].kv_cache * GIB for plan in plans]
+    assert kv == [0, *(2 * 32 * 2 * 128 * 2 * rows * 8192 for rows in (4, 8, 16))]
+
+
+def test_the_70b_recipe_shows_the_rollout_share(site_env, tmp_path, capsys):
+    def plan(fraction: float) -> dict:
+        overrides = [*ROLLOUTS, f"rollout.fraction={fraction}"]
+        out = tmp_path / f"{fraction}.json"
+        assert (
+            plan_main(["--config", RECIPE_70B, *overrides, "--nodes", "4", "--json", str(out)]) == 0
+        )
+        return json.loads(out.read_text())
+
+    zero, data = plan(0), plan(0.25)
+    out = capsys.readouterr().out
+    assert data["layout"] == {"TP": 4, "PP": 1, "DP": 8} and not data["sequence_parallel"]
+    assert 0 < data["rollout_share"] < 1 and zero["rollout_share"] == 0
+    assert data["step_seconds_estimate"] > zero["step_seconds_estimate"]
+    assert data["step_seconds_estimate"] == pytest.approx(
+        zero["step_seconds_estimate"] + data["step"]["rollout"]
+    )
+    assert data["rollout"]["rows"] == 32 and data["rollout"]["prompt_tokens"] == 4096
+    assert data["stages"][0]["kv_cache"] == pytest.approx(1.0)  # 4 rows: 1 GiB
+    assert all(0 < plan["rollout_share"] < 1 for plan in data["ranking"])
+    assert "rollouts: 32 rows per step (4 on the busiest DP rank)" in out
+    assert re.search(r"^kv_cache +1\.00$", out, re.M)
+    assert re.search(r"of the step$", out, re.M)
+
+
+def test_sequence_parallelism_with_rollouts_is_a_listed_problem(site_env):
+    run = load_run_config(RECIPE_70B, ["data.pack=false", "rollout.fraction=0.25"])
+    plan = make_plan(run, nodes=4, gpus_per_node=8, gpu_mem_gib=80)
+    assert plan.sequence_parallel and not plan.fits
+    assert "set performance.sequence_parallel=false" in "\n".join(plan.problems)
+
+
+def test_the_opd_recipe_is_the_math_recipe_on_policy(site_env):
+    opd, hpd = load_run_config(RECIPES[3]), load_run_config(RECIPES[1])
+    assert opd.loss.method == "opd" and opd.rollout.fraction == 1 and not opd.data.pack
+    assert (opd.student, opd.teacher.model, opd.optimizer, opd.schedule) == (
+        hpd.student,
+        hpd.teacher.model,
+        hpd.optimizer,
+        hpd.schedule,
+    )
+    assert opd.rollout.max_new_tokens < opd.data.seq_length == hpd.data.seq_length
+    plan = make_plan(opd, nodes=4, gpus_per_node=8, gpu_mem_gib=80)
+    assert plan.fits and 0 < plan.rollout_share < 1
+    # The recipe's header quotes these.
+    assert plan.step_seconds == pytest.approx(14.5, abs=0.05)
+    assert plan.step.rollout == pytest.approx(7.3, abs=0.05)
+    assert plan.rollout_share == pytest.approx(0.51, abs=0.005)

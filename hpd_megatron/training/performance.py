@@ -120,6 +120,29 @@ def _recompute(settings: PerformanceConfig) -> dict[str, Any]:
     }
 
 
+def sequence_parallel_problems(run: RunConfig, tensor_parallel_size: int, sp: bool) -> list[str]:
+    """What sequence parallelism cannot do in ``run`` (the trainer refuses the first, the
+    planner lists them all)."""
+    if not sp:
+        return []
+    problems = []
+    if run.data.seq_length % tensor_parallel_size:
+        problems.append(
+            f"data.seq_length: {run.data.seq_length} is not a multiple of the TP size "
+            f"{tensor_parallel_size}, which sequence parallelism needs "
+            "(or set performance.sequence_parallel=false)"
+        )
+    if run.rollout.enabled:
+        # Each decode step feeds one token per row, which TP ranks cannot split; the
+        # training model's sequence parallelism would have to be switched off around
+        # every rollout. Not done yet: say so instead of failing in the first decode.
+        problems.append(
+            "rollout.fraction: rollouts decode one token at a time, which sequence "
+            "parallelism cannot split over the TP ranks; set performance.sequence_parallel=false"
+        )
+    return problems
+
+
 def resolve_performance(
     run: RunConfig, tensor_parallel_size: int, kernels: Kernels | None = None
 ) -> Performance:
@@ -128,20 +151,9 @@ def resolve_performance(
     kernels = Kernels.detect() if kernels is None else kernels
     te = use_transformer_engine(settings, kernels)
     sp = sequence_parallel(settings, tensor_parallel_size, te)
-    if sp and run.data.seq_length % tensor_parallel_size:
-        raise ConfigError(
-            f"data.seq_length: {run.data.seq_length} is not a multiple of the TP size "
-            f"{tensor_parallel_size}, which sequence parallelism needs "
-            "(or set performance.sequence_parallel=false)"
-        )
-    if sp and run.rollout.enabled:
-        # Each decode step feeds one token per row, which TP ranks cannot split; the
-        # training model's sequence parallelism would have to be switched off around
-        # every rollout. Not done yet: say so instead of failing in the first decode.
-        raise ConfigError(
-            "rollout.fraction: rollouts decode one token at a time, which sequence "
-            "parallelism cannot split over the TP ranks; set performance.sequence_parallel=false"
-        )
+    problems = sequence_parallel_problems(run, tensor_parallel_size, sp)
+    if problems:
+        raise ConfigError(problems[0])
     shared = {
         "sequence_parallel": sp,
         "apply_rope_fusion": settings.apply_rope_fusion and te,
