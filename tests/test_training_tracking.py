@@ -7,6 +7,7 @@ finishes whatever the server does (killed and restarted mid-run, or never there)
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.mlflow_server import MlflowServer, unused_uri
-from tests.multiprocess import run_on_ranks
+from tests.multiprocess import free_port, run_on_ranks
 from tests.training_runs import logged, train_on_rank
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,6 +139,8 @@ def test_an_unreachable_server_does_not_stop_training(setup):
         text=True,
         cwd=ROOT,
         timeout=300,
+        # A single process rendezvouses on 29500 by default, which another job may hold.
+        env={**os.environ, "MASTER_PORT": str(free_port())},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 2/2" in result.stdout
