@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
 import torch
 
-from tests.multiprocess import run_on_ranks
+from tests.multiprocess import free_port, run_on_ranks
 from tests.training_runs import (
     STUDENT,
     assert_resume_kept_the_loaded_weights,
@@ -226,8 +227,6 @@ def test_sigkill_in_the_middle_of_a_save_keeps_the_previous_checkpoint(setup, tm
     import subprocess
     import sys
     from pathlib import Path
-
-    from tests.multiprocess import free_port
 
     run_dir = setup["root"] / "killed"
     overrides = [
@@ -524,6 +523,8 @@ def test_the_command_line_exits_75_on_sigterm_after_saving(setup, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # A single process rendezvouses on 29500 by default, which another job may hold.
+        env={**os.environ, "MASTER_PORT": str(free_port())},
     )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 240
