@@ -71,6 +71,7 @@ def setup(tmp_path_factory, prepared_data) -> dict:
 # Modules whose tests start several processes (gloo ranks, torchrun, a Slurm job), and
 # those that also wait on services; `make test-fast` skips both, `make test` runs all.
 MULTIRANK_MODULES = {
+    "test_benchmarks",
     "test_checkpoints",
     "test_convert",
     "test_cpu_emulation",

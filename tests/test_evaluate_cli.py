@@ -16,6 +16,12 @@ import pytest
 import yaml
 
 from hpd_megatron.data.records import read_records
+from hpd_megatron.eval.benchmarks import (
+    average_row,
+    format_table,
+    load_benchmarks,
+    protocol_k,
+)
 from hpd_megatron.eval.generate import Generation
 from hpd_megatron.eval.prompts import EvalRecord
 from hpd_megatron.eval.runner import Reply
@@ -25,6 +31,25 @@ from hpd_megatron.eval.tracking import tracking_target
 from hpd_megatron.evaluate import main
 from tests.test_generation import TEST_PROBLEMS, write_eval_task
 from tests.tool_runs import load_tool, run_main
+
+
+def write_verl(path: Path, rows: list[dict]) -> Path:
+    """A parquet file in the verl format (what the reference's evaluation/data/ holds)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # No rows: the verl columns all the same (an empty benchmark, not a malformed file).
+    table = pa.Table.from_pylist(rows or [verl_row("x", "1")])
+    pq.write_table(table if rows else table.slice(0, 0), path)
+    return path
+
+
+def verl_row(question: str, answer: str, source: str | None = "math500") -> dict:
+    row = {
+        "prompt": [{"role": "user", "content": question}],
+        "reward_model": {"ground_truth": answer, "style": "rule"},
+    }
+    return row if source is None else {"data_source": source, **row}
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +165,9 @@ def test_other_bad_input(task):
     assert f"{task / 'nope.jsonl'}: no such evaluation file" in _fail(
         ["--ckpt", ckpt, "--data", str(task / "nope.jsonl"), "--tokenizer", tokenizer]
     )
-    assert "--temperature 0 is greedy" in _fail(["--ckpt", ckpt, "--data", data, "--samples", "4"])
+    assert "--temperature 0 is greedy" in _fail(
+        ["--ckpt", ckpt, "--data", data, "--temperature", "0", "--samples", "4"]
+    )
     assert "--top-p: must be in (0, 1]" in _fail(
         ["--ckpt", ckpt, "--data", data, "--temperature", "1", "--top-p", "0"]
     )
@@ -226,3 +253,199 @@ def test_training_records_keep_finished_replies_in_the_prompt_schema(tmp_path):
         "The answer is 3.",
         "4",
     ]
+
+
+def test_verl_parquet_benchmarks_and_their_problems(tmp_path):
+    """Names from data_source or the file, the paper's k, and every kind of bad input said
+    in one line naming the file and row, counted, the rest read."""
+    good = write_verl(
+        tmp_path / "mixed.parquet",
+        [
+            verl_row("Compute 1 + 1.", "2", "aime24"),
+            verl_row("What is half?", "\\frac{1}{2}", "aime24"),
+            verl_row("Name her.", "@@", "MATH500"),  # math-verify cannot parse it
+            {
+                "data_source": "aime24",
+                "prompt": [{"role": "user", "content": "q"}],
+                "reward_model": {"style": "rule"},
+            },
+            verl_row("Compute 2 + 2.", "4", "MATH500"),
+        ],
+    )
+    unnamed = write_verl(tmp_path / "minerva.parquet", [verl_row("Compute 3 + 3.", "6", None)])
+    columns = write_verl(tmp_path / "columns.parquet", [{"question": "q", "answer": "1"}])
+    empty = write_verl(tmp_path / "empty.parquet", [])
+    jsonl = tmp_path / "arith.jsonl"
+    jsonl.write_text('{"prompt": "Compute 1 + 2.", "answer": 3}\n')
+    said = []
+    found = load_benchmarks(
+        [str(p) for p in (good, unnamed, columns, empty, jsonl)], None, False, None, said.append
+    )
+    assert [(b.name, b.k, len(b.records)) for b in found.benchmarks] == [
+        ("aime24", 32, 2),
+        ("MATH500", 8, 2),
+        ("minerva", 8, 1),
+        ("arith", 32, 1),  # not the paper's: under 100 problems, k = 32
+    ]
+    assert found.problems == {
+        "bad_files": 1,
+        "bad_rows": 1,
+        "empty_benchmarks": 1,
+        "unparsed_references": 1,
+    }
+    assert said == [
+        f"{good}: row 3: no reward_model.ground_truth; left out",
+        f"{good}: row 2: math-verify cannot parse the ground truth '@@'; compared by hand "
+        "(eval/answers.py)",
+        f"{columns}: no column prompt, reward_model (verl format: prompt, "
+        "reward_model.ground_truth, data_source; found question, answer); left out",
+        f"{empty}: benchmark empty has no problems; left out",
+    ]
+    record = found.benchmarks[0].records[1]
+    assert (record.line, record.reference, record.samples, record.path) == (
+        1,
+        "\\frac{1}{2}",
+        32,
+        str(good),
+    )
+    assert record.messages == [{"role": "user", "content": "What is half?"}]
+    # --samples and greedy override the paper's k; --limit applies per benchmark.
+    again = load_benchmarks([str(good)], 4, False, 1, said.append)
+    assert [(b.name, b.k, len(b.records)) for b in again.benchmarks] == [
+        ("aime24", 4, 1),
+        ("MATH500", 4, 1),
+    ]
+    assert [
+        b.k for b in load_benchmarks([str(good)], None, True, None, said.append).benchmarks
+    ] == [
+        1,
+        1,
+    ]
+
+
+def test_benchmark_input_that_stops_the_run(tmp_path):
+    columns = write_verl(tmp_path / "columns.parquet", [{"question": "q"}])
+    with pytest.raises(Exception, match="no benchmark left to evaluate"):
+        load_benchmarks([str(columns)], None, False, None, lambda _: None)
+    with pytest.raises(Exception, match="no such evaluation file"):
+        load_benchmarks([str(tmp_path / "gone.parquet")], None, False, None, lambda _: None)
+    a = write_verl(tmp_path / "a.parquet", [verl_row("q", "1", "amc")])
+    b = write_verl(tmp_path / "b.parquet", [verl_row("q", "1", "amc")])
+    with pytest.raises(Exception, match=f"benchmark amc comes from both {a} and {b}"):
+        load_benchmarks([str(a), str(b)], None, False, None, lambda _: None)
+
+
+@pytest.mark.parametrize(
+    "name,problems,k",
+    [
+        ("aime24", 30, 32),
+        ("AIME 2025", 30, 32),
+        ("amc23", 83, 32),
+        ("math500", 500, 8),
+        ("MATH-500", 500, 8),
+        ("minerva_math", 272, 8),
+        ("olympiadbench", 675, 8),
+        ("gsm8k", 1319, 8),
+        ("tiny", 40, 32),
+    ],
+)
+def test_protocol_k(name, problems, k):
+    assert protocol_k(name, problems) == k
+
+
+def test_average_row_and_table_by_hand():
+    rows = [
+        {
+            "k": 32,
+            "problems": 30,
+            "avg@k": 0.2,
+            "stderr": 0.03,
+            "mean_response_tokens": 100.0,
+            "truncation_rate": 0.1,
+            "token_entropy": 0.5,
+            "no_answer_share": 0.0,
+        },
+        {
+            "k": 8,
+            "problems": 500,
+            "avg@k": 0.6,
+            "stderr": 0.04,
+            "mean_response_tokens": 50.0,
+            "truncation_rate": 0.0,
+            "token_entropy": 0.3,
+            "no_answer_share": 0.2,
+        },
+    ]
+    average = average_row(rows)
+    assert average["avg@k"] == pytest.approx(0.4)  # each benchmark weighs the same
+    assert average["stderr"] == pytest.approx(0.025)  # sqrt(0.03^2 + 0.04^2) / 2
+    assert average["mean_response_tokens"] == pytest.approx(75.0)
+    assert average["problems"] == 530
+    assert average_row([rows[0], dict(rows[1], stderr=None)])["stderr"] is None
+    text = format_table({"aime24": rows[0], "math500": rows[1], "average": average})
+    assert text.splitlines()[1].split() == [
+        "aime24",
+        "32",
+        "30",
+        "0.2000",
+        "0.0300",
+        "100.0",
+        "0.100",
+        "0.500",
+    ]
+    assert text.splitlines()[3].split()[:4] == ["average", "530", "0.4000", "0.0250"]
+
+
+def test_tracked_metrics():
+    """The table's MLflow names (the run itself: tests/test_benchmarks.py)."""
+    from hpd_megatron.evaluate import tracked_metrics
+
+    table = {
+        "aime24": {
+            "k": 32,
+            "problems": 2,
+            "skipped_overlong": 0,
+            "avg@k": 0.25,
+            "stderr": 0.1,
+            "mean_response_tokens": 9.0,
+            "truncation_rate": 0.5,
+            "token_entropy": 1.5,
+            "no_answer_share": 0.0,
+        },
+        "tiny": {
+            "k": 1,
+            "problems": 1,
+            "skipped_overlong": 0,
+            "avg@k": 1.0,
+            "stderr": None,
+            "mean_response_tokens": 3.0,
+            "truncation_rate": 0.0,
+            "token_entropy": 0.5,
+            "no_answer_share": 0.0,
+        },
+    }
+    assert sorted(tracked_metrics(table)) == sorted(
+        [
+            f"eval/aime24/{key}"
+            for key in (
+                "avg_at_32",
+                "stderr",
+                "problems",
+                "mean_response_tokens",
+                "truncation_rate",
+                "token_entropy",
+                "no_answer_share",
+            )
+        ]
+        + [
+            f"eval/tiny/{key}"
+            for key in (
+                "avg_at_1",
+                "problems",
+                "mean_response_tokens",
+                "truncation_rate",
+                "token_entropy",
+                "no_answer_share",
+            )
+        ]
+    )

@@ -1,8 +1,18 @@
-"""Final answers of math generations: extraction, numeric normalisation, avg@k.
+"""Final answers of math generations: the scoring cascade, extraction, normalisation, avg@k.
 
+    judge("<think>...</think> so the total is \\boxed{\\dfrac{3}{4}}.", "0.75").correct  # True
     extract_answer("... so the total is \\boxed{\\frac{3}{4}}.")   # -> "\\frac{3}{4}"
     answers_match("\\frac{3}{4}", "0.75")                          # -> True
     avg_at_k([[True, False], [True, True]])                         # -> 0.75
+
+``judge`` is the evaluation's verdict, in the reference evaluation's cascade order (after
+dropping a closed ``<think>...</think>`` block): the last ``\\boxed{}``, then what follows
+"The answer is:", each compared with the reference by HuggingFace's math-verify
+(``verify(parse("\\boxed{ref}"), parse("\\boxed{answer}"))``), then math-verify over the
+whole reply (``verify(parse("\\boxed{ref}"), parse(reply))``). The first stage that finds
+the reply equal decides; none: incorrect. Where math-verify cannot parse (no sympy
+expression on one side), the hand-written comparison below (``answers_match``) and, for
+the whole reply, its last-number extraction stand in.
 
 Extraction takes, in this order, the content of the last ``\\boxed{...}`` (braces
 balanced), the text after the last "The answer is" / "final answer:" up to the end of its
@@ -15,9 +25,15 @@ stripped strings, so ``\\sqrt{2}`` matches ``\\sqrt 2`` only after removing spac
 
 from __future__ import annotations
 
+import functools
+import logging
+import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from fractions import Fraction
+
+from math_verify import parse, verify
 
 _STATED = re.compile(
     r"(?:the\s+(?:final\s+)?answer\s+is|final\s+answer\s*:)\s*:?\s*", re.IGNORECASE
@@ -132,3 +148,85 @@ def _strip_latex(text: str) -> str:
     text = _NOISE.sub("", text).strip()
     text = re.sub(r"\\[dt]frac", r"\\frac", text)
     return text.rstrip(".").strip()
+
+
+THINK_END = "</think>"
+# math-verify logs every expression it fails to parse (a reply's prose, mostly): noise at
+# the scale of avg@32 over a benchmark.
+logging.getLogger("math_verify").setLevel(logging.CRITICAL)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    correct: bool
+    extracted: str | None
+    """The answer of the stage that decided; else the first answer any stage found."""
+    stage: str | None
+    """The stage that found the reply correct: boxed, stated, math_verify or last_number."""
+
+
+def strip_reasoning(text: str) -> str:
+    """The text after the last ``</think>``: the reasoning block is not the answer. A reply
+    whose block never closes (cut off while thinking) is kept whole."""
+    _, closed, after = text.rpartition(THINK_END)
+    return after if closed else text
+
+
+@functools.lru_cache(maxsize=4096)
+def parsed_reference(reference: str) -> tuple:
+    """math-verify's parse of ``\\boxed{reference}`` (cached: k replies share one reference)."""
+    return tuple(parse(f"\\boxed{{{reference}}}"))
+
+
+def reference_parses(reference: str) -> bool:
+    """Whether math-verify reads the reference as mathematics (a sympy expression), not
+    only as a raw string; where it does not, ``judge`` compares by hand."""
+    return any(not isinstance(item, str) for item in parsed_reference(reference))
+
+
+def math_equal(answer: str, reference: str) -> bool:
+    """An extracted answer against the reference: math-verify where it parses both, else
+    ``answers_match``."""
+    gold, target = parsed_reference(reference), parse(f"\\boxed{{{answer}}}")
+    if not reference_parses(reference) or all(isinstance(item, str) for item in target):
+        return answers_match(answer, reference)
+    return verify(list(gold), target)
+
+
+def judge(text: str, reference: str) -> Verdict:
+    """The cascade of the module doc over one reply."""
+    text = strip_reasoning(text)
+    found: str | None = None
+    for stage, extract in (("boxed", boxed_answer), ("stated", stated_answer)):
+        answer = extract(text)
+        if answer is not None:
+            found = found if found is not None else answer
+            if math_equal(answer, reference):
+                return Verdict(True, answer, stage)
+    return _whole_reply(text, reference, found)
+
+
+def _whole_reply(text: str, reference: str, found: str | None) -> Verdict:
+    """The cascade's last stage: math-verify over the whole reply, else its last number."""
+    target = parse(text)
+    if reference_parses(reference) and any(not isinstance(t, str) for t in target):
+        answer = str(target[-1])  # math-verify's own extraction, as written in the reply
+        if verify(list(parsed_reference(reference)), target):
+            return Verdict(True, answer, "math_verify")
+        return Verdict(False, found if found is not None else answer, None)
+    answer = last_number(text)
+    if answer is not None and answers_match(answer, reference):
+        return Verdict(True, answer, "last_number")
+    return Verdict(False, found if found is not None else answer, None)
+
+
+def sample_stderr(correct: Sequence[Sequence[bool]]) -> float | None:
+    """Standard error of avg@k over its k samples: sample j's accuracy over the prompts is
+    one draw of a full evaluation; this is their standard deviation (n - 1) over sqrt(k).
+    None with one sample (no spread to measure) or when prompts differ in k."""
+    k = len(correct[0]) if correct else 0
+    if k < 2 or any(len(samples) != k for samples in correct):
+        return None
+    runs = [sum(samples[j] for samples in correct) / len(correct) for j in range(k)]
+    mean = sum(runs) / k
+    return math.sqrt(sum((run - mean) ** 2 for run in runs) / (k - 1) / k)

@@ -34,24 +34,35 @@ class EvalRecord:
     """The conversation the reply continues."""
     reference: str | None
     """The reference answer (None when the record gives none)."""
+    path: str = ""
+    """The file it was read from."""
+    benchmark: str | None = None
+    """Its benchmark (``eval/benchmarks.py``); None: the job's one file."""
+    samples: int | None = None
+    """Replies to generate for it (its benchmark's k); None: the job's ``samples``."""
 
 
-def read_eval_records(path: str | Path, require_answer: bool = True) -> list[EvalRecord]:
-    """Every record of an evaluation JSONL file; ``require_answer``: each needs a reference."""
+def read_eval_records(
+    path: str | Path, require_answer: bool = True, allow_empty: bool = False
+) -> list[EvalRecord]:
+    """Every record of an evaluation JSONL file; ``require_answer``: each needs a reference;
+    ``allow_empty``: no records is an empty list, not an error."""
     records = []
-    for number, record in read_jsonl(path, _record, "no such evaluation file"):
+    for number, record in read_jsonl(path, eval_record, "no such evaluation file"):
+        record.path = str(path)
         if require_answer and record.reference is None:
             raise DataError(
                 f'{path}:{number}: no reference answer (give "answer", or a reply '
                 "whose answer can be extracted)"
             )
         records.append(record)
-    if not records:
+    if not records and not allow_empty:
         raise DataError(f"{path}: no records (the file is empty)")
     return records
 
 
-def _record(raw: Any, line: int) -> EvalRecord:
+def eval_record(raw: Any, line: int) -> EvalRecord:
+    """One record (a parsed JSON object, or a parquet row's prompt and answer)."""
     if not isinstance(raw, dict):
         raise DataError(f"expected a JSON object, got {type(raw).__name__}")
     if ("prompt" in raw) == ("messages" in raw):
@@ -90,31 +101,33 @@ def _messages(value: Any) -> list[Message]:
 
 
 def encode_prompts(
-    path: str | Path,
-    records: list[EvalRecord],
-    tokenizer: Tokenizer,
-    template: str | None,
-    context_length: int,
-) -> tuple[list[tuple[EvalRecord, list[int]]], list[int]]:
-    """(record, prompt ids) of every prompt that leaves room for a reply, and the lines of
-    those that do not (``context_length`` tokens or more), which are skipped. The prompt is
+    records: list[EvalRecord], tokenizer: Tokenizer, template: str | None, context_length: int
+) -> tuple[list[tuple[EvalRecord, list[int]]], list[EvalRecord]]:
+    """(record, prompt ids) of every prompt that leaves room for a reply, and the records
+    that do not (``context_length`` tokens or more), which are skipped. The prompt is
     encoded exactly as ``prepare_data`` encodes what precedes a reply."""
     kept, skipped = [], []
     for record in records:
         try:
             ids = encode_prompt(tokenizer, record.messages, template)
         except DataError as error:  # a chat template that fails on this record
-            raise DataError(f"{path}:{record.line}: {error}") from None
+            raise DataError(f"{record.path}:{record.line}: {error}") from None
         if len(ids) >= context_length:
-            skipped.append(record.line)
+            skipped.append(record)
         else:
             kept.append((record, ids))
     return kept, skipped
 
 
-def describe_skipped(path: str | Path, skipped: list[int], context_length: int) -> str:
-    """One line: how many prompts were skipped, why, and their first line numbers."""
-    return (
-        f"{path}: skipped {len(skipped)} prompt(s) of {context_length} tokens or more "
-        f"(no room for a reply in the context of {context_length}): lines {shown_lines(skipped)}"
+def describe_skipped(skipped: list[EvalRecord], context_length: int) -> str:
+    """One line: how many prompts of each file were skipped, why, and their first lines
+    (rows of a parquet file)."""
+    by_path: dict[str, list[int]] = {}
+    for record in skipped:
+        by_path.setdefault(record.path, []).append(record.line)
+    return "; ".join(
+        f"{path}: skipped {len(lines)} prompt(s) of {context_length} tokens or more "
+        f"(no room for a reply in the context of {context_length}): "
+        f"{'rows' if path.endswith('.parquet') else 'lines'} {shown_lines(lines)}"
+        for path, lines in by_path.items()
     )

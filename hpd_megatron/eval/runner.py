@@ -72,6 +72,9 @@ class GenerationJob:
     limit: int | None = None
     """Only the first ``limit`` records."""
     require_answer: bool = True
+    records: list[EvalRecord] | None = None
+    """The prompts, already read (and limited): the evaluation's benchmark files
+    (``eval/benchmarks.py``); None: read from ``data``."""
 
     def check(self) -> None:
         """Settings errors, named by their option, before anything is loaded."""
@@ -129,16 +132,25 @@ class GenerationRun:
     elapsed_s: float = 0.0
 
 
-def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of GenerationJob, shared by the evaluation and data-generation commands."""
+def add_generation_arguments(parser: argparse.ArgumentParser, benchmarks: bool = False) -> None:
+    """The options of GenerationJob, shared by the evaluation and data-generation commands;
+    ``benchmarks``: --data takes several files, JSONL or verl parquet (``eval/benchmarks.py``)."""
     parser.add_argument(
         "--ckpt",
         required=True,
         help="an export, a conversion, a training checkpoint root or an iter_XXXXXXX directory",
     )
-    parser.add_argument(
-        "--data", required=True, help="JSONL prompts ({prompt} or {messages}, with an answer)"
-    )
+    if benchmarks:
+        parser.add_argument(
+            "--data",
+            required=True,
+            nargs="+",
+            help="benchmark files: verl parquet or JSONL prompts, one row of the table each",
+        )
+    else:
+        parser.add_argument(
+            "--data", required=True, help="JSONL prompts ({prompt} or {messages}, with an answer)"
+        )
     parser.add_argument(
         "--tokenizer", help="default: found from the checkpoint (see eval/source.py)"
     )
@@ -152,10 +164,17 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pp", dest="pipeline_parallel", type=int, default=1, help="pipeline-parallel size"
     )
-    parser.add_argument("--samples", type=int, default=1, help="replies per prompt (k of avg@k)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        help="replies per prompt (k of avg@k; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="0: greedy (default: %(default)s)"
+    )
+    parser.add_argument("--top-p", type=float, default=1.0, help="default: %(default)s")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="default: %(default)s")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -195,8 +214,8 @@ class EncodedPrompts:
     """Records read (after --limit)."""
     kept: list[tuple[EvalRecord, list[int]]]
     """(record, prompt ids) of every prompt that leaves room for a reply."""
-    skipped: list[int]
-    """Lines of the prompts skipped for length."""
+    skipped: list[EvalRecord]
+    """The prompts skipped for length."""
 
 
 def encode_job_prompts(job: GenerationJob, info: CheckpointInfo) -> EncodedPrompts:
@@ -223,12 +242,12 @@ def encode_job_prompts(job: GenerationJob, info: CheckpointInfo) -> EncodedPromp
             f"--context-length: must be in 2..{description.max_position_embeddings} "
             f"(the model's max_position_embeddings), got {context_length}"
         )
-    records = read_eval_records(job.data, job.require_answer)[: job.limit]
-    kept, skipped = encode_prompts(job.data, records, tokenizer, template, context_length)
+    records = job.records
+    if records is None:
+        records = read_eval_records(job.data, job.require_answer)[: job.limit]
+    kept, skipped = encode_prompts(records, tokenizer, template, context_length)
     if not kept:
-        raise DataError(
-            describe_skipped(job.data, skipped, context_length) + "; nothing left to generate"
-        )
+        raise DataError(describe_skipped(skipped, context_length) + "; nothing left to generate")
     return EncodedPrompts(tokenizer, context_length, len(records), kept, skipped)
 
 
@@ -249,13 +268,13 @@ def run_generation(
         context.layout,
         prompts.context_length,
         prompts.records,
-        prompts.skipped,
+        [record.line for record in prompts.skipped],
         is_writer=context.rank == 0,
     )
     say = log if run.is_writer else (lambda _message: None)
     try:
         if prompts.skipped:
-            say(describe_skipped(job.data, prompts.skipped, prompts.context_length))
+            say(describe_skipped(prompts.skipped, prompts.context_length))
         model = build_gpt_model(
             info.description,
             transformer_config(info.description, params_dtype=DTYPES[job.params_dtype]),
@@ -287,12 +306,16 @@ def generate_share(
     """This replica's batches (module doc): (prompt index, sample) -> its generation."""
     kept = prompts.kept
     sequences = sorted(
-        ((i, j) for i in range(len(kept)) for j in range(job.samples)),
+        (
+            (i, j)
+            for i, (record, _) in enumerate(kept)
+            for j in range(record.samples or job.samples)
+        ),
         key=lambda pair: len(kept[pair[0]][1]),
     )
     batches = [sequences[b : b + job.batch_size] for b in range(0, len(sequences), job.batch_size)]
     say(
-        f"{len(sequences)} sequences ({len(kept)} prompts x {job.samples}) in "
+        f"{len(sequences)} sequences ({len(kept)} prompts, {job.samples} samples at most) in "
         f"{len(batches)} batches at {context.layout.describe()}"
     )
     settings = SamplingSettings(job.temperature, job.top_p, job.max_new_tokens)
