@@ -55,6 +55,15 @@ $(COMPILED): $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m hpd_megatron.demo $(DEMO_ARGS)
 
+# The tuned, repeated study of the methods (docs/study.md, hpd_megatron/study/protocol.py):
+# one process; finished runs are kept in runs/study/ledger.json, so a rerun resumes.
+# STUDY_ARGS=--fresh starts over; --methods/--regimes/--on-policy pick a subset.
+STUDY_ARGS ?=
+
+.PHONY: study
+study: $(STAMP)
+	$(BIN)/python -m hpd_megatron.study.protocol --out runs/study $(STUDY_ARGS)
+
 smoke: $(STAMP)
 	$(BIN)/torchrun --standalone --nproc-per-node $(SMOKE_RANKS) -m hpd_megatron.smoke $(SMOKE_ARGS)
 

@@ -581,3 +581,64 @@ def test_given_uniforms_make_each_sequence_draw_on_its_own():
     torch.testing.assert_close(together, alone, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match=r"uniforms: shape \(3,\) != labels \(6, 3\)"):
         run("hpd", student, teacher, labels, sampling=SamplingOptions(uniforms=u[0]))
+
+
+# ---------------------------------------------------------------- HPD's B variants (loss.hpd_b)
+
+
+@pytest.mark.parametrize(
+    "b_mode, b_floor, expected_b",
+    [
+        ("reference", -1.0, 0.5 * math.log(0.1)),  # -1.1513: the worked value above
+        ("drop", -1.0, 0.0),
+        ("bound", -1.0, -1.0),  # max(-1.1513, -1)
+        ("bound", -2.0, 0.5 * math.log(0.1)),  # above the floor: unchanged
+    ],
+)
+def test_hpd_b_variants_worked_values(b_mode, b_floor, expected_b):
+    # q(y) 0.3, p(y) 0.6, sample q 0.5 against p 0.05 (m2 on): A = 1.408 in every variant.
+    weights = hpd_token_weights(_point(0.6, 0.3, p_s=0.05, q_s=0.5), b_mode, b_floor)
+    assert float(weights.coef_s) == pytest.approx(expected_b, rel=1e-12, abs=1e-15)
+    assert float(weights.coef_y) == pytest.approx(1.408, abs=6e-4)
+    assert float(weights.stats["hpd/b_mean"]) == pytest.approx(expected_b, rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("b_mode, b_floor", [("drop", -1.0), ("bound", -0.2)])
+def test_hpd_b_variants_end_to_end(b_mode, b_floor):
+    """The worked example above (A = 1.408, B = 0.7 log(0.4 / 0.7) = -0.392) with B dropped
+    (0) or bounded at -0.2: loss and gradient with the changed B, A untouched."""
+    student = torch.log(torch.tensor([[0.3, 0.7, 0.0]], dtype=torch.float64)).requires_grad_()
+    teacher = torch.log(torch.tensor([[0.6, 0.4]], dtype=torch.float64))
+    loss, _ = distillation_loss(
+        student,
+        teacher,
+        torch.tensor([0]),
+        "hpd",
+        vocab_size=2,
+        hpd_b=b_mode,
+        hpd_b_floor=b_floor,
+        sampling=SamplingOptions(sampled_tokens=torch.tensor([1])),
+        tp_group=None,
+    )
+    a = 0.3 * math.log(2) + 0.6 + 0.6
+    b = {"drop": 0.0, "bound": -0.2}[b_mode]
+    assert float(loss) == pytest.approx(-(a * math.log(0.3) + b * math.log(0.7)), rel=1e-12)
+    grad = grads(loss, student)[0]
+    assert grad.tolist() == pytest.approx([(a + b) * 0.3 - a, (a + b) * 0.7 - b, 0.0], rel=1e-10)
+
+
+def test_hpd_b_reference_is_the_default_and_unknown_variants_are_refused():
+    point = _point(0.6, 0.3, p_s=0.05, q_s=0.5)
+    assert float(hpd_token_weights(point).coef_s) == float(
+        hpd_token_weights(point, "reference", -1e-9).coef_s
+    )
+    with pytest.raises(ValueError, match="hpd_b must be reference, drop or bound"):
+        distillation_loss(
+            torch.zeros(1, 2, dtype=torch.float64, requires_grad=True),
+            torch.zeros(1, 2, dtype=torch.float64),
+            torch.tensor([0]),
+            "hpd",
+            vocab_size=2,
+            hpd_b="clip",
+            tp_group=None,
+        )

@@ -26,7 +26,7 @@ from hpd_megatron.parallel.layout import ParallelLayout
 from hpd_megatron.training.schedule import batch_to_device, causal_lm_forward
 
 
-def _log_probs(
+def log_probs(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], vocab_size: int
 ) -> torch.Tensor:
     # Padded output rows are not tokens: they must not take probability mass.
@@ -62,7 +62,7 @@ def compare_with_teacher(
         teacher_model = build_gpt_model(teacher, transformer_config(teacher))
         load_model_weights(teacher_model, teacher_ckpt)
         teacher_model.eval()
-        teacher_lp = [_log_probs(teacher_model, batch, vocab) for batch in batches]
+        teacher_lp = [log_probs(teacher_model, batch, vocab) for batch in batches]
         tokens = sum(int(mask.sum()) for mask in masks)
         teacher_entropy = (
             sum(float(-(lp.exp() * lp).sum(-1)[mask].sum()) for lp, mask in zip(teacher_lp, masks))
@@ -76,7 +76,7 @@ def compare_with_teacher(
             model.eval()
             kl = entropy = 0.0
             for batch, mask, lp in zip(batches, masks, teacher_lp):
-                lq = _log_probs(model, batch, vocab)
+                lq = log_probs(model, batch, vocab)
                 kl += float((lp.exp() * (lp - lq)).sum(-1)[mask].sum())
                 entropy += float(-(lq.exp() * lq).sum(-1)[mask].sum())
             results.append({"kl_to_teacher": kl / tokens, "entropy": entropy / tokens})

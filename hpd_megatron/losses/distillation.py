@@ -65,9 +65,11 @@ from hpd_megatron.losses.methods import (
     METHODS,
     TOKEN_METHODS,
     FullVocabMethod,
+    HpdB,
     MethodName,
     TokenMethod,
     TokenWeights,
+    hpd_variant,
 )
 from hpd_megatron.losses.sampling import SamplingOptions, base_seed, draw_uniforms
 from hpd_megatron.losses.vocab_parallel import (
@@ -193,10 +195,18 @@ def _plan(
 
 
 def _method(
-    method: str, reduction: str, teacher_logits: Tensor | None, alpha: float, beta: float
+    method: str,
+    reduction: str,
+    teacher_logits: Tensor | None,
+    alpha: float,
+    beta: float,
+    hpd_b: HpdB = "reference",
+    hpd_b_floor: float = -1.0,
 ) -> tuple[FullVocabMethod | TokenMethod, float, Tensor | None]:
     """The method's spec, its coefficient and the (detached) teacher logits it reads."""
     spec = FULL_VOCAB_METHODS.get(method) or TOKEN_METHODS.get(method)
+    if method == "hpd":
+        spec = hpd_variant(hpd_b, hpd_b_floor)
     if spec is None:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if reduction not in ("mean", "sum"):
@@ -237,6 +247,8 @@ def distillation_loss(
     vocab_size: int,
     alpha: float = 0.1,
     beta: float = 0.5,
+    hpd_b: HpdB = "reference",
+    hpd_b_floor: float = -1.0,
     reduction: Reduction = "mean",
     tp_group: TPGroupArg = FROM_PARALLEL_STATE,
     chunk_size: int | None = None,
@@ -252,6 +264,8 @@ def distillation_loss(
         method, reduction: see the module docstring.
         vocab_size: the real (tokenizer) vocabulary; columns at or beyond it are padding.
         alpha: skew of ``skl``/``srkl``; beta: mixture weight of ``jsd``.
+        hpd_b, hpd_b_floor: HPD's sample term B: ``reference`` (the paper's), ``drop``
+            (B = 0) or ``bound`` (max(B, hpd_b_floor)); see ``methods.hpd_token_weights``.
         tp_group: the TP group; default Megatron's (none if uninitialised); None: no TP.
         chunk_size: tokens per chunk (default: 4 Mi elements of the widest shard).
         sampling: where HPD's sample comes from.
@@ -260,7 +274,9 @@ def distillation_loss(
         ``(loss, diagnostics)``: the loss (fp32, fp64 for fp64 logits) and the detached
         scalars listed in the module docstring.
     """
-    spec, param, teacher = _method(method, reduction, teacher_logits, alpha, beta)
+    spec, param, teacher = _method(
+        method, reduction, teacher_logits, alpha, beta, hpd_b, hpd_b_floor
+    )
     plan = _plan(
         student_logits,
         teacher,

@@ -25,9 +25,11 @@ so adding a divergence means writing one of the two kinds of function below:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar, Literal
 
 import torch
@@ -173,13 +175,24 @@ def _sft(point: PointLogProbs) -> TokenWeights:
     return TokenWeights(ones, None, -point.logq_y, {})
 
 
-def hpd_token_weights(point: PointLogProbs) -> TokenWeights:
+HpdB = Literal["reference", "drop", "bound"]
+"""``loss.hpd_b``: HPD's sample term B as the paper defines it (``reference``), set to 0
+(``drop``: A alone) or bounded below by ``loss.hpd_b_floor`` (``bound``)."""
+
+
+def hpd_token_weights(
+    point: PointLogProbs, b_mode: HpdB = "reference", b_floor: float = -1.0
+) -> TokenWeights:
     """HPD's A and B (hpd_method.md, section 2), with [yh != y] folded into B's coefficient.
 
     A = k + p(y) m1 + p(y) (m1 and m2),  B = kh m2,
     k = q(y) (log p(y) - log q(y)),  kh = q(yh) (log p(yh) - log q(yh)),
     m1 = [p(y) > q(y)],  m2 = [q(yh) > p(yh)];
     per-token value -(A log q(y) + B [yh != y] log q(yh)).
+
+    ``b_mode`` (off by default): ``drop`` sets B to 0; ``bound`` uses max(B, b_floor). B is
+    never positive (m2 means log p(yh) < log q(yh)), and with a confident teacher log p(yh)
+    of a wrong sample is very negative, so B can outweigh A (docs/study.md).
     """
     q_y, p_y = point.logq_y.exp(), point.logp_y.exp()
     q_s, p_s = point.logq_s.exp(), point.logp_s.exp()
@@ -189,6 +202,10 @@ def hpd_token_weights(point: PointLogProbs) -> TokenWeights:
     m2 = q_s > p_s
     a = k + p_y * m1 + p_y * (m1 & m2)
     b = kh * m2
+    if b_mode == "drop":
+        b = torch.zeros_like(b)
+    elif b_mode == "bound":
+        b = b.clamp(min=b_floor)
     differs = ~point.same
     b_coef = b * differs
     value = -(a * point.logq_y + b_coef * point.logq_s)
@@ -201,6 +218,16 @@ def hpd_token_weights(point: PointLogProbs) -> TokenWeights:
         "hpd/b_mean": b_coef,
     }
     return TokenWeights(a, b_coef, value, stats)
+
+
+def hpd_variant(b_mode: HpdB, b_floor: float) -> TokenMethod:
+    """The ``hpd`` method with its B term as ``b_mode`` says (``hpd_token_weights``)."""
+    if b_mode not in ("reference", "drop", "bound"):
+        raise ValueError(f"hpd_b must be reference, drop or bound, got {b_mode!r}")
+    if b_mode == "reference":
+        return TOKEN_METHODS["hpd"]
+    weights = partial(hpd_token_weights, b_mode=b_mode, b_floor=b_floor)
+    return dataclasses.replace(TOKEN_METHODS["hpd"], weights=weights)
 
 
 def opd_token_weights(point: PointLogProbs) -> TokenWeights:

@@ -20,7 +20,7 @@ import yaml
 
 from hpd_megatron.config import expand_variables, from_dict, load_yaml
 from hpd_megatron.errors import ConfigError
-from hpd_megatron.losses.methods import MethodName, needs_teacher
+from hpd_megatron.losses.methods import HpdB, MethodName, needs_teacher
 from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.parallel.device import Device
 from hpd_megatron.parallel.layout import ParallelLayout
@@ -63,11 +63,20 @@ class LossConfig:
     """Skew of skl / srkl."""
     beta: float = 0.5
     """Mixture weight of the generalised JSD."""
+    hpd_b: HpdB = "reference"
+    """HPD's sample term B: ``reference`` (the paper's, the default), ``drop`` (B = 0, A
+    alone) or ``bound`` (B bounded below by ``hpd_b_floor``); docs/study.md says when."""
+    hpd_b_floor: float = -1.0
+    """The lower bound of B under ``hpd_b: bound`` (B is never positive)."""
     chunk_size: int = 1024
     """Tokens per chunk inside the loss kernel (bounds its temporaries)."""
 
     def __post_init__(self) -> None:
         _at_least_one("loss.chunk_size", self.chunk_size)
+        if self.hpd_b_floor > 0:
+            raise ConfigError(
+                f"loss.hpd_b_floor: must be <= 0 (B is never positive), got {self.hpd_b_floor}"
+            )
 
 
 @dataclass

@@ -75,6 +75,8 @@ class DistillationObjective:
             vocab_size=self.vocab_size,
             alpha=loss.alpha,
             beta=loss.beta,
+            hpd_b=loss.hpd_b,
+            hpd_b_floor=loss.hpd_b_floor,
             reduction="sum",
             chunk_size=loss.chunk_size,
             sampling=SamplingOptions(uniforms=uniforms),
