@@ -86,13 +86,13 @@ class StudyPlan:
 LONG = {"steps": 400, "save_interval": 100, "prompts": 2048, "test_problems": 200, "samples": 4}
 
 
-def _quiet(_message: str) -> None:
+def quiet(_message: str) -> None:
     """Generation's per-batch progress lines would drown the study's own."""
 
 
 def _prepare(plan: StudyPlan, jsonl: Path, prefix: Path, seq_length: int) -> None:
     """``jsonl`` tokenized with the task's tokenizer into the indexed datasets at ``prefix``."""
-    prepare(jsonl, Path(plan.task) / "tokenizer.model", prefix, seq_length=seq_length, log=_quiet)
+    prepare(jsonl, Path(plan.task) / "tokenizer.model", prefix, seq_length=seq_length, log=quiet)
 
 
 def teacher_data(plan: StudyPlan, prefix: Path, seq_length: int) -> dict[str, Any]:
@@ -106,7 +106,7 @@ def teacher_data(plan: StudyPlan, prefix: Path, seq_length: int) -> dict[str, An
         batch_size=128,
         require_answer=False,
     )
-    run = run_generation(job, log=_quiet)
+    run = run_generation(job, log=quiet)
     records, dropped = training_records(run.replies)
     correct, _ = training_records(run.replies, only_correct=True)
     jsonl = prefix.with_suffix(".jsonl")
@@ -166,7 +166,12 @@ def evaluate(checkpoint: str | Path, plan: StudyPlan) -> dict[str, float]:
         max_new_tokens=plan.max_new_tokens,
         batch_size=128,
     )
-    _, metrics = score(run_generation(job, log=_quiet))
+    return scored(job)
+
+
+def scored(job: GenerationJob) -> dict[str, float]:
+    """The job's replies scored (``evaluate.score``), avg@k named ``accuracy``."""
+    _, metrics = score(run_generation(job, log=quiet))
     return {
         ("accuracy" if key.startswith("avg@") else key): value for key, value in metrics.items()
     }

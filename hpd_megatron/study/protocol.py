@@ -50,6 +50,7 @@ from hpd_megatron.eval.runner import GenerationJob, run_generation
 from hpd_megatron.eval.teacher_data import training_records
 from hpd_megatron.evaluate import score
 from hpd_megatron.study.bshare import b_gradient_share
+from hpd_megatron.study.experiment import quiet, scored
 from hpd_megatron.study.select import choose_lr, run_statistics, summarize_seeds
 from hpd_megatron.train import train
 from hpd_megatron.training.config import load_run_config
@@ -120,10 +121,6 @@ class Ledger:
         return self.entries[key]
 
 
-def _quiet(_message: str) -> None:
-    """Generation's per-batch progress lines would drown the study's own."""
-
-
 def say(message: str) -> None:
     print(f"[study {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -153,7 +150,7 @@ def write_splits(plan: ProtocolPlan, data: Path, seq_length: int) -> dict[str, A
 
 
 def _prepare(data: Path, jsonl: Path, prefix: Path, seq_length: int) -> dict[str, Any]:
-    return prepare(jsonl, data / "task" / "tokenizer.model", prefix, seq_length, log=_quiet)
+    return prepare(jsonl, data / "task" / "tokenizer.model", prefix, seq_length, log=quiet)
 
 
 def evaluate(plan: ProtocolPlan, checkpoint: Path | str, split: Path) -> dict[str, float]:
@@ -167,8 +164,7 @@ def evaluate(plan: ProtocolPlan, checkpoint: Path | str, split: Path) -> dict[st
         max_new_tokens=plan.max_new_tokens,
         batch_size=128,
     )
-    _, metrics = score(run_generation(job, log=_quiet))
-    return {("accuracy" if k.startswith("avg@") else k): v for k, v in metrics.items()}
+    return scored(job)
 
 
 def train_teacher(plan: ProtocolPlan, out: Path) -> dict[str, Any]:
@@ -205,7 +201,7 @@ def teacher_replies(plan: ProtocolPlan, out: Path, seq_length: int) -> dict[str,
         batch_size=128,
         require_answer=False,
     )
-    run = run_generation(job, log=_quiet)
+    run = run_generation(job, log=quiet)
     records, dropped = training_records(run.replies)
     correct, _ = training_records(run.replies, only_correct=True)
     _jsonl(data / "teacher.jsonl", records)
