@@ -9,7 +9,7 @@ are computed once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -34,6 +34,44 @@ def log_probs(
     return torch.log_softmax(logits, dim=-1)
 
 
+def sequence_batches(
+    prefix: str | Path, seq_length: int, batch_size: int, count: int | None = None
+) -> list:
+    """The first ``count`` (None: all) sequences at ``prefix`` in device batches."""
+    data = DistillationDataset(prefix, seq_length)
+    count = len(data) if count is None else min(count, len(data))
+    return [
+        batch_to_device(data.batch(range(i, min(i + batch_size, count))))
+        for i in range(0, count, batch_size)
+    ]
+
+
+def teacher_and_checkpoints(
+    teacher_ckpt: str | Path,
+    teacher: ModelDescription,
+    student: ModelDescription,
+    checkpoints: Sequence[str | Path],
+    batches: list,
+) -> tuple[list[torch.Tensor], Iterator[Iterator[torch.Tensor]]]:
+    """The teacher's log-probs of ``batches`` (computed once), and per checkpoint the
+    student's, batch by batch, from one student model each checkpoint is loaded into. Call
+    under ``no_grad`` with a TP = PP = 1 process group."""
+    vocab = student.vocab_size
+    teacher_model = build_gpt_model(teacher, transformer_config(teacher))
+    load_model_weights(teacher_model, teacher_ckpt)
+    teacher_model.eval()
+    teacher_lp = [log_probs(teacher_model, batch, vocab) for batch in batches]
+
+    def students() -> Iterator[Iterator[torch.Tensor]]:
+        model = build_gpt_model(student, transformer_config(student))
+        for checkpoint in checkpoints:
+            load_model_weights(model, checkpoint)
+            model.eval()
+            yield (log_probs(model, batch, vocab) for batch in batches)
+
+    return teacher_lp, students()
+
+
 @torch.no_grad()
 def compare_with_teacher(
     teacher_ckpt: str | Path,
@@ -49,34 +87,22 @@ def compare_with_teacher(
         raise ConfigError(
             f"teacher vocab_size {teacher.vocab_size} != student's {student.vocab_size}"
         )
-    vocab = student.vocab_size
     initialize_parallel(ParallelLayout(1, 1), models=[("student", student), ("teacher", teacher)])
     try:
-        data = DistillationDataset(heldout_prefix, seq_length)
-        batches = [
-            batch_to_device(data.batch(range(i, min(i + batch_size, len(data)))))
-            for i in range(0, len(data), batch_size)
-        ]
+        batches = sequence_batches(heldout_prefix, seq_length, batch_size)
         masks = [batch["labels"] != IGNORE_INDEX for batch in batches]
-
-        teacher_model = build_gpt_model(teacher, transformer_config(teacher))
-        load_model_weights(teacher_model, teacher_ckpt)
-        teacher_model.eval()
-        teacher_lp = [log_probs(teacher_model, batch, vocab) for batch in batches]
+        teacher_lp, students = teacher_and_checkpoints(
+            teacher_ckpt, teacher, student, checkpoints, batches
+        )
         tokens = sum(int(mask.sum()) for mask in masks)
         teacher_entropy = (
             sum(float(-(lp.exp() * lp).sum(-1)[mask].sum()) for lp, mask in zip(teacher_lp, masks))
             / tokens
         )
-
-        model = build_gpt_model(student, transformer_config(student))
         results = []
-        for checkpoint in checkpoints:
-            load_model_weights(model, checkpoint)
-            model.eval()
+        for student_lp in students:
             kl = entropy = 0.0
-            for batch, mask, lp in zip(batches, masks, teacher_lp):
-                lq = log_probs(model, batch, vocab)
+            for mask, lp, lq in zip(masks, teacher_lp, student_lp):
                 kl += float((lp.exp() * (lp - lq)).sum(-1)[mask].sum())
                 entropy += float(-(lq.exp() * lq).sum(-1)[mask].sum())
             results.append({"kl_to_teacher": kl / tokens, "entropy": entropy / tokens})

@@ -21,17 +21,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from hpd_megatron.checkpoint.weights import load_model_weights
-from hpd_megatron.data.dataset import DistillationDataset
-from hpd_megatron.eval.divergence import log_probs
+from hpd_megatron.eval.divergence import sequence_batches, teacher_and_checkpoints
 from hpd_megatron.eval.source import inspect_checkpoint
 from hpd_megatron.losses import IGNORE_INDEX
 from hpd_megatron.losses.methods import HpdB, PointLogProbs, hpd_token_weights
-from hpd_megatron.models.builder import build_gpt_model, transformer_config
 from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.parallel.initialize import destroy_parallel, initialize_parallel
 from hpd_megatron.parallel.layout import ParallelLayout
-from hpd_megatron.training.schedule import batch_to_device
 
 
 def logit_gradient_parts(
@@ -95,28 +91,17 @@ def b_gradient_share(
     samples yh use the same seed for every checkpoint. One process, TP = PP = 1, as
     ``eval/divergence.compare_with_teacher``."""
     teacher = inspect_checkpoint(teacher_ckpt).description
-    vocab = student.vocab_size
     initialize_parallel(ParallelLayout(1, 1), models=[("student", student), ("teacher", teacher)])
     try:
-        data = DistillationDataset(prefix, seq_length)
-        count = min(sequences, len(data))
-        batches = [
-            batch_to_device(data.batch(range(i, min(i + batch_size, count))))
-            for i in range(0, count, batch_size)
-        ]
-        teacher_model = build_gpt_model(teacher, transformer_config(teacher))
-        load_model_weights(teacher_model, teacher_ckpt)
-        teacher_model.eval()
-        teacher_lp = [log_probs(teacher_model, batch, vocab) for batch in batches]
-        model = build_gpt_model(student, transformer_config(student))
+        batches = sequence_batches(prefix, seq_length, batch_size, sequences)
+        teacher_lp, students = teacher_and_checkpoints(
+            teacher_ckpt, teacher, student, checkpoints, batches
+        )
         results = []
-        for checkpoint in checkpoints:
-            load_model_weights(model, checkpoint)
-            model.eval()
+        for student_lp in students:
             generator = torch.Generator().manual_seed(seed)
             totals: dict[str, float] = {}
-            for batch, lp in zip(batches, teacher_lp):
-                lq = log_probs(model, batch, vocab)
+            for batch, lp, lq in zip(batches, teacher_lp, student_lp):
                 flat = lq.exp().reshape(-1, lq.shape[-1])
                 sampled = torch.multinomial(flat, 1, generator=generator).view(lq.shape[:-1])
                 parts = logit_gradient_parts(lq, lp, batch["labels"], sampled, b_mode)
