@@ -295,8 +295,9 @@ def test_hpd_worked_value_of_b():
     assert float(hpd_token_weights(_point(0.6, 0.3, p_s=0.05, q_s=0.5, same=True)).coef_s) == 0.0
 
 
-def test_hpd_worked_example_end_to_end():
-    """Two-token vocabulary: q = (0.3, 0.7), p = (0.6, 0.4), y = 0, yh = 1 (m1 and m2 on)."""
+def _hpd_worked_example(**options) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Two-token vocabulary (and a padding column): q = (0.3, 0.7), p = (0.6, 0.4), y = 0,
+    yh = 1 (m1 and m2 on); (student logits, loss, diagnostics) with ``options``."""
     student = torch.log(torch.tensor([[0.3, 0.7, 0.0]], dtype=torch.float64)).requires_grad_()
     teacher = torch.log(torch.tensor([[0.6, 0.4]], dtype=torch.float64))
     loss, diag = distillation_loss(
@@ -307,7 +308,14 @@ def test_hpd_worked_example_end_to_end():
         vocab_size=2,
         sampling=SamplingOptions(sampled_tokens=torch.tensor([1])),
         tp_group=None,
+        **options,
     )
+    return student, loss, diag
+
+
+def test_hpd_worked_example_end_to_end():
+    """Two-token vocabulary: q = (0.3, 0.7), p = (0.6, 0.4), y = 0, yh = 1 (m1 and m2 on)."""
+    student, loss, diag = _hpd_worked_example()
     a = 0.3 * math.log(2) + 0.6 + 0.6  # 1.408
     b = 0.7 * math.log(0.4 / 0.7)
     assert a == pytest.approx(1.408, abs=5e-4)
@@ -607,19 +615,7 @@ def test_hpd_b_variants_worked_values(b_mode, b_floor, expected_b):
 def test_hpd_b_variants_end_to_end(b_mode, b_floor):
     """The worked example above (A = 1.408, B = 0.7 log(0.4 / 0.7) = -0.392) with B dropped
     (0) or bounded at -0.2: loss and gradient with the changed B, A untouched."""
-    student = torch.log(torch.tensor([[0.3, 0.7, 0.0]], dtype=torch.float64)).requires_grad_()
-    teacher = torch.log(torch.tensor([[0.6, 0.4]], dtype=torch.float64))
-    loss, _ = distillation_loss(
-        student,
-        teacher,
-        torch.tensor([0]),
-        "hpd",
-        vocab_size=2,
-        hpd_b=b_mode,
-        hpd_b_floor=b_floor,
-        sampling=SamplingOptions(sampled_tokens=torch.tensor([1])),
-        tp_group=None,
-    )
+    student, loss, _ = _hpd_worked_example(hpd_b=b_mode, hpd_b_floor=b_floor)
     a = 0.3 * math.log(2) + 0.6 + 0.6
     b = {"drop": 0.0, "bound": -0.2}[b_mode]
     assert float(loss) == pytest.approx(-(a * math.log(0.3) + b * math.log(0.7)), rel=1e-12)
