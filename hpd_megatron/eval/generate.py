@@ -114,7 +114,10 @@ def generate(
             settings,
             vocab_size,
             sample_seed(seed, position, 0),
-            None if row_seeds is None else _row_uniforms(row_seeds, rows.active, position),
+            # Only the last stage samples; the others need no draws.
+            _row_uniforms(row_seeds, rows.active, position)
+            if row_seeds is not None and parallel_state.is_pipeline_last_stage()
+            else None,
         )
         kept = _take_step(rows, position, ids.tolist(), entropies.tolist(), settings, eos_id)
         if not kept:
