@@ -13,6 +13,7 @@ from hpd_megatron.data.arithmetic import generate, solve
 from hpd_megatron.errors import ConfigError
 from hpd_megatron.eval.answers import answers_match, extract_answer
 from hpd_megatron.study.bshare import logit_gradient_parts, share
+from hpd_megatron.study.protocol import ProtocolPlan, configurations
 from hpd_megatron.study.report import plot_protocol, protocol_table
 from hpd_megatron.study.select import choose_lr, run_statistics, spread, summarize_seeds
 
@@ -206,3 +207,16 @@ def test_protocol_plot_is_written(tmp_path) -> None:
     path = tmp_path / "study_protocol.png"
     plot_protocol(_protocol_results(), path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_configurations_run_b_variants_in_the_first_regime_and_on_policy_last() -> None:
+    plan = ProtocolPlan(methods=("hpd", "hpd_drop", "sft", "hpd_bound"), on_policy=("opd",))
+    assert configurations(plan) == [
+        ("teacher", "hpd"),
+        ("teacher", "hpd_drop"),
+        ("teacher", "sft"),
+        ("teacher", "hpd_bound"),
+        ("reference", "hpd"),
+        ("reference", "sft"),
+        ("on_policy", "opd"),
+    ]

@@ -19,7 +19,8 @@ finished run or evaluation:
 5. per regime and method: one run per learning rate (seed 0), the best chosen on the
    validation problems (``select.py``), then the other seeds at that rate; every chosen run
    evaluated on the test problems, its KL to the teacher at every checkpoint, HPD's B share;
-   the on-policy methods (their data are their own rollouts) run once, for both tables;
+   the B variants in the first regime only; the on-policy methods (their data are their
+   own rollouts) run once, last, for both tables;
 6. the learning curve of each regime's best method on the test problems; the report.
 
 Every evaluation samples at temperature 1 (top-p 1), the temperature the entropies are
@@ -79,21 +80,23 @@ ON_POLICY: dict[str, list[str]] = {
     "gkd": ["loss.method=jsd", "rollout.fraction=1.0"],
 }
 HPD_B = {"hpd": "reference", "hpd_drop": "drop", "hpd_bound": "bound"}
+B_VARIANTS = ("hpd_drop", "hpd_bound")
+"""Run in the first regime only: the B question is about the entropy-rich teacher's data."""
 
 
 @dataclass
 class ProtocolPlan:
     out: str = "runs/study"
     train_problems: int = 4000
-    test_problems: int = 100
-    val_problems: int = 50
+    test_problems: int = 200
+    val_problems: int = 100
     samples: int = 2
     prompts: int = 512
     """The students' problems (both regimes), never in the teacher's training set."""
-    teacher_steps: int = 600
-    start_steps: int = 250
+    teacher_steps: int = 1000
+    start_steps: int = 400
     steps: int = 100
-    lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
     seeds: tuple[int, ...] = (0, 1, 2)
     regimes: tuple[str, ...] = ("teacher", "reference")
     methods: tuple[str, ...] = tuple(METHODS)
@@ -101,7 +104,7 @@ class ProtocolPlan:
     max_new_tokens: int = 88
     """Styled replies have 80 tokens at most; prompt + reply stay within seq_length 112."""
     b_share_sequences: int = 64
-    budget_minutes: float = 60.0
+    budget_minutes: float = 80.0
     """No new (regime, method) starts after this long; the rest waits for a rerun."""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -383,12 +386,15 @@ def learning_curve(plan: ProtocolPlan, out: Path, result: dict[str, Any]) -> lis
 
 
 def configurations(plan: ProtocolPlan) -> list[tuple[str, str]]:
-    """(regime, method) in the order they run: the first regime, the on-policy methods
-    (regime ``on_policy``), then the other regimes."""
+    """(regime, method) in the order they run: every method in the first regime (the
+    teacher's own replies, where the B question is asked), the other regimes without the B
+    variants, then the on-policy methods (regime ``on_policy``), the costliest, last."""
     first, *rest = plan.regimes
     order = [(first, method) for method in plan.methods]
-    order += [("on_policy", method) for method in plan.on_policy]
-    return order + [(regime, method) for regime in rest for method in plan.methods]
+    order += [
+        (regime, method) for regime in rest for method in plan.methods if method not in B_VARIANTS
+    ]
+    return order + [("on_policy", method) for method in plan.on_policy]
 
 
 def run_protocol(plan: ProtocolPlan) -> dict[str, Any]:
