@@ -95,8 +95,8 @@ class ProtocolPlan:
     """The students' problems (both regimes), never in the teacher's training set."""
     teacher_steps: int = 1000
     start_steps: int = 400
-    steps: int = 100
-    lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    steps: int = 200
+    lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
     seeds: tuple[int, ...] = (0, 1, 2)
     regimes: tuple[str, ...] = ("teacher", "reference")
     methods: tuple[str, ...] = tuple(METHODS)
