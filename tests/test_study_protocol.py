@@ -119,6 +119,7 @@ def test_run_statistics_clipped_share_and_medians() -> None:
 def _seed(accuracy: float, entropy: float, kl: float, step: float, clipped: float) -> dict:
     return {
         "test": {"accuracy": accuracy, "token_entropy": entropy},
+        "test_greedy": {"accuracy": accuracy + 0.2},
         "kl_curve": [{"step": 0, "kl_to_teacher": 9.0}, {"step": 60, "kl_to_teacher": kl}],
         "step_time_s": step,
         "clipped": clipped,
@@ -133,6 +134,8 @@ def test_seeds_are_aggregated() -> None:
     assert summary["accuracy"]["mean"] == pytest.approx(0.5)
     assert summary["accuracy"]["std"] == pytest.approx(0.1)
     assert summary["token_entropy"]["mean"] == pytest.approx(0.2)
+    assert summary["greedy_accuracy"]["mean"] == pytest.approx(0.7)
+    assert summary["greedy_accuracy"]["std"] == pytest.approx(0.1)
     assert summary["kl_to_teacher"]["mean"] == pytest.approx(0.2)  # the last checkpoint's
     assert summary["step_time_s"] == 0.3 and summary["grad_norm_median"] == 3.0
     assert summary["clipped"] == pytest.approx(0.5)
@@ -177,7 +180,10 @@ def _result(accuracies: list[float], step: float, b_share: float | None = None) 
 def _protocol_results() -> dict:
     return {
         "k": 2,
-        "teacher": {"test": {"accuracy": 0.8, "token_entropy": 0.35}},
+        "teacher": {
+            "test": {"accuracy": 0.8, "token_entropy": 0.35},
+            "test_greedy": {"accuracy": 0.9},
+        },
         "start": {"test": {"accuracy": 0.1, "token_entropy": 0.5}},
         "regimes": {
             "teacher": {"sft": _result([0.4, 0.5, 0.6], 0.2), "hpd": _result([0.5] * 3, 0.3, 0.25)}
@@ -196,10 +202,12 @@ def test_protocol_table_rows() -> None:
     assert list(rows) == ["teacher", "start", "sft", "hpd", "opd (on-policy)"]
     assert rows["sft"][0] == "0.0003"
     assert rows["sft"][1].startswith("0.500 ± 0.100 [")
-    assert rows["hpd"][4] == "1.50"  # 0.3 s against SFT's 0.2 s
-    assert rows["hpd"][8] == "0.25"
-    assert rows["opd (on-policy)"][4] == "5.00"
-    assert rows["teacher"][:4] == ["-", "0.800", "0.350", "0"]
+    assert rows["sft"][2] == "0.700 ± 0.100"  # greedy
+    assert rows["hpd"][5] == "1.50"  # 0.3 s against SFT's 0.2 s
+    assert rows["hpd"][9] == "0.25"
+    assert rows["opd (on-policy)"][5] == "5.00"
+    assert rows["teacher"][:5] == ["-", "0.800", "0.900", "0.350", "0"]
+    assert rows["start"][2] == "-"  # no greedy number measured
     assert len({len(line) for line in lines}) == 1
 
 

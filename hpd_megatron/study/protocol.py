@@ -156,13 +156,17 @@ def _prepare(data: Path, jsonl: Path, prefix: Path, seq_length: int) -> dict[str
     return prepare(jsonl, data / "task" / "tokenizer.model", prefix, seq_length, log=quiet)
 
 
-def evaluate(plan: ProtocolPlan, checkpoint: Path | str, split: Path) -> dict[str, float]:
-    """avg@k, sampling entropy (temperature 1) and reply length on ``split``'s problems."""
+def evaluate(
+    plan: ProtocolPlan, checkpoint: Path | str, split: Path, greedy: bool = False
+) -> dict[str, float]:
+    """avg@k, sampling entropy (temperature 1) and reply length on ``split``'s problems;
+    ``greedy``: one greedy reply per problem instead, the accuracy without sampling errors
+    (which separates what a method taught from how much it sharpened the student)."""
     job = GenerationJob(
         ckpt=str(checkpoint),
         data=str(split),
-        samples=plan.samples,
-        temperature=1.0,
+        samples=1 if greedy else plan.samples,
+        temperature=0.0 if greedy else 1.0,
         top_p=1.0,
         max_new_tokens=plan.max_new_tokens,
         batch_size=128,
@@ -189,6 +193,11 @@ def train_teacher(plan: ProtocolPlan, out: Path) -> dict[str, Any]:
         "final_cross_entropy": history[-1].get("cross_entropy"),
         "test": evaluate(plan, out / "teacher" / "export", out / "data" / "test.jsonl"),
     }
+
+
+def test_greedy(plan: ProtocolPlan, out: Path, name: str) -> dict[str, float]:
+    """The teacher's or the start's greedy numbers on the test problems."""
+    return evaluate(plan, out / name / "export", out / "data" / "test.jsonl", greedy=True)
 
 
 def teacher_replies(plan: ProtocolPlan, out: Path, seq_length: int) -> dict[str, Any]:
@@ -303,7 +312,11 @@ def tune_and_repeat(
             f"{key}/lr{lr:g}/s{seed}/test",
             lambda final=final: evaluate(plan, final, data / "test.jsonl"),
         )
-        seeds.append({"seed": seed, **run, "test": test})
+        greedy = ledger.get(
+            f"{key}/lr{lr:g}/s{seed}/test_greedy",
+            lambda final=final: evaluate(plan, final, data / "test.jsonl", greedy=True),
+        )
+        seeds.append({"seed": seed, **run, "test": test, "test_greedy": greedy})
     kl = ledger.get(f"{key}/kl", lambda: kl_curves(plan, out, seeds))
     for entry, curve in zip(seeds, kl):
         entry["kl_curve"] = curve
@@ -410,7 +423,10 @@ def run_protocol(plan: ProtocolPlan) -> dict[str, Any]:
     results["splits"] = ledger.get("splits", lambda: write_splits(plan, out / "data", seq_length))
     say(f"2 the teacher, {plan.teacher_steps} steps")
     results["teacher"] = ledger.get("teacher", lambda: train_teacher(plan, out))
-    say(f"  teacher: {results['teacher']['test']}")
+    results["teacher"]["test_greedy"] = ledger.get(
+        "teacher/test_greedy", lambda: test_greedy(plan, out, "teacher")
+    )
+    say(f"  teacher: {results['teacher']['test']}, greedy {results['teacher']['test_greedy']}")
     say("3 the teacher's sampled replies (regime 'teacher')")
     results["teacher_data"] = ledger.get(
         "teacher_data", lambda: teacher_replies(plan, out, seq_length)
@@ -418,7 +434,10 @@ def run_protocol(plan: ProtocolPlan) -> dict[str, Any]:
     say(f"  {results['teacher_data']}")
     say(f"4 the shared start, {plan.start_steps} SFT steps")
     results["start"] = ledger.get("start", lambda: train_start(plan, out))
-    say(f"  start: {results['start']['test']}")
+    results["start"]["test_greedy"] = ledger.get(
+        "start/test_greedy", lambda: test_greedy(plan, out, "start")
+    )
+    say(f"  start: {results['start']['test']}, greedy {results['start']['test_greedy']}")
     results["regimes"], results["on_policy"], results["skipped"] = {}, {}, []
     for regime, method in configurations(plan):
         if time.perf_counter() - clock > plan.budget_minutes * 60:

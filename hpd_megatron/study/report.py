@@ -77,6 +77,7 @@ PROTOCOL_COLUMNS = (
     "method",
     "lr",
     "avg@{k} mean ± std [95% CI]",
+    "greedy mean ± std",
     "sample entropy",
     "KL to teacher",
     "step time / SFT",
@@ -94,6 +95,10 @@ def _interval(numbers: dict[str, float]) -> str:
     )
 
 
+def _spread(numbers: dict[str, float] | None) -> str:
+    return "-" if numbers is None else f"{numbers['mean']:.3f} ± {numbers['std']:.3f}"
+
+
 def _protocol_row(name: str, result: dict[str, Any], sft_step: float | None) -> list[str]:
     summary = result["summary"]
     b_share = result.get("b_share")
@@ -101,6 +106,7 @@ def _protocol_row(name: str, result: dict[str, Any], sft_step: float | None) -> 
         name,
         f"{result['lr']:g}",
         _interval(summary["accuracy"]),
+        _spread(summary.get("greedy_accuracy")),
         f"{summary['token_entropy']['mean']:.3f}",
         f"{summary['kl_to_teacher']['mean']:.3f}" if "kl_to_teacher" in summary else "-",
         f"{summary['step_time_s'] / sft_step:.2f}" if sft_step else "-",
@@ -134,7 +140,11 @@ def protocol_table(results: dict[str, Any], regime: str) -> str:
     for name in ("teacher", "start"):
         test = results[name]["test"]
         kl = "0" if name == "teacher" else "-"
-        rows.append([name, "-", f"{test['accuracy']:.3f}", f"{test['token_entropy']:.3f}", kl])
+        greedy = results[name].get("test_greedy")
+        greedy_cell = "-" if greedy is None else f"{greedy['accuracy']:.3f}"
+        rows.append(
+            [name, "-", f"{test['accuracy']:.3f}", greedy_cell, f"{test['token_entropy']:.3f}", kl]
+        )
         rows[-1] += ["-"] * (len(PROTOCOL_COLUMNS) - len(rows[-1]))
     for method, result in methods.items():
         rows.append(_protocol_row(method, result, sft_step))

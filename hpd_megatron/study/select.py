@@ -56,9 +56,10 @@ def run_statistics(history: Sequence[Mapping[str, float]], clip_grad: float) -> 
 
 
 def summarize_seeds(seeds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Across a method's seeds: test accuracy, sampling entropy and KL to the teacher (last
-    checkpoint) with their spread; step time, clipped share and median gradient norm
-    (medians and means of the runs'), and the rollout share where there is one."""
+    """Across a method's seeds: test accuracy, sampling entropy, greedy accuracy (where
+    measured) and KL to the teacher (last checkpoint) with their spread; step time,
+    clipped share and median gradient norm (medians and means of the runs'), and the
+    rollout share where there is one."""
     summary: dict[str, Any] = {
         "accuracy": spread([s["test"]["accuracy"] for s in seeds]),
         "token_entropy": spread([s["test"]["token_entropy"] for s in seeds]),
@@ -66,6 +67,8 @@ def summarize_seeds(seeds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "clipped": statistics.fmean(s["clipped"] for s in seeds),
         "grad_norm_median": statistics.median(s["grad_norm_median"] for s in seeds),
     }
+    if all("test_greedy" in s for s in seeds):
+        summary["greedy_accuracy"] = spread([s["test_greedy"]["accuracy"] for s in seeds])
     if all("kl_curve" in s for s in seeds):
         summary["kl_to_teacher"] = spread([s["kl_curve"][-1]["kl_to_teacher"] for s in seeds])
     if all("rollout/share" in s for s in seeds):
