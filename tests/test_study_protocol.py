@@ -14,7 +14,7 @@ from hpd_megatron.errors import ConfigError
 from hpd_megatron.eval.answers import answers_match, extract_answer
 from hpd_megatron.study.bshare import logit_gradient_parts, share
 from hpd_megatron.study.protocol import ProtocolPlan, configurations
-from hpd_megatron.study.report import plot_protocol, protocol_table
+from hpd_megatron.study.report import long_table, plot_protocol, protocol_table
 from hpd_megatron.study.select import choose_lr, run_statistics, spread, summarize_seeds
 
 # ---------------------------------------------------------------- the styled task
@@ -190,6 +190,14 @@ def _protocol_results() -> dict:
         },
         "on_policy": {"opd": _result([0.6] * 3, 1.0)},
         "curves": {"teacher": {"method": "hpd", "points": [{"step": 0, "accuracy": 0.1}]}},
+        "long": {
+            "teacher": {
+                "hpd": {
+                    "lr": 3e-4,
+                    "points": [{"step": 0, "accuracy": 0.1}, {"step": 100, "accuracy": 0.45}],
+                }
+            }
+        },
     }
 
 
@@ -209,6 +217,22 @@ def test_protocol_table_rows() -> None:
     assert rows["teacher"][:5] == ["-", "0.800", "0.900", "0.350", "0"]
     assert rows["start"][2] == "-"  # no greedy number measured
     assert len({len(line) for line in lines}) == 1
+
+
+def test_long_runs_table() -> None:
+    lines = long_table(_protocol_results()).splitlines()
+    assert [cell.strip() for cell in lines[0].split("|")[1:-1]] == [
+        "run",
+        "lr",
+        "step 0",
+        "step 100",
+    ]
+    assert [cell.strip() for cell in lines[2].split("|")[1:-1]] == [
+        "teacher/hpd",
+        "0.0003",
+        "0.100",
+        "0.450",
+    ]
 
 
 def test_protocol_plot_is_written(tmp_path) -> None:

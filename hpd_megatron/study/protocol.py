@@ -104,6 +104,11 @@ class ProtocolPlan:
     max_new_tokens: int = 88
     """Styled replies have 80 tokens at most; prompt + reply stay within seq_length 112."""
     b_share_sequences: int = 64
+    long_steps: int = 600
+    long_methods: tuple[str, ...] = ("sft", "hpd")
+    """Stage 7: these and each regime's best method, ``long_steps`` at their chosen lr, seed
+    0: whether the best has plateaued, and whether the ranking holds when every run has."""
+    long_every: int = 100
     budget_minutes: float = 80.0
     """No new (regime, method) starts after this long; the rest waits for a rerun."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -255,10 +260,18 @@ def train_start(plan: ProtocolPlan, out: Path) -> dict[str, Any]:
 
 
 def student_run(
-    plan: ProtocolPlan, out: Path, regime: str, method: str, lr: float, seed: int
+    plan: ProtocolPlan,
+    out: Path,
+    regime: str,
+    method: str,
+    lr: float,
+    seed: int,
+    steps: int | None = None,
 ) -> dict[str, Any]:
-    """One student run; returns its step statistics and checkpoint directory."""
-    name = f"{regime}-{method}-lr{lr:g}-s{seed}"
+    """One student run of ``steps`` (None: ``plan.steps``); returns its step statistics and
+    checkpoint directory."""
+    steps = steps or plan.steps
+    name = f"{regime}-{method}-lr{lr:g}-s{seed}" + ("" if steps == plan.steps else f"-{steps}")
     run_dir = out / "students" / name
     shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run would resume
     overrides = [
@@ -269,7 +282,7 @@ def student_run(
         f"run_dir={run_dir}",
         f"optimizer.lr={lr}",
         f"seed={1234 + seed}",
-        f"schedule.train_steps={plan.steps}",
+        f"schedule.train_steps={steps}",
     ]
     if method in ON_POLICY:
         overrides.append(f"rollout.max_new_tokens={plan.max_new_tokens}")
@@ -398,6 +411,18 @@ def learning_curve(plan: ProtocolPlan, out: Path, result: dict[str, Any]) -> lis
     return points
 
 
+def long_run(plan: ProtocolPlan, out: Path, regime: str, method: str, lr: float) -> dict:
+    """Stage 7 for one method: a ``long_steps`` run (its own cosine schedule) at the chosen
+    lr, seed 0, with test avg@k every ``long_every`` steps (the start at step 0)."""
+    run = student_run(plan, out, regime, method, lr, plan.seeds[0], plan.long_steps)
+    points = [{"step": 0, "accuracy": None}]
+    for step in range(plan.long_every, plan.long_steps + 1, plan.long_every):
+        final = iteration_dir(Path(run["checkpoints"]), step)
+        accuracy = evaluate(plan, final, out / "data" / "test.jsonl")["accuracy"]
+        points.append({"step": step, "accuracy": accuracy})
+    return {"lr": lr, "points": points, **run}
+
+
 def configurations(plan: ProtocolPlan) -> list[tuple[str, str]]:
     """(regime, method) in the order they run: every method in the first regime (the
     teacher's own replies, where the B question is asked), the other regimes without the B
@@ -463,6 +488,17 @@ def run_protocol(plan: ProtocolPlan) -> dict[str, Any]:
             ),
         }
         results["curves"][regime]["points"][0]["accuracy"] = results["start"]["test"]["accuracy"]
+    results["long"] = {}
+    for regime, methods in results["regimes"].items():
+        best = results["curves"][regime]["method"]
+        for method in dict.fromkeys([best, *plan.long_methods]):
+            say(f"7 the long run of {regime}/{method}, {plan.long_steps} steps")
+            long = ledger.get(
+                f"{regime}/{method}/long",
+                lambda r=regime, m=method, lr=methods[method]["lr"]: long_run(plan, out, r, m, lr),
+            )
+            long["points"][0]["accuracy"] = results["start"]["test"]["accuracy"]
+            results["long"].setdefault(regime, {})[method] = long
     results["seconds_this_session"] = round(time.perf_counter() - clock, 1)
     with staged_files([out / RESULTS]) as (file,):
         file.write_text(json.dumps(results, indent=1) + "\n")

@@ -153,11 +153,25 @@ def protocol_table(results: dict[str, Any], regime: str) -> str:
     return _markdown(rows)
 
 
+def long_table(results: dict[str, Any]) -> str:
+    """The long runs (stage 7): test avg@k against steps, one row per (regime, method)."""
+    runs = [
+        (f"{regime}/{m}", run) for regime, ms in results["long"].items() for m, run in ms.items()
+    ]
+    steps = [point["step"] for point in runs[0][1]["points"]]
+    rows = [["run", "lr", *(f"step {step}" for step in steps)]]
+    for name, run in runs:
+        rows.append([name, f"{run['lr']:g}", *(f"{p['accuracy']:.3f}" for p in run["points"])])
+    return _markdown(rows)
+
+
 def protocol_markdown(results: dict[str, Any]) -> str:
-    """``table.md``: one table per regime."""
+    """``table.md``: one table per regime, then the long runs where there are any."""
     parts = []
     for regime in results["regimes"]:
         parts += [f"### Regime: {regime}", "", protocol_table(results, regime), ""]
+    if results.get("long"):
+        parts += [f"### Long runs (seed 0): test avg@{results['k']}", "", long_table(results), ""]
     return "\n".join(parts)
 
 
@@ -205,9 +219,19 @@ def plot_protocol(results: dict[str, Any], path: str | Path) -> None:
             marker="o",
             label=f"{regime}/{curve['method']}",
         )
-    axes[2].set_title(f"learning curve: test avg@{results['k']}, mean over seeds")
+    for regime, methods in results.get("long", {}).items():
+        for method, run in methods.items():
+            points = run["points"]
+            axes[2].plot(
+                [p["step"] for p in points],
+                [p["accuracy"] for p in points],
+                "--",
+                marker=".",
+                label=f"{regime}/{method}, {points[-1]['step']} steps, seed 0",
+            )
+    axes[2].set_title(f"learning curves: test avg@{results['k']} (solid: mean over seeds)")
     axes[2].set_xlabel("training step")
-    axes[2].legend()
+    axes[2].legend(fontsize=6)
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
