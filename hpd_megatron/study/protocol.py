@@ -491,7 +491,7 @@ def run_protocol(plan: ProtocolPlan) -> dict[str, Any]:
     results["long"] = {}
     for regime, methods in results["regimes"].items():
         best = results["curves"][regime]["method"]
-        for method in dict.fromkeys([best, *plan.long_methods]):
+        for method in [m for m in dict.fromkeys([best, *plan.long_methods]) if m in methods]:
             say(f"7 the long run of {regime}/{method}, {plan.long_steps} steps")
             long = ledger.get(
                 f"{regime}/{method}/long",
