@@ -200,7 +200,7 @@ def train_teacher(plan: ProtocolPlan, out: Path) -> dict[str, Any]:
     }
 
 
-def test_greedy(plan: ProtocolPlan, out: Path, name: str) -> dict[str, float]:
+def greedy_on_test(plan: ProtocolPlan, out: Path, name: str) -> dict[str, float]:
     """The teacher's or the start's greedy numbers on the test problems."""
     return evaluate(plan, out / name / "export", out / "data" / "test.jsonl", greedy=True)
 
@@ -393,19 +393,21 @@ def b_shares(
     return {"start": shares[0], "final": shares[1:]}
 
 
-def learning_curve(plan: ProtocolPlan, out: Path, result: dict[str, Any]) -> list[dict]:
-    """Stage 6: test avg@k of one method's chosen runs at every checkpoint, averaged over
-    seeds (the start at step 0)."""
+def learning_curve(
+    plan: ProtocolPlan, out: Path, runs: Sequence[dict[str, Any]], steps: Sequence[int]
+) -> list[dict]:
+    """Test avg@k of ``runs`` (a method's seeds) at the checkpoints of ``steps``, averaged
+    over the runs (the start at step 0; the caller fills in its accuracy)."""
     start = {"step": 0, "accuracy": None}
     points = [start]
-    for step in checkpoint_steps(plan):
+    for step in steps:
         values = [
             evaluate(
                 plan,
                 iteration_dir(Path(entry["checkpoints"]), step),
                 out / "data" / "test.jsonl",
             )["accuracy"]
-            for entry in result["seeds"]
+            for entry in runs
         ]
         points.append({"step": step, "accuracy": statistics.mean(values), "seeds": values})
     return points
@@ -415,12 +417,8 @@ def long_run(plan: ProtocolPlan, out: Path, regime: str, method: str, lr: float)
     """Stage 7 for one method: a ``long_steps`` run (its own cosine schedule) at the chosen
     lr, seed 0, with test avg@k every ``long_every`` steps (the start at step 0)."""
     run = student_run(plan, out, regime, method, lr, plan.seeds[0], plan.long_steps)
-    points = [{"step": 0, "accuracy": None}]
-    for step in range(plan.long_every, plan.long_steps + 1, plan.long_every):
-        final = iteration_dir(Path(run["checkpoints"]), step)
-        accuracy = evaluate(plan, final, out / "data" / "test.jsonl")["accuracy"]
-        points.append({"step": step, "accuracy": accuracy})
-    return {"lr": lr, "points": points, **run}
+    steps = range(plan.long_every, plan.long_steps + 1, plan.long_every)
+    return {"lr": lr, "points": learning_curve(plan, out, [run], steps), **run}
 
 
 def configurations(plan: ProtocolPlan) -> list[tuple[str, str]]:
@@ -449,7 +447,7 @@ def run_protocol(plan: ProtocolPlan) -> dict[str, Any]:
     say(f"2 the teacher, {plan.teacher_steps} steps")
     results["teacher"] = ledger.get("teacher", lambda: train_teacher(plan, out))
     results["teacher"]["test_greedy"] = ledger.get(
-        "teacher/test_greedy", lambda: test_greedy(plan, out, "teacher")
+        "teacher/test_greedy", lambda: greedy_on_test(plan, out, "teacher")
     )
     say(f"  teacher: {results['teacher']['test']}, greedy {results['teacher']['test_greedy']}")
     say("3 the teacher's sampled replies (regime 'teacher')")
@@ -460,7 +458,7 @@ def run_protocol(plan: ProtocolPlan) -> dict[str, Any]:
     say(f"4 the shared start, {plan.start_steps} SFT steps")
     results["start"] = ledger.get("start", lambda: train_start(plan, out))
     results["start"]["test_greedy"] = ledger.get(
-        "start/test_greedy", lambda: test_greedy(plan, out, "start")
+        "start/test_greedy", lambda: greedy_on_test(plan, out, "start")
     )
     say(f"  start: {results['start']['test']}, greedy {results['start']['test_greedy']}")
     results["regimes"], results["on_policy"], results["skipped"] = {}, {}, []
@@ -484,7 +482,10 @@ def run_protocol(plan: ProtocolPlan) -> dict[str, Any]:
         results["curves"][regime] = {
             "method": best,
             "points": ledger.get(
-                f"{regime}/{best}/curve", lambda m=methods[best]: learning_curve(plan, out, m)
+                f"{regime}/{best}/curve",
+                lambda m=methods[best]: learning_curve(
+                    plan, out, m["seeds"], checkpoint_steps(plan)
+                ),
             ),
         }
         results["curves"][regime]["points"][0]["accuracy"] = results["start"]["test"]["accuracy"]
