@@ -297,6 +297,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from hpd_megatron.parallel.initialize import use_one_cuda_connection
+
+    use_one_cuda_connection()  # first: the CUDA context must see it when it is created
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=None, help="the JSON results")
     parser.add_argument("--tiny", action="store_true", help="small models: a CPU check")

@@ -36,7 +36,9 @@ Memory per GPU, on the worst pipeline stage (sizes in GiB; --gpu-mem-gb is read 
 
 FLOPs per token: 6*N_student + 2*N_teacher (N: matmul parameters, i.e. all but the input
 embedding and norms) + attention 4*s*nq*d per layer and forward pass (no causal saving),
-x3 for the student and x1 for the teacher.
+x3 for the student and x1 for the teacher. s is the number of positions a token attends
+to: data.seq_length here; the trainer's MFU of a packed step uses the step's own
+sum(len^2) / sum(len) over its records (and each sample's padding, one more segment).
 
 Step time, with m micro-batches per data-parallel rank and per-micro-batch times on one
 stage (the stages are balanced: layers split evenly):
@@ -96,7 +98,11 @@ from hpd_megatron.models.description import ModelDescription
 from hpd_megatron.parallel.layout import LayoutError, ParallelLayout, validate_layout
 from hpd_megatron.training.config import RunConfig, load_run_config
 from hpd_megatron.training.inputs import check_inputs
-from hpd_megatron.training.performance import sequence_parallel, sequence_parallel_problems
+from hpd_megatron.training.performance import (
+    sequence_parallel,
+    sequence_parallel_problems,
+    transformer_engine_problems,
+)
 from hpd_megatron.training.rollout import is_rollout
 
 GIB = 2**30
@@ -192,9 +198,9 @@ def matmul_parameters(model: ModelDescription, count: ParameterCount) -> int:
     return matmul
 
 
-def matmul_flops_per_token(model: ModelDescription, count: ParameterCount, seq: int) -> int:
+def matmul_flops_per_token(model: ModelDescription, count: ParameterCount, seq: float) -> float:
     """Forward FLOPs per token: 2 per matmul weight plus attention (QK^T and AV, no causal
-    saving) over ``seq`` positions."""
+    saving) over ``seq`` positions (a mean, not an integer, for packed samples)."""
     attention = 4 * seq * model.num_attention_heads * model.kv_channels * model.num_layers
     return 2 * matmul_parameters(model, count) + attention
 
@@ -508,10 +514,12 @@ def stage_memory(setting: Setting, stage: int) -> StageMemory:
 
 
 def training_flops_per_token(
-    student: ModelDescription, teacher: ModelDescription | None, seq: int, tp: int = 1
+    student: ModelDescription, teacher: ModelDescription | None, seq: float, tp: int = 1
 ) -> float:
     """Training FLOPs per token: the student's forward and backward (3 forwards), the
-    teacher's forward; vocabularies padded for TP as Megatron pads them."""
+    teacher's forward; vocabularies padded for TP as Megatron pads them. ``seq``: the
+    positions a token attends to, data.seq_length, or for packed samples the mean
+    sum(len^2) / sum(len) over the attention segments (training/metrics.py)."""
     flops = 3 * matmul_flops_per_token(
         student, count_parameters(student, padded_vocab_size(student.vocab_size, tp)), seq
     )
@@ -654,6 +662,10 @@ def make_plan(
     problems += sequence_parallel_problems(
         run, layout.tensor_model_parallel_size, setting.sequence_parallel
     )
+    if run.performance.transformer_impl == "transformer_engine":
+        problems += transformer_engine_problems(
+            run, layout.tensor_model_parallel_size, setting.sequence_parallel
+        )
     stages = [stage_memory(setting, stage) for stage in range(layout.pipeline_model_parallel_size)]
     worst = max(stages, key=lambda m: m.total)
     flops = training_flops_per_token(

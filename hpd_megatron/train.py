@@ -13,6 +13,7 @@ import argparse
 from collections.abc import Sequence
 
 from hpd_megatron.cli import run_cli
+from hpd_megatron.parallel.initialize import use_one_cuda_connection
 from hpd_megatron.training.config import RunConfig, load_run_config
 from hpd_megatron.training.trainer import DistillationTrainer
 
@@ -27,6 +28,7 @@ def train(run: RunConfig) -> list[dict[str, float]]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    use_one_cuda_connection()  # first: the CUDA context must see it when it is created
     parser = argparse.ArgumentParser(description="HPD distillation on Megatron-Core")
     parser.add_argument("--config", required=True, help="recipe YAML")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")

@@ -15,6 +15,8 @@
 #                    the checkout itself
 #   HPD_GPU_MEM_GB   usable memory per GPU for the planner (default 80)
 #   HPD_MAX_REQUEUES stop requeueing after this many restarts (default 50)
+#   HPD_CPUS_PER_TASK CPUs (and OpenMP threads) per rank (default: sbatch --cpus-per-task
+#                    when given, else the node's CPUs shared by its tasks)
 #   HPD_EXIT_GRACE_S once one rank has exited, how long the others get before srun ends
 #                    them (default 120; not --kill-on-bad-exit, which would kill ranks that
 #                    are still finishing their part of a stop with exit code 75)
@@ -56,6 +58,31 @@ hpd_require_integer() {
     fi
 }
 
+# CPUs per rank: sbatch's --cpus-per-task when the job asked for it, otherwise the node's
+# CPUs (the GPU templates take whole nodes) shared by the tasks on it, as many as the node
+# has rather than a number fixed for one kind of node. srun since Slurm 22.05 does not
+# inherit the batch's --cpus-per-task and would give every task one CPU: pass it explicitly.
+hpd_cpus_per_task() {
+    if [[ -z ${HPD_CPUS_PER_TASK:-} && -n ${SLURM_CPUS_PER_TASK:-} ]]; then
+        HPD_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
+    fi
+    if [[ -z ${HPD_CPUS_PER_TASK:-} ]]; then
+        local cpus=${SLURM_CPUS_ON_NODE:-1} tasks=${SLURM_NTASKS_PER_NODE:-}
+        hpd_require_integer SLURM_CPUS_ON_NODE "$cpus"
+        if [[ -z $tasks ]]; then  # --ntasks without --ntasks-per-node: spread evenly
+            hpd_require_integer SLURM_NTASKS "${SLURM_NTASKS:-1}"
+            hpd_require_integer SLURM_JOB_NUM_NODES "${SLURM_JOB_NUM_NODES:-1}"
+            tasks=$(( ${SLURM_NTASKS:-1} / (${SLURM_JOB_NUM_NODES:-1} > 0 ? ${SLURM_JOB_NUM_NODES:-1} : 1) ))
+        fi
+        hpd_require_integer SLURM_NTASKS_PER_NODE "$tasks"
+        HPD_CPUS_PER_TASK=$(( cpus / (tasks > 0 ? tasks : 1) ))
+    fi
+    hpd_require_integer HPD_CPUS_PER_TASK "$HPD_CPUS_PER_TASK"
+    if (( HPD_CPUS_PER_TASK < 1 )); then
+        HPD_CPUS_PER_TASK=1
+    fi
+}
+
 # cd to the checkout, pick the interpreter, and export the rendezvous and GPU settings.
 hpd_environment() {
     hpd_require_integer HPD_MAX_REQUEUES "${HPD_MAX_REQUEUES:-50}"
@@ -82,7 +109,8 @@ hpd_environment() {
     # A rank stuck in a collective fails the job instead of hanging it until the time limit.
     export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
     export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+    hpd_cpus_per_task
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$HPD_CPUS_PER_TASK}
     # The script as submitted (Slurm's copy of it), logged to the tracking run.
     export HPD_SBATCH_SCRIPT=${HPD_SBATCH_SCRIPT:-$0}
 
@@ -99,6 +127,7 @@ hpd_environment() {
     fi
     hpd_log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NODES node(s):" \
         "$SLURM_JOB_NODELIST; rendezvous $MASTER_ADDR:$MASTER_PORT; python $HPD_PYTHON;" \
+        "$HPD_CPUS_PER_TASK CPUs per task;" \
         "container ${CONTAINER_IMAGE:-none}${CONTAINER_IMAGE:+ (named $container_name)}"
 }
 
@@ -108,7 +137,8 @@ hpd_preflight() {
     local recipe=$1
     shift
     hpd_log "preflight: python -m hpd_megatron.plan --config $recipe --check-inputs $*"
-    if ! srun "${HPD_SRUN_ARGS[@]}" --nodes=1 --ntasks=1 "$HPD_PYTHON" -m hpd_megatron.plan \
+    if ! srun "${HPD_SRUN_ARGS[@]}" --nodes=1 --ntasks=1 --cpus-per-task="$HPD_CPUS_PER_TASK" \
+            "$HPD_PYTHON" -m hpd_megatron.plan \
             --config "$recipe" --nodes "$SLURM_JOB_NUM_NODES" \
             --gpus-per-node "${SLURM_NTASKS_PER_NODE:-$((SLURM_NTASKS / SLURM_JOB_NUM_NODES))}" \
             --gpu-mem-gb "${HPD_GPU_MEM_GB:-80}" --check-inputs "$@"; then
@@ -122,7 +152,8 @@ hpd_preflight() {
 # Returns the step's exit code (the highest of its tasks').
 hpd_run_step() {
     local step_pid status
-    srun "${HPD_SRUN_ARGS[@]}" --wait="${HPD_EXIT_GRACE_S:-120}" "$@" &
+    srun "${HPD_SRUN_ARGS[@]}" --cpus-per-task="$HPD_CPUS_PER_TASK" \
+        --wait="${HPD_EXIT_GRACE_S:-120}" "$@" &
     step_pid=$!
     # shellcheck disable=SC2064  # the pid is fixed now, on purpose
     trap "hpd_log 'stop signal: passing it to the ranks'; kill -USR1 $step_pid" USR1

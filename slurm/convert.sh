@@ -25,6 +25,7 @@ source "${HPD_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
 hpd_environment
 hpd_log "converting: $tool $*"
 status=0
-srun "${HPD_SRUN_ARGS[@]}" "$HPD_PYTHON" "$tool" "$@" || status=$?
+srun "${HPD_SRUN_ARGS[@]}" --cpus-per-task="$HPD_CPUS_PER_TASK" "$HPD_PYTHON" "$tool" "$@" \
+    || status=$?
 hpd_log "the converter exited with $status"
 exit "$status"

@@ -83,6 +83,7 @@ MULTIRANK_MODULES = {
     "test_packing",
     "test_rollouts",
     "test_slurm",
+    "test_te_standin",
     "test_trainer",
     "test_training_tracking",
     "test_untrusted_checkpoints",

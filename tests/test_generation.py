@@ -145,6 +145,67 @@ def test_tp2_draws_equal_tp1_draws(draws):
         assert same > 0.999, f"{case}: only {same:.4f} of the draws agree between TP1 and TP2"
 
 
+# Random123's known-answer vectors for philox4x32-10 (kat_vectors): (counter, key, output).
+PHILOX_KAT = [
+    ([0, 0, 0, 0], [0, 0], [0x6627E8D5, 0xE169C58D]),
+    ([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2, [0x408F276D, 0x41C83B0E]),
+    (
+        [0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344],
+        [0xA4093822, 0x299F31D0],
+        [0xD16CFE09, 0x94FDCCEB],
+    ),
+]
+
+
+def _words_to_uniform(words: list[int]) -> float:
+    return ((words[0] >> 5) * 2**26 + (words[1] >> 6)) / 2**53
+
+
+def test_counter_uniforms_are_philox4x32_10():
+    from hpd_megatron.eval.sampling import counter_uniforms, seed_keys
+
+    mask = 2**32 - 1
+
+    def philox(counter: list[int], key: list[int]) -> list[int]:  # Python ints: no overflow
+        c0, c1, c2, c3 = counter
+        k0, k1 = key
+        for round_ in range(10):
+            if round_:
+                k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
+            p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+            c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & mask, (p0 >> 32) ^ c3 ^ k1, p0 & mask
+        return [c0, c1, c2, c3]
+
+    for counter, key, words in PHILOX_KAT:
+        assert philox(counter, key)[:2] == words
+    seeds, positions = [0, 1, 2**56 - 1, 2**64 - 1, 987654321], [0, 1, 7, 2**32 + 3]
+    u = counter_uniforms(seed_keys(seeds, torch.device("cpu")), torch.tensor(positions))
+    for r, seed in enumerate(seeds):
+        for c, t in enumerate(positions):
+            words = philox([t & mask, t >> 32, 0, 0], [seed & mask, seed >> 32])
+            assert u[r, c].item() == _words_to_uniform(words)
+
+
+def test_counter_uniforms_are_uniform_and_per_row():
+    from hpd_megatron.eval.sampling import counter_uniforms, seed_keys
+
+    cpu = torch.device("cpu")
+    seeds = list(range(1000, 1400))
+    u = counter_uniforms(seed_keys(seeds, cpu), torch.arange(250))  # 100k draws
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    # Mean 1/2 and variance 1/12, each within about 4.5 standard errors of 100k draws.
+    assert abs(u.mean().item() - 0.5) < 0.004
+    assert abs(u.var().item() - 1 / 12) < 0.0012
+    assert torch.histc(u, bins=10, min=0, max=1).sub(10_000).abs().max() < 450
+    assert abs(torch.corrcoef(torch.stack([u[:, :-1].flatten(), u[:, 1:].flatten()]))[0, 1]) < 0.015
+    # A row's draws are its own: any subset, order or window of rows and positions.
+    picked = [seeds[i] for i in (399, 3, 250)]
+    assert torch.equal(
+        counter_uniforms(seed_keys(picked, cpu), torch.arange(100, 250)),
+        u[[399, 3, 250], 100:],
+    )
+
+
 # --- generation with a model ---------------------------------------------------------------
 
 MODEL = dict(STUDENT, max_position_embeddings=64, init_method_std=0.1)
@@ -206,7 +267,10 @@ SAMPLING = [
 ]
 
 
-def _run(model, prompts, settings, eos_id=None, context_length=64):
+ROW_SEEDS = [2**56 - 1, 0, 12345, 2**40 + 7, 99]
+
+
+def _run(model, prompts, settings, eos_id=None, context_length=64, row_seeds=None):
     from hpd_megatron.eval.generate import generate
 
     return generate(
@@ -217,6 +281,7 @@ def _run(model, prompts, settings, eos_id=None, context_length=64):
         eos_id=eos_id,
         context_length=context_length,
         seed=5,
+        row_seeds=row_seeds,
     )
 
 
@@ -243,6 +308,7 @@ def _generate_on_layouts(root: str, ports: list[int]) -> dict:
     load_model_weights(model, Path(root) / "export")
     out["greedy_22"] = _run(model, PROMPTS, greedy)
     out["sampled_22"] = _run(model, PROMPTS, sampled)
+    out["rows_22"] = _run(model, PROMPTS, sampled, row_seeds=ROW_SEEDS)
     parallel_state.destroy_model_parallel()
     _run_commands(Path(root), ports)
     return out
@@ -283,7 +349,28 @@ def _generate_at_tp1(root_path: Path, description, greedy, sampled) -> dict:
     out["eos_id"] = eos_id = out["greedy_11"][0].tokens[2]
     out["with_eos"] = _run(model, PROMPTS, greedy, eos_id=eos_id)
     out["context"] = _run(model, PROMPTS, greedy, context_length=CONTEXT)
+    out.update(_generate_with_row_seeds(model, sampled))
     parallel_state.destroy_model_parallel()
+    return out
+
+
+def _generate_with_row_seeds(model, sampled) -> dict:
+    """Sampled with per-row seeds: the batch, each prompt alone and the batch reversed, with
+    an EOS that stops some rows early (they stay in the batch until the host looks)."""
+    out = {"rows_11": _run(model, PROMPTS, sampled, row_seeds=ROW_SEEDS)}
+    replies = _tokens(out["rows_11"])
+    # Row 0's first token that some other reply lacks: rows end both ways.
+    out["rows_eos_id"] = eos_id = next(
+        token for token in replies[0] if any(token not in reply for reply in replies[1:])
+    )
+    out["rows_eos"] = _run(model, PROMPTS, sampled, eos_id=eos_id, row_seeds=ROW_SEEDS)
+    out["rows_alone"] = [
+        _run(model, [prompt], sampled, eos_id=eos_id, row_seeds=[row_seed])[0]
+        for prompt, row_seed in zip(PROMPTS, ROW_SEEDS)
+    ]
+    out["rows_reversed"] = _run(
+        model, PROMPTS[::-1], sampled, eos_id=eos_id, row_seeds=ROW_SEEDS[::-1]
+    )[::-1]
     return out
 
 
@@ -367,6 +454,24 @@ def test_rows_stop_at_eos_and_at_the_context(generated):
         assert cut.tokens == full.tokens[:room]
         # ...unless max_new_tokens comes first (or at the same time).
         assert cut.finish == ("context" if room < NEW_TOKENS else "length")
+
+
+def test_row_seeded_replies_depend_on_their_row_alone(generated):
+    result = generated[0]
+    reference = _tokens(result["rows_11"])
+    assert reference != _tokens(result["sampled_11"]), "row seeds should change the draws"
+    for rank, other in enumerate(generated):
+        assert _tokens(other["rows_22"]) == reference, f"rank {rank}: TP2 x PP2"
+    stopped = result["rows_eos"]
+    assert any(g.finish == "eos" for g in stopped) and any(g.finish == "length" for g in stopped)
+    for full, cut in zip(result["rows_11"], stopped):
+        end = full.tokens.index(result["rows_eos_id"]) + 1 if cut.finish == "eos" else None
+        assert cut.tokens == full.tokens[:end]
+        # Rows leaving change the batch's shapes, so the logits' last bits may differ.
+        assert cut.entropies == pytest.approx(full.entropies[:end], abs=1e-5)
+    for name in ("rows_alone", "rows_reversed"):
+        assert _tokens(result[name]) == _tokens(stopped), name
+        assert [g.finish for g in result[name]] == [g.finish for g in stopped], name
 
 
 def _read(directory: Path) -> tuple[list[dict], dict]:

@@ -41,7 +41,8 @@ def test_console_line_has_throughput_per_process_and_eta(capsys):
     line = capsys.readouterr().out.strip()
     # 8 x 100 tokens in 2 s on 4 processes; median step 3 s x 6 steps left = 18 s.
     assert line == (
-        "step 4/10: loss 1.25  step_time_s 2  tok/s/proc 100  eta 0:00:18  hpd/b_mean 0.500"
+        "step 4/10: loss 1.25  step_time_s 2  tok/s/proc (all positions) 100  eta 0:00:18  "
+        "hpd/b_mean 0.500"
     )
 
 

@@ -15,8 +15,10 @@ from hpd_megatron.training.performance import Kernels, resolve_performance
 from tests.training_runs import STUDENT, TEACHER
 
 CPU = Kernels(cuda=False, transformer_engine=False, apex_weight_gradient=False)
-GPU = Kernels(cuda=True, transformer_engine=True, apex_weight_gradient=True)
-BARE_GPU = Kernels(cuda=True, transformer_engine=False, apex_weight_gradient=False)
+GPU = Kernels(cuda=True, transformer_engine=True, apex_weight_gradient=True, te_version="2.10.0")
+BARE_GPU = Kernels(
+    cuda=True, transformer_engine=False, apex_weight_gradient=False, te_problem="not installed"
+)
 
 
 def _run(**sections) -> RunConfig:
@@ -140,3 +142,59 @@ def test_the_local_spec_runs_on_a_gpu_without_transformer_engine():
 def test_inconsistent_sections_are_refused_by_key(performance, optimizer, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         _run(performance=performance, optimizer=optimizer)
+
+
+def test_packed_samples_run_one_per_micro_batch_with_transformer_engine():
+    packed = {"data": {"pack": True}, "schedule": {"micro_batch_size": 2}}
+    with pytest.raises(ConfigError, match=r"schedule\.micro_batch_size: 2 with data\.pack"):
+        resolve_performance(_run(**packed), 1, GPU)
+    resolve_performance(_run(**packed), 1, CPU)  # the local spec takes a padded batch
+    single = {"data": {"pack": True}, "schedule": {"micro_batch_size": 1}}
+    assert resolve_performance(_run(**single), 1, GPU).student.use_transformer_engine
+
+
+@pytest.mark.parametrize(
+    "seq_length, tensor_parallel, refused",
+    [(1000, 1, True), (1040, 1, False), (1040, 2, True), (1056, 2, False)],
+)
+def test_fp8_teacher_gemm_rows_divisible_by_16_per_rank(seq_length, tensor_parallel, refused):
+    """micro_batch_size 1: the tokens a rank casts are seq_length, / TP with sequence
+    parallelism (on at TP 2): 1040 is a multiple of 16, 1040 / 2 = 520 is not, 1056 / 2 is."""
+    run = _run(
+        data={"seq_length": seq_length},
+        schedule={"micro_batch_size": 1},
+        performance={"teacher_precision": "fp8"},
+    )
+    if refused:
+        with pytest.raises(ConfigError, match=r"performance\.teacher_precision: fp8 needs"):
+            resolve_performance(run, tensor_parallel, GPU)
+    else:
+        assert resolve_performance(run, tensor_parallel, GPU).teacher.overrides["fp8"] == "e4m3"
+
+
+def test_a_broken_or_unsupported_transformer_engine_is_refused_by_name(tmp_path, monkeypatch):
+    from hpd_megatron.models import builder
+
+    broken = tmp_path / "transformer_engine"
+    (broken / "pytorch").mkdir(parents=True)
+    (broken / "__init__.py").write_text("__version__ = '2.10.0'\n")
+    (broken / "pytorch" / "__init__.py").write_text(
+        "raise OSError('libtransformer_engine.so: undefined symbol: _ZN3c10')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    builder.transformer_engine_import.cache_clear()
+    try:
+        version, problem = builder.transformer_engine_import()
+    finally:
+        builder.transformer_engine_import.cache_clear()
+    assert version is None and "broken (OSError: libtransformer_engine.so" in problem
+    node = Kernels(
+        cuda=True, transformer_engine=False, apex_weight_gradient=False, te_problem=problem
+    )
+    with pytest.raises(ConfigError, match="Transformer Engine is installed but broken"):
+        resolve_performance(_run(), 1, node)
+    newer = Kernels(
+        cuda=True, transformer_engine=True, apex_weight_gradient=False, te_version="2.12.0"
+    )
+    with pytest.raises(ConfigError, match=r"2\.12\.0 is outside the supported range >=2\.9,<2\.12"):
+        resolve_performance(_run(), 1, newer)

@@ -25,6 +25,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer import distrib_optimizer
 
 from hpd_megatron.checkpoint.dist_save import load_sharded, save_sharded
+from hpd_megatron.checkpoint.extra_state import drop_absent_extra_states, load_state
 from hpd_megatron.checkpoint.publish import fsync_path, publish_directory
 from hpd_megatron.checkpoint.verify import (
     CheckpointError,
@@ -328,13 +329,15 @@ def load_checkpoint(
         with_rng=same_grid,
     )
     check_shapes(directory, template, index)
+    # A CPU checkpoint resumed with Transformer Engine lacks the TE norms' extra states.
+    dropped = drop_absent_extra_states(directory, template, index)
     try:
         state = load_sharded(template, directory, fully_parallel)
     except Exception as error:  # noqa: BLE001 - re-raised with the directory named
         raise CheckpointError(
             f"{directory}: cannot be loaded into this model ({type(error).__name__}: {error})"
         ) from error
-    model.load_state_dict(state["model"])
+    load_state(model, state["model"], dropped, directory)
     if load_optimizer:
         # Some of Megatron's loaders copy into fp32 master weights (leaves that require
         # grad) without no_grad themselves.

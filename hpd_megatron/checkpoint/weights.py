@@ -20,6 +20,7 @@ import yaml
 from megatron.core import dist_checkpointing
 
 from hpd_megatron.checkpoint.dist_save import load_sharded, save_sharded
+from hpd_megatron.checkpoint.extra_state import drop_absent_extra_states, load_state
 from hpd_megatron.checkpoint.publish import publish_directory
 from hpd_megatron.checkpoint.training_state import TRACKER, iteration_dir, latest_step
 from hpd_megatron.checkpoint.verify import CheckpointError, check_shapes, read_index
@@ -100,10 +101,11 @@ def load_model_weights(
     index = read_index(directory)
     template = model.sharded_state_dict()
     check_shapes(directory, template, index)
+    dropped = drop_absent_extra_states(directory, template, index)
     # A training checkpoint nests the weights under "model" beside its plain entries.
     is_training_checkpoint = "step" in dist_checkpointing.load_common_state_dict(str(directory))
     if is_training_checkpoint:
         state = load_sharded({"model": template}, directory, fully_parallel)["model"]
     else:
         state = load_sharded(template, directory, fully_parallel)
-    model.load_state_dict(state)
+    load_state(model, state, dropped, directory)

@@ -26,6 +26,12 @@ from typing import Any
 import torch
 import yaml
 
+from hpd_megatron.checkpoint.extra_state import (
+    EXTRA_STATE,
+    FINAL_NORM,
+    NO_FP8_STATE,
+    layer_modules_with_extra_state,
+)
 from hpd_megatron.checkpoint.publish import publish_directory
 from hpd_megatron.checkpoint.run_lock import output_locked
 from hpd_megatron.convert import hf_config, mapping
@@ -50,16 +56,6 @@ HF_SIDE_FILES = (
     "merges.txt",
     "chat_template.jinja",
     "chat_template.json",
-)
-# Megatron's linear layers carry an (empty, on the local spec) extra state per layer.
-EXTRA_STATE_KEYS = tuple(
-    f"decoder.layers.{name}._extra_state"
-    for name in (
-        "self_attention.linear_qkv",
-        "self_attention.linear_proj",
-        "mlp.linear_fc1",
-        "mlp.linear_fc2",
-    )
 )
 
 
@@ -272,7 +268,6 @@ def build_sharded_state(
     progress: bool,
 ) -> tuple[dict[str, Any], SliceReader]:
     """This process's pieces, read from the safetensors files."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
     from tqdm import tqdm
 
     description = source.description
@@ -301,14 +296,30 @@ def build_sharded_state(
                 )
                 bar.update(piece.data.numel() * piece.data.element_size())
     for tp_rank, pp_rank in positions:
-        if tp_rank != 0:
-            continue
-        for layer in stage_layers(description, pp, pp_rank):
-            for key in EXTRA_STATE_KEYS:
-                state[f"{key}/{layer}"] = ShardedObject(
-                    key, None, (description.num_layers,), (layer,), replica_id=0
-                )
+        if tp_rank == 0:  # the main replica of every extra state
+            state.update(extra_states(description, pp, pp_rank))
     return state, reader
+
+
+def extra_states(description: ModelDescription, pp: int, pp_rank: int) -> dict[str, Any]:
+    """The ``_extra_state`` objects of a pipeline stage, empty as TE saves them without FP8.
+
+    Written for every module whose extra state a Transformer Engine model asks for (the
+    linears, the q/k norms, the final norm: ``checkpoint.extra_state``), so that the output
+    loads into either spec as it is.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    layers = description.num_layers
+    state = {}
+    for layer in stage_layers(description, pp, pp_rank):
+        for module in layer_modules_with_extra_state(description):
+            key = f"decoder.layers.{module}.{EXTRA_STATE}"
+            state[f"{key}/{layer}"] = ShardedObject(key, NO_FP8_STATE, (layers,), (layer,), 0)
+    if pp_rank == pp - 1:
+        key = f"{FINAL_NORM}.{EXTRA_STATE}"
+        state[key] = ShardedObject(key, NO_FP8_STATE, (1,), (0,), replica_id=0)
+    return state
 
 
 def _piece_bytes(entry: mapping.Entry, tp: int, dtype: torch.dtype) -> int:

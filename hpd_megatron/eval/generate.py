@@ -11,7 +11,10 @@ their entropies) to the other stages. For evaluation at scale, export to Hugging
 use an inference engine (docs/evaluation.md).
 
 A row stops at EOS (kept as its last token), after ``max_new_tokens``, or when prompt plus
-reply fill ``context_length``; finished rows leave the batch and the cache.
+reply fill ``context_length``; finished rows leave the batch and the cache. The batch's
+state lives on the device and each step updates it with tensor ops; the host looks for
+finished rows every ``CHECK_EVERY`` steps (every step where the draws depend on the batch),
+so the loop does not wait for the device at every token.
 
 Every rank of a model-parallel group (one TP x PP replica) calls ``generate`` with the same
 prompts and gets the same result.
@@ -27,7 +30,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 
-from hpd_megatron.eval.sampling import next_tokens
+from hpd_megatron.eval.sampling import counter_uniforms, next_tokens, seed_keys
 from hpd_megatron.parallel.placement import to_device
 from hpd_megatron.training.components import sample_seed
 from hpd_megatron.training.schedule import Batch, run_schedule
@@ -53,27 +56,110 @@ class Generation:
     """eos, length (max_new_tokens reached) or context (prompt + reply fill the context)."""
 
 
+RUNNING = 0
+"""A row's finish code while it generates; a finished row's is 1 + its FINISH_REASONS index."""
+EOS, LENGTH, CONTEXT = 1, 2, 3
+
+CHECK_EVERY = 8
+"""Decode steps between the host's looks at which rows finished, when a row's tokens do not
+depend on the other rows (greedy, or per-row draws): each look waits for the device, and a
+finished row only computes a few discarded tokens until the next one."""
+
+
 @dataclass
 class _Rows:
-    """The batch being generated: prompts then replies, and which rows still generate."""
+    """The batch being generated, on the device: prompts then replies, and which rows go on.
+
+    Every step updates all active rows with tensor ops; the host learns which rows finished
+    only when it looks (``running``), so the decode loop does not wait for the device at
+    every token.
+    """
 
     tokens: torch.Tensor
     """[rows, width] ids: each prompt, then its reply as it grows (zeros beyond)."""
-    lengths: list[int]
-    """Each row's prompt length."""
-    generations: list[Generation]
+    lengths: torch.Tensor
+    """[rows] each row's prompt length."""
+    entropies: torch.Tensor
+    """[rows, width] float64: each reply token's entropy at its position."""
+    replied: torch.Tensor
+    """[rows] reply tokens so far."""
+    finish: torch.Tensor
+    """[rows] RUNNING, or the finish code (EOS, LENGTH, CONTEXT)."""
     active: list[int]
-    """The rows still generating, in their order in the batch and the KV cache."""
-    context_length: int
+    """The rows still in the batch and the KV cache, in their order there."""
+    active_index: torch.Tensor
+    """``active`` on the device."""
 
     @classmethod
-    def of(cls, prompts: Sequence[Sequence[int]], width: int, context_length: int) -> _Rows:
+    def of(cls, prompts: Sequence[Sequence[int]], width: int) -> _Rows:
         tokens = torch.zeros(len(prompts), width, dtype=torch.long)
         for row, prompt in enumerate(prompts):
             tokens[row, : len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
-        lengths = [len(prompt) for prompt in prompts]
-        generations = [Generation() for _ in prompts]
-        return cls(tokens, lengths, generations, list(range(len(prompts))), context_length)
+        lengths = torch.tensor([len(prompt) for prompt in prompts], dtype=torch.long)
+        tokens, lengths = to_device(tokens), to_device(lengths)
+        return cls(
+            tokens=tokens,
+            lengths=lengths,
+            entropies=torch.zeros(tokens.shape, dtype=torch.float64, device=tokens.device),
+            replied=torch.zeros_like(lengths),
+            finish=torch.zeros_like(lengths),
+            active=list(range(len(prompts))),
+            active_index=torch.arange(len(prompts), device=tokens.device),
+        )
+
+    def record(
+        self,
+        position: int,
+        ids: torch.Tensor,
+        entropies: torch.Tensor,
+        settings: SamplingSettings,
+        eos_id: int | None,
+        context_length: int,
+    ) -> None:
+        """Each active row's token at ``position``, for all rows in one set of tensor ops:
+        a row still within its prompt keeps its own, a running row appends its sample to
+        the reply and may finish (EOS, then max_new_tokens, then the context), a finished
+        row's sample is dropped. Follows Megatron-Core's
+        ``TextGenerationController.update_generation_status`` (done flags and reply lengths
+        as device tensors)."""
+        rows = self.active_index
+        writes = (position >= self.lengths[rows]) & (self.finish[rows] == RUNNING)
+        self.tokens[rows, position] = torch.where(writes, ids, self.tokens[rows, position])
+        self.entropies[rows, position] = torch.where(
+            writes, entropies, self.entropies[rows, position]
+        )
+        replied = self.replied[rows] + writes
+        self.replied[rows] = replied
+        finish = self.finish[rows]
+        if eos_id is not None:
+            finish = torch.where(writes & (ids == eos_id), EOS, finish)
+        finish = torch.where(
+            writes & (finish == RUNNING) & (replied == settings.max_new_tokens), LENGTH, finish
+        )
+        if position + 1 == context_length:
+            finish = torch.where(writes & (finish == RUNNING), CONTEXT, finish)
+        self.finish[rows] = finish
+
+    def running(self) -> list[int]:
+        """Indices (into ``active``) of the rows still generating: one wait for the device."""
+        return (self.finish[self.active_index] == RUNNING).nonzero().squeeze(1).tolist()
+
+    def keep(self, kept: list[int]) -> None:
+        self.active = [self.active[index] for index in kept]
+        self.active_index = self.active_index[torch.tensor(kept, device=self.tokens.device)]
+
+    def generations(self) -> list[Generation]:
+        """The replies, read back from the device in one transfer per tensor."""
+        tokens, entropies = self.tokens.tolist(), self.entropies.tolist()
+        lengths, replied = self.lengths.tolist(), self.replied.tolist()
+        return [
+            Generation(
+                tokens=tokens[row][lengths[row] : lengths[row] + replied[row]],
+                entropies=entropies[row][lengths[row] : lengths[row] + replied[row]],
+                finish=FINISH_REASONS[code - 1] if code != RUNNING else "",
+            )
+            for row, code in enumerate(self.finish.tolist())
+        ]
 
 
 @torch.no_grad()
@@ -92,55 +178,64 @@ def generate(
 
     Sampled tokens depend on ``seed`` and on the batch (one uniform per row and position,
     drawn for the whole batch), not on the TP or PP size. With ``row_seeds`` (one per
-    prompt) row r's uniform at position t comes from (row_seeds[r], t) alone, so a row's
-    reply does not depend on the other rows, their order or when they finish.
+    prompt) row r's uniform at position t is Philox4x32-10 keyed by row_seeds[r] at counter
+    t (``sampling.counter_uniforms``), so a row's reply does not depend on the other rows,
+    their order or when they finish.
     """
     _check_prompts(prompts, settings, context_length)
     width = min(context_length, max(map(len, prompts)) + settings.max_new_tokens)
-    rows = _Rows.of(prompts, width, context_length)
+    rows = _Rows.of(prompts, width)
     cache = StaticInferenceContext(max_batch_size=len(prompts), max_sequence_length=width)
     # The shortest prompt is encoded in one forward; from there every row moves one position
     # per step, and a row whose prompt is longer is fed its own next token instead of a sample.
-    start = min(rows.lengths)
+    start = int(min(map(len, prompts)))
+    draws = _row_draws(row_seeds, start, width, settings, rows.tokens.device)
+    # Batch draws (one stream for the whole batch, from ``seed``): a finished row must leave
+    # at once, or the rows after it would take other uniforms. Otherwise the host looks now
+    # and then (every stage and TP rank alike: the decision follows the broadcast tokens).
+    batch_draws = settings.temperature > 0 and row_seeds is None
+    check_every = 1 if batch_draws else CHECK_EVERY
     chunk = rows.tokens[:, :start]
     for position in range(start, width):
         ids, entropies = _next_step(
             model,
-            # The rows stay on the host; each step's chunk goes to the device, where the
-            # sampled ids and their pipeline broadcast live.
-            to_device(chunk),
+            chunk,
             position - chunk.shape[1],
             cache,
             settings,
             vocab_size,
-            sample_seed(seed, position, 0),
-            # Only the last stage samples; the others need no draws.
-            _row_uniforms(row_seeds, rows.active, position)
-            if row_seeds is not None and parallel_state.is_pipeline_last_stage()
-            else None,
+            sample_seed(seed, position, 0) if batch_draws else seed,
+            None if draws is None else draws[rows.active_index, position - start],
         )
-        kept = _take_step(rows, position, ids.tolist(), entropies.tolist(), settings, eos_id)
-        if not kept:
-            break
-        if len(kept) < len(rows.active):
-            _keep_rows(cache, kept)
-            rows.active = [rows.active[index] for index in kept]
-        chunk = rows.tokens[rows.active, position : position + 1]
-    return rows.generations
+        rows.record(position, ids, entropies, settings, eos_id, context_length)
+        # Every row finishes by the last position (its reply or the context runs out).
+        if (position - start + 1) % check_every == 0 and position + 1 < width:
+            kept = rows.running()
+            if not kept:
+                break
+            if len(kept) < len(rows.active):
+                _keep_rows(cache, kept)
+                rows.keep(kept)
+        chunk = rows.tokens[rows.active_index, position : position + 1]
+    return rows.generations()
 
 
-def _row_uniforms(row_seeds: Sequence[int], active: list[int], position: int) -> torch.Tensor:
-    """Each active row's U[0, 1) at ``position``, from its own seed (on the host, then moved
-    to the device like the tokens)."""
-    draws = [
-        torch.rand(
-            1,
-            dtype=torch.float64,
-            generator=torch.Generator().manual_seed(sample_seed(row_seeds[row], position, 0)),
-        )
-        for row in active
-    ]
-    return to_device(torch.cat(draws))
+def _row_draws(
+    row_seeds: Sequence[int] | None,
+    start: int,
+    width: int,
+    settings: SamplingSettings,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """[rows, width - start] U[0, 1): row r's draw at each position from its seed, for the
+    whole generation in one batched computation on the device; None without row seeds or
+    where nothing is sampled (greedy, or a stage before the last)."""
+    if row_seeds is None or settings.temperature == 0:
+        return None
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    keys = seed_keys(list(row_seeds), device)
+    return counter_uniforms(keys, torch.arange(start, width, device=device))
 
 
 def _check_prompts(
@@ -154,37 +249,6 @@ def _check_prompts(
                 f"prompt {i}: {len(prompt)} tokens; need 1 to {context_length - 1} "
                 f"(context_length {context_length})"
             )
-
-
-def _take_step(
-    rows: _Rows,
-    position: int,
-    ids: list[int],
-    entropies: list[float],
-    settings: SamplingSettings,
-    eos_id: int | None,
-) -> list[int]:
-    """Each active row's token at ``position``: a row still within its prompt keeps its own,
-    the others append theirs to the reply. Returns the indices (into ``rows.active``) of the
-    rows that go on."""
-    kept = []
-    for index, (row, token, entropy) in enumerate(zip(rows.active, ids, entropies)):
-        if position < rows.lengths[row]:
-            kept.append(index)
-            continue
-        generation = rows.generations[row]
-        generation.tokens.append(token)
-        generation.entropies.append(entropy)
-        rows.tokens[row, position] = token
-        if token == eos_id:
-            generation.finish = "eos"
-        elif len(generation.tokens) == settings.max_new_tokens:
-            generation.finish = "length"
-        elif position + 1 == rows.context_length:
-            generation.finish = "context"
-        else:
-            kept.append(index)
-    return kept
 
 
 def _keep_rows(cache: StaticInferenceContext, rows: list[int]) -> None:
@@ -243,7 +307,8 @@ def _next_step(
         group = parallel_state.get_pipeline_model_parallel_group()
         dist.broadcast(ids, src=source, group=group)
         dist.broadcast(entropies, src=source, group=group)
-    return ids.cpu(), entropies.cpu()
+    # On the device: the host reads them only when it looks for finished rows.
+    return ids, entropies
 
 
 def _cached_forward_step(cache: StaticInferenceContext):

@@ -18,6 +18,10 @@ returns the same values on every TP rank; only ids below ``vocab_size`` are cand
   candidates reaches ``top_p``, at most the shard width); the vocabulary itself never
   travels. Tokens tied with the threshold logit are all kept.
 - Entropy of ``softmax(logits / temperature)`` (temperature 1 for greedy), before top-p.
+- Per-row draws (``counter_uniforms``): Philox4x32-10 (Salmon et al., SC'11; the generator
+  behind cuRAND and torch's CUDA RNG) keyed by each row's seed and counted by position, as
+  integer tensor ops on the device: one batched computation for all rows and positions, no
+  generator per row, the same value on every rank and at any batch composition.
 """
 
 from __future__ import annotations
@@ -36,6 +40,13 @@ from hpd_megatron.losses.vocab_parallel import (
     resolve_tp_group,
     vocab_shard,
 )
+
+MASK32 = 0xFFFFFFFF
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+"""Philox4x32's round multipliers."""
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+"""Philox4x32's key increments (the golden ratio and sqrt(3) - 1)."""
+PHILOX_ROUNDS = 10
 
 FIRST_TOP_P_CANDIDATES = 64
 """Candidates per TP rank in the first top-p round; enough for most rows of a trained model."""
@@ -154,3 +165,45 @@ def _gather_columns(block: Tensor, tp: TPGroup) -> Tensor:
     blocks = [torch.empty_like(block) for _ in range(tp.size)]
     dist.all_gather(blocks, block.contiguous(), group=tp.group)
     return torch.cat(blocks, dim=-1)
+
+
+def seed_keys(seeds: list[int], device: torch.device) -> Tensor:
+    """Each seed (mod 2^64) as a Philox key: ``[n, 2]`` int64 words below 2^32."""
+    words = [[seed & MASK32, (seed >> 32) & MASK32] for seed in seeds]
+    return torch.tensor(words, dtype=torch.long).reshape(-1, 2).to(device)
+
+
+def counter_uniforms(keys: Tensor, counters: Tensor) -> Tensor:
+    """U[0, 1) (float64, 53 random bits) for every key row and counter: ``[n, m]``.
+
+    ``keys`` [n, 2] (``seed_keys``), ``counters`` [m] int64 >= 0. Entry (r, t) is a function
+    of (key r, counter t) alone: the first two words of Philox4x32-10 at counter (t mod
+    2^32, t >> 32, 0, 0) make 53 bits as numpy's and torch's doubles do ((a >> 5) x 2^26 +
+    (b >> 6)) / 2^53.
+    """
+    n, m = keys.shape[0], counters.shape[0]
+    k0 = keys[:, 0:1].expand(n, m)
+    k1 = keys[:, 1:2].expand(n, m)
+    c0 = (counters & MASK32).expand(n, m)
+    c1 = (counters >> 32).expand(n, m)
+    c2 = c3 = torch.zeros_like(c0)
+    for round_ in range(PHILOX_ROUNDS):
+        if round_:
+            k0 = (k0 + PHILOX_W[0]) & MASK32
+            k1 = (k1 + PHILOX_W[1]) & MASK32
+        hi0, lo0 = _mulhilo32(c0, PHILOX_M[0])
+        hi1, lo1 = _mulhilo32(c2, PHILOX_M[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    bits = (c0 >> 5) * 2**26 + (c1 >> 6)
+    return bits.double() * 2.0**-53
+
+
+def _mulhilo32(x: Tensor, multiplier: int) -> tuple[Tensor, Tensor]:
+    """(high, low) 32-bit words of ``x`` x ``multiplier`` (both below 2^32), in int64 without
+    overflow: the multiplier's 16-bit halves keep every partial product below 2^49 (signed
+    int64 overflow is undefined in C++, and >> on int64 is arithmetic)."""
+    high_half = x * (multiplier >> 16)  # < 2^48
+    low_half = x * (multiplier & 0xFFFF)  # < 2^48
+    # x * m = high_half * 2^16 + low_half = (high_half >> 16) * 2^32 + middle
+    middle = ((high_half & 0xFFFF) << 16) + low_half  # < 2^49
+    return (high_half >> 16) + (middle >> 32), middle & MASK32

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Any
 
@@ -33,9 +34,26 @@ def padded_vocab_size(
     return -(-vocab_size // multiple) * multiple
 
 
+@functools.cache
+def transformer_engine_import() -> tuple[str | None, str | None]:
+    """(version, None) when ``transformer_engine.pytorch`` imports; (None, why) otherwise.
+
+    An import, not ``find_spec``: a TE built for another torch or CUDA is found but fails
+    to load its extension, and should fail here, by name, not in the first forward.
+    """
+    if importlib.util.find_spec("transformer_engine") is None:
+        return None, "not installed"
+    try:
+        import transformer_engine
+        import transformer_engine.pytorch  # noqa: F401 - loads the CUDA extension
+    except Exception as error:  # noqa: BLE001 - any failure means a broken install
+        return None, f"installed but broken ({type(error).__name__}: {error})"
+    return str(getattr(transformer_engine, "__version__", "unknown")), None
+
+
 def transformer_engine_available() -> bool:
-    """Transformer Engine is used when it is importable and CUDA is present."""
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+    """Transformer Engine is used when it imports and CUDA is present."""
+    return torch.cuda.is_available() and transformer_engine_import()[0] is not None
 
 
 def layer_spec(
@@ -100,6 +118,10 @@ def transformer_config(
         use_cpu_initialization=not on_gpu,
         bias_activation_fusion=fused,
         masked_softmax_fusion=fused,
+        # Megatron-LM's default (arguments.py: on unless --no-bias-dropout-fusion). Megatron
+        # fuses it with torch.compile, which on the CPU costs each process about 30 s of
+        # compilation for a dropout of 0: off there.
+        bias_dropout_fusion=on_gpu,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,

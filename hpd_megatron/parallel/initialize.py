@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 
 import torch
@@ -112,13 +112,45 @@ def read_launch_environment(env: Mapping[str, str] | None = None) -> LaunchEnvir
     )
 
 
+def use_one_cuda_connection(env: MutableMapping[str, str] | None = None) -> str:
+    """Set CUDA_DEVICE_MAX_CONNECTIONS=1 unless the user set it; returns the value in force.
+
+    Megatron's sequence-parallel and gradient-reduce overlap assume one hardware work queue
+    per GPU, so that a collective issued first also runs first (Megatron-LM's
+    arguments.py asserts 1 with TP or CP > 1 before Blackwell). The driver reads the
+    variable when the CUDA context is created, so entry points call this before anything
+    touches torch.cuda. A value the user exported is kept: Megatron-FSDP, MoE overlap and
+    Blackwell GPUs want more than one queue, so it is a deliberate choice (and Megatron-Core
+    warns in the first forward when it is not 1 under sequence parallelism).
+    """
+    env = os.environ if env is None else env
+    return env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+
+
+def gpu_index(local_rank: int, device_count: int) -> int:
+    """The GPU this process drives. Sites that bind one GPU per task (srun --gpus-per-task,
+    --gpu-bind) show each task only its own device while SLURM_LOCALID still counts the
+    node's tasks, so the local rank is taken modulo the visible GPUs."""
+    if device_count < 1:
+        raise ConfigError(f"local rank {local_rank}: CUDA is available but shows no GPU")
+    return local_rank % device_count
+
+
 def _select_device(kind: str, local_rank: int) -> tuple[str, torch.device]:
     """NCCL on this process's GPU for CUDA; gloo on the CPU emulation otherwise."""
     if kind == "cuda":
-        torch.cuda.set_device(local_rank)
-        return "nccl", torch.device("cuda", local_rank)
+        use_one_cuda_connection()  # before set_device creates the context
+        index = gpu_index(local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        return "nccl", torch.device("cuda", index)
     cpu_emulation.enable()
     return "gloo", torch.device("cpu")
+
+
+def stage_seed(seed: int, pp_rank: int) -> int:
+    """This pipeline stage's seed, as upstream's ``_set_random_seed`` (training/initialize.py)
+    gives it: stages never replay each other's draws (initialisation, dropout)."""
+    return seed + 100 * pp_rank
 
 
 def initialize_parallel(
@@ -133,6 +165,8 @@ def initialize_parallel(
 
     The layout is validated against the world size and ``models`` before any process
     group exists, so configuration errors surface identically on every rank.
+    ``timeout_minutes`` bounds every collective, on the world group and on each group
+    parallel_state creates (TP, PP, DP, ...), as upstream's ``_initialize_distributed``.
     """
     from megatron.core import parallel_state, tensor_parallel
 
@@ -152,9 +186,14 @@ def initialize_parallel(
         tensor_model_parallel_size=layout.tensor_model_parallel_size,
         pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
         context_parallel_size=layout.context_parallel_size,
+        # Without it Megatron gives its groups its own default (30 min), not the run's.
+        distributed_timeout_minutes=timeout_minutes,
     )
-    # CPU initialisation (use_cpu_initialization) draws from the CPU generator, the
-    # same on every rank, which is what makes random weights layout-independent.
+    # CPU initialisation (use_cpu_initialization) draws from the CPU generator, seeded the
+    # same on every rank of a stage, so random weights do not depend on TP. Each stage gets
+    # its own seed (upstream's _set_random_seed): a stage builds only its layers, so random
+    # weights depend on PP either way; comparisons across PP load the same checkpoint.
+    seed = stage_seed(seed, parallel_state.get_pipeline_model_parallel_rank())
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return ParallelContext(

@@ -15,6 +15,7 @@ cannot fix). Two things make retries safe:
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,9 @@ from hpd_megatron.tracking.params import MAX_KEY_LENGTH, MAX_TAG_VALUE_LENGTH, t
 
 CREATION_TOKEN_TAG = "hpd.creation_token"
 PARAM_CHANGED_TAG_PREFIX = "resume.param_changed."
+# A SQL store announces creating and migrating its tables at INFO on every new database:
+# MLflow's own logger and alembic's, which runs the migration. Nothing a user acts on.
+STORE_LOGGERS = ("mlflow.store.db.utils", "alembic")
 
 
 def is_permanent(error: BaseException) -> bool:
@@ -240,12 +244,20 @@ class RemoteRun:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
+            quiet_store_loggers()
             if self.tracking_uri.startswith("sqlite:///"):
                 Path(self.tracking_uri[len("sqlite:///") :]).parent.mkdir(
                     parents=True, exist_ok=True
                 )
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
+
+
+def quiet_store_loggers() -> None:
+    """Warnings and errors only from the SQL store's set-up (after mlflow's import, which
+    configures its loggers)."""
+    for name in STORE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _recorded_last_steps(client, run) -> dict[str, int]:

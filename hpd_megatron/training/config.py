@@ -198,9 +198,11 @@ class PerformanceConfig:
     teacher_precision: Literal["auto", "bf16", "fp32", "fp8"] = "auto"
     """The frozen teacher's compute: auto is bf16 on CUDA and params_dtype on the CPU; fp8
     runs its linear layers in FP8 through Transformer Engine (CUDA only)."""
-    teacher_fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    teacher_fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "tensorwise"
     """Transformer Engine's FP8 scaling recipe when teacher_precision is fp8 (mxfp8 needs
-    Blackwell)."""
+    Blackwell). Tensorwise (current) scaling casts each weight at its own amax, which suits
+    a frozen teacher; delayed scaling takes the scale from earlier forwards (1 before the
+    first), so the trainer runs one warm-up forward of the teacher before the first step."""
 
     def __post_init__(self) -> None:
         if self.recompute_num_layers < 1:

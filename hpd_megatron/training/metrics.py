@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -22,13 +22,25 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from hpd_megatron.checkpoint.signals import StopRequested
+from hpd_megatron.data import DistillationDataset, DistributedBatchSampler
 from hpd_megatron.parallel.initialize import ParallelContext, logging_rank
 from hpd_megatron.parallel.placement import to_device
 from hpd_megatron.tracking import NullTracker, Tracker, start_tracking
 from hpd_megatron.training.config import RunConfig
 
-# Dense bf16 tensor-core peak per GPU (vendor data sheets), for the console's MFU.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2250e12}
+# Dense (no sparsity) bf16 tensor-core peak per GPU from NVIDIA's data sheets, for the
+# console's MFU, by chip and board: an H100 PCIe or NVL card runs at lower clocks and power
+# than the SXM module, while both A100 boards have the same peak.
+PEAK_BF16_FLOPS: dict[tuple[str, str], float] = {
+    ("A100", "sxm"): 312e12,
+    ("A100", "pcie"): 312e12,
+    ("H100", "sxm"): 989e12,
+    ("H100", "pcie"): 756e12,
+    ("H100", "nvl"): 835e12,
+    ("H200", "sxm"): 989e12,
+    ("H200", "nvl"): 835e12,
+    ("B200", "sxm"): 2250e12,
+}
 
 
 class MetricsSink(Protocol):
@@ -80,18 +92,39 @@ class JsonlSink:
 class ConsoleSink:
     """The human-readable line every ``log_interval`` steps (and at the last step).
 
-    Beyond the logged metrics it shows what a person watching a job asks: tokens/s per
-    GPU (per process on CPU) over all processed tokens, the time left at the median step
-    time of this launch, and on known GPUs the model FLOPs utilisation (MFU).
+    Beyond the logged metrics it shows what a person watching a job asks: the supervised
+    tokens per second of the whole job (``tokens_per_s``), the positions per second per GPU
+    (per process on CPU) counting every position of every sample, prompts and padding
+    included, the time left at the median step time of this launch, and on GPUs whose peak
+    is known the model FLOPs utilisation (MFU); an unknown GPU is named once instead.
     """
 
-    def __init__(self, run: RunConfig, world_size: int, flops_per_token: float) -> None:
+    LABELS = {
+        "loss": "loss",
+        "cross_entropy": "cross_entropy",
+        "lr": "lr",
+        "grad_norm": "grad_norm",
+        "tokens_per_s": "supervised tok/s (total)",
+        "step_time_s": "step_time_s",
+    }
+
+    def __init__(
+        self,
+        run: RunConfig,
+        world_size: int,
+        flops_per_token: float,
+        device_name: str | None = None,
+    ) -> None:
         self.total = run.schedule.train_steps
         self.interval = run.logging.log_interval
         self.tokens_per_step = run.schedule.global_batch_size * run.data.seq_length
         self.world_size = world_size
         self.flops_per_token = flops_per_token
-        self.peak_flops = _peak_flops_per_device()
+        if device_name is None and torch.cuda.is_available():
+            device_name = torch.cuda.get_device_name()
+        self.device_name = device_name
+        self.peak_flops = peak_bf16_flops(device_name) if device_name else None
+        self.unknown_device_shown = False
         self.step_times: list[float] = []
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
@@ -100,9 +133,10 @@ class ConsoleSink:
             print(self.format(step, metrics), flush=True)
 
     def format(self, step: int, metrics: Mapping[str, Any]) -> str:
-        shown = ("loss", "cross_entropy", "lr", "grad_norm", "tokens_per_s", "step_time_s")
-        parts = [f"{name} {metrics[name]:.4g}" for name in shown if name in metrics]
-        parts += self._throughput(metrics["step_time_s"], self.total - step)
+        parts = [
+            f"{label} {metrics[key]:.4g}" for key, label in self.LABELS.items() if key in metrics
+        ]
+        parts += self._throughput(metrics, self.total - step)
         if "rollout/share" in metrics:  # what on-policy data costs: HPD's argument
             parts.append(f"rollout {100 * metrics['rollout/share']:.0f}% of the step")
         parts += [
@@ -110,25 +144,49 @@ class ConsoleSink:
         ]
         return f"step {step}/{self.total}: " + "  ".join(parts)
 
-    def _throughput(self, step_time: float, remaining: int) -> list[str]:
+    def _throughput(self, metrics: Mapping[str, Any], remaining: int) -> list[str]:
+        step_time = metrics["step_time_s"]
         per_device = self.tokens_per_step / step_time / self.world_size
-        unit = "gpu" if torch.cuda.is_available() else "proc"
-        parts = [f"tok/s/{unit} {per_device:.4g}"]
-        if self.peak_flops:
-            parts.append(f"mfu {100 * per_device * self.flops_per_token / self.peak_flops:.1f}%")
+        unit = "gpu" if self.device_name else "proc"
+        parts = [f"tok/s/{unit} (all positions) {per_device:.4g}"]
+        parts += self._mfu(metrics, step_time)
         # The first step of a launch includes warm-up: the median is not thrown by it.
         eta = timedelta(seconds=round(statistics.median(self.step_times) * remaining))
         return parts + [f"eta {eta}"]
+
+    def _mfu(self, metrics: Mapping[str, Any], step_time: float) -> list[str]:
+        """The step's model FLOPs (``model_flops``, else every position at the full
+        sequence's attention) per second and GPU over the GPU's peak; nothing on the CPU."""
+        if self.peak_flops is None:
+            if self.device_name is None or self.unknown_device_shown:
+                return []
+            self.unknown_device_shown = True
+            return [f"mfu n/a (unknown GPU {self.device_name})"]
+        flops = metrics.get("model_flops", self.tokens_per_step * self.flops_per_token)
+        return [f"mfu {100 * flops / step_time / self.world_size / self.peak_flops:.1f}%"]
 
     def finish(self, status: str) -> None:
         pass
 
 
-def _peak_flops_per_device() -> float | None:
-    if not torch.cuda.is_available():
+def peak_bf16_flops(device_name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of the GPU ``torch.cuda.get_device_name()`` names; None when
+    this table does not know it (a guess would make the MFU read wrong).
+
+    The board comes from the name: "PCIe" or "NVL" in it, else the SXM module, whose name
+    says only the memory ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "NVIDIA H200").
+    """
+    words = device_name.upper().replace("-", " ").split()
+    chip = next((word for word in words if (word, "sxm") in PEAK_BF16_FLOPS), None)
+    if chip is None:
         return None
-    name = torch.cuda.get_device_name()
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    board = "pcie" if "PCIE" in words else "nvl" if "NVL" in words else "sxm"
+    return PEAK_BF16_FLOPS.get((chip, board))
+
+
+def _peak_flops_per_device() -> float | None:
+    """This process's GPU's peak (bench/gpu_bench.py's MFU); None on the CPU or unknown GPUs."""
+    return peak_bf16_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
 
 
 class MetricsLogger:
@@ -220,9 +278,39 @@ def reduce_reports(reports: list[dict[str, torch.Tensor]]) -> dict[str, float]:
 
 
 def peak_memory_gb() -> float:
-    """Peak allocated device memory (GPU), or the process's peak resident set (CPU)."""
+    """On a GPU, the peak allocated memory since the previous call: the trainer calls it
+    once a step, so each step reports its own peak (the reset follows the read). On the
+    CPU, the process's peak resident set since it started: ``ru_maxrss`` cannot be reset,
+    so there it never falls."""
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def segment_lengths(dataset: DistillationDataset, index: int) -> list[int]:
+    """The attention segments of sample ``index``: each record's positions, then the padding
+    as one more segment (packed samples' THD attention computes it as one)."""
+    records = dataset.records[dataset.offsets[index] : dataset.offsets[index + 1]]
+    lengths = [int(positions) for positions in dataset.positions[records]]
+    padding = dataset.seq_length - sum(lengths)
+    return lengths + ([padding] if padding else [])
+
+
+def attention_span(samples: Iterable[Sequence[int]]) -> float:
+    """How many positions a position attends to on average, counting every key of its
+    segment (no causal saving, as plan.py counts): sum(len^2) / sum(len) over the segments."""
+    lengths = [length for segments in samples for length in segments]
+    return sum(length * length for length in lengths) / sum(lengths)
+
+
+def step_attention_span(dataset: DistillationDataset, sampler: DistributedBatchSampler) -> float:
+    """The attention span of the global batch the sampler handed out last: the full sequence
+    unpacked; with packing, each record attends only to itself."""
+    if not dataset.pack:
+        return float(dataset.seq_length)
+    first = sampler.consumed_samples - sampler.global_batch_size
+    return attention_span(segment_lengths(dataset, i) for i in sampler.global_batch(first))

@@ -75,6 +75,18 @@ class DistillationPair(MegatronModule):
             return student_out, teacher_out
         return torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1), None
 
+    def set_is_first_microbatch(self) -> None:
+        """Each model recasts its FP8 weights by its own config (the schedule calls this on
+        the first micro-batch of a step, ``forward_step`` in Megatron-Core's schedules).
+
+        The pair carries the student's config; ``MegatronModule.set_is_first_microbatch``
+        on it would look only at the student's ``fp8`` and, unset, leave the FP8 teacher's
+        linears reusing their first weight cast for the whole job.
+        """
+        unwrap_model(self.student).set_is_first_microbatch()
+        if self.teacher is not None:
+            self.teacher.set_is_first_microbatch()
+
     def adjust_tensor_shapes(self, recv_shapes: list, send_shapes: list) -> tuple[list, list]:
         """Widen the p2p shapes by the teacher's hidden size (for the 1F1B schedule)."""
         widen = lambda shapes: [(s, b, h + self.teacher_hidden) for s, b, h in shapes]  # noqa: E731

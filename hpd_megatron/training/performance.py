@@ -9,12 +9,14 @@ when a kernel is missing, and a setting that cannot run here is refused with its
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from hpd_megatron.errors import ConfigError
+from hpd_megatron.models.builder import transformer_engine_import
 from hpd_megatron.models.dtypes import DTYPES
 from hpd_megatron.training.config import PerformanceConfig, RunConfig
 
@@ -28,15 +30,21 @@ class Kernels:
     apex_weight_gradient: bool
     """apex's fused_weight_gradient_mlp_cuda, which Megatron's gradient-accumulation fusion
     needs in every ColumnParallelLinear (the output layer is one, also with the TE spec)."""
+    te_version: str | None = None
+    te_problem: str | None = None
+    """Why Transformer Engine is unusable ("not installed", or the import's error)."""
 
     @classmethod
     def detect(cls) -> Kernels:
         cuda = torch.cuda.is_available()
+        version, problem = transformer_engine_import() if cuda else (None, "no CUDA")
         return cls(
             cuda=cuda,
-            transformer_engine=cuda and importlib.util.find_spec("transformer_engine") is not None,
+            transformer_engine=version is not None,
             apex_weight_gradient=cuda
             and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None,
+            te_version=version,
+            te_problem=problem,
         )
 
 
@@ -60,18 +68,73 @@ class Performance:
     """DistributedDataParallelConfig fields (build_optimizer copies overlap_param_gather)."""
 
 
+FP8_ALIGNMENT = 16
+SUPPORTED_TE = ((2, 9), (2, 12))
+"""Transformer Engine versions megatron-core 0.16.1 is developed against: >=2.9,<2.12
+(requirements-gpu.txt)."""
+
+
+def _te_version_supported(version: str) -> bool:
+    numbers = re.match(r"(\d+)\.(\d+)", version)
+    if numbers is None:
+        return False
+    release = (int(numbers[1]), int(numbers[2]))
+    return SUPPORTED_TE[0] <= release < SUPPORTED_TE[1]
+
+
 def use_transformer_engine(settings: PerformanceConfig, kernels: Kernels) -> bool:
     """The TE spec on CUDA unless the recipe asks for the local one; never on the CPU."""
     if not kernels.cuda or settings.transformer_impl == "local":
         return False
+    fallback = (
+        "performance.transformer_impl=local runs Megatron's unfused spec, which runs out of "
+        "memory at long sequences"
+    )
     if not kernels.transformer_engine:
         raise ConfigError(
-            "performance.transformer_impl: transformer_engine, but Transformer Engine is not "
-            "installed (pip install -r requirements-gpu.txt, or the NGC PyTorch container); "
-            "performance.transformer_impl=local runs Megatron's unfused spec, which runs out "
-            "of memory at long sequences"
+            f"performance.transformer_impl: transformer_engine, but Transformer Engine is "
+            f"{kernels.te_problem} (pip install -r requirements-gpu.txt, or the NGC PyTorch "
+            f"container); {fallback}"
+        )
+    if not _te_version_supported(kernels.te_version):
+        low, high = SUPPORTED_TE
+        raise ConfigError(
+            f"performance.transformer_impl: Transformer Engine {kernels.te_version} is outside "
+            f"the supported range >={low[0]}.{low[1]},<{high[0]}.{high[1]} (megatron-core "
+            f"0.16.1; requirements-gpu.txt installs a supported one); {fallback}"
         )
     return True
+
+
+def transformer_engine_problems(run: RunConfig, tensor_parallel_size: int, sp: bool) -> list[str]:
+    """What the TE spec would reject in its first forward, found before anything is built."""
+    problems = []
+    if run.data.pack and run.schedule.micro_batch_size > 1:
+        # Packed samples run as THD (one flat token stream per micro-batch), which TE's
+        # attention and Megatron's packed_seq_params take one sample at a time.
+        problems.append(
+            f"schedule.micro_batch_size: {run.schedule.micro_batch_size} with data.pack; "
+            "packed samples run one per micro-batch with Transformer Engine (set it to 1 "
+            "and raise global_batch_size's accumulation instead)"
+        )
+    if run.performance.teacher_precision == "fp8":
+        problems += _fp8_gemm_problems(run, tensor_parallel_size, sp)
+    return problems
+
+
+def _fp8_gemm_problems(run: RunConfig, tensor_parallel_size: int, sp: bool) -> list[str]:
+    """TE's FP8 GEMMs need each input's rows (tokens) and width divisible by 16
+    (``assert_dim_for_fp8_exec``); with sequence parallelism a rank casts 1/TP of the tokens."""
+    tokens = run.schedule.micro_batch_size * run.data.seq_length
+    local = tokens // tensor_parallel_size if sp else tokens
+    if local % FP8_ALIGNMENT == 0:
+        return []
+    where = f" / TP {tensor_parallel_size} (sequence parallel)" if sp else ""
+    return [
+        f"performance.teacher_precision: fp8 needs the tokens per GEMM divisible by "
+        f"{FP8_ALIGNMENT}; micro_batch_size x seq_length = {tokens}{where} = {local} is not "
+        f"(choose data.seq_length a multiple of {FP8_ALIGNMENT * tensor_parallel_size})"
+    ]
 
 
 def sequence_parallel(settings: PerformanceConfig, tensor_parallel_size: int, te: bool) -> bool:
@@ -152,6 +215,7 @@ def resolve_performance(
     te = use_transformer_engine(settings, kernels)
     sp = sequence_parallel(settings, tensor_parallel_size, te)
     problems = sequence_parallel_problems(run, tensor_parallel_size, sp)
+    problems += transformer_engine_problems(run, tensor_parallel_size, sp) if te else []
     if problems:
         raise ConfigError(problems[0])
     shared = {

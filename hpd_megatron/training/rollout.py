@@ -13,7 +13,8 @@ evenly over its positions, become rollouts:
 
 Reproducibility: which samples roll out depends on their position in the global batch,
 and row r's token at position t on (rollout seed, step, sample index, t) alone, never on
-the DP size, the micro-batch size or the other rows (``generate(row_seeds=...)``). So a
+the DP size, the micro-batch size or the other rows (``generate(row_seeds=...)``: Philox
+keyed by the row's seed below, counted by t, for all rows at once on the device). So a
 resumed run, whose weights are bit-identical, writes the same rollouts.
 """
 

@@ -30,6 +30,7 @@ from hpd_megatron.checkpoint.signals import StopRequested
 from hpd_megatron.data.files import staged_files
 from hpd_megatron.errors import NonFiniteTraining
 from hpd_megatron.models.description import ModelDescription
+from hpd_megatron.models.dtypes import DTYPES
 from hpd_megatron.parallel.initialize import destroy_parallel, initialize_parallel
 from hpd_megatron.plan import training_flops_per_token
 from hpd_megatron.tracking import redacted_config
@@ -47,6 +48,7 @@ from hpd_megatron.training.metrics import (
     MetricsLogger,
     peak_memory_gb,
     reduce_reports,
+    step_attention_span,
 )
 from hpd_megatron.training.objective import DistillationObjective
 from hpd_megatron.training.performance import resolve_performance
@@ -106,14 +108,14 @@ class DistillationTrainer:
         apex = "apex" if importlib.util.find_spec("apex") is not None else "no apex"
         if student.overrides["sequence_parallel"]:
             spec += ", sequence parallel"
+        names = {dtype: name for name, dtype in DTYPES.items()}  # the recipes' spelling
         teacher = ""
         if self.teacher_description is not None:
-            dtype = str(teacher_settings.params_dtype).removeprefix("torch.")
             fp8 = " with fp8 linears" if "fp8" in teacher_settings.overrides else ""
-            teacher = f", teacher {dtype}{fp8}"
+            teacher = f", teacher {names[teacher_settings.params_dtype]}{fp8}"
         return (
             f"hpd-megatron: backend {self.context.backend}, device {self.context.device.type}, "
-            f"layer spec {spec} ({apex}), student {self.run.params_dtype}{teacher}, "
+            f"layer spec {spec} ({apex}), student {names[student.params_dtype]}{teacher}, "
             f"layout {self.context.layout.describe()}"
         )
 
@@ -160,6 +162,8 @@ class DistillationTrainer:
             )
             self.feed.load_state_dict(extra["sampler"])
         self.skipped_steps = self.consecutive_nonfinite = 0
+        # The teacher is not checkpointed: a resumed run warms it up again.
+        self.teacher_fp8_warm_up = self.performance.teacher.overrides.get("fp8_recipe") == "delayed"
 
     def _write_resolved_config(self) -> None:
         run_dir = Path(self.run.run_dir)
@@ -216,6 +220,8 @@ class DistillationTrainer:
         """
         start = time.perf_counter()
         micro_batches, rollout_metrics = self._roll_out(step, self.feed.next_step())
+        if self.teacher_fp8_warm_up:
+            self._warm_up_fp8_teacher(step, micro_batches)
         self.models.student.zero_grad_buffer()
         self.optimizer.zero_grad()
         reports = run_schedule(
@@ -235,6 +241,24 @@ class DistillationTrainer:
         self.metrics.log(step, metrics)
         self._check_nonfinite_limit(step)
         return StepResult(step, applied, metrics)
+
+    def _warm_up_fp8_teacher(self, step: int, micro_batches: list) -> None:
+        """One forward of the step's batch, its output unused, before the first update.
+
+        With delayed FP8 scaling a weight's scale comes from the amax of earlier forwards,
+        and is 1 before any: the first step's teacher would compute with weights cast at
+        scale 1 (TE's ``DelayedScaling``). This forward fills the history first.
+        """
+        run_schedule(
+            self.models.pair,
+            micro_batches,
+            partial(self.objective.forward_step, step),
+            seq_length=self.run.data.seq_length,
+            micro_batch_size=self.run.schedule.micro_batch_size,
+            adjust_tensor_shapes_fn=self.models.pair.adjust_tensor_shapes,
+            forward_only=True,
+        )
+        self.teacher_fp8_warm_up = False
 
     def _roll_out(self, step: int, micro_batches: list) -> tuple[list, dict[str, float]]:
         """The student's replies in place of a share of the step's samples (rollout:)."""
@@ -267,14 +291,24 @@ class DistillationTrainer:
             return {}
         metrics = reduce_reports(reports)
         tokens = metrics.pop("num_tokens")
+        # The step's model FLOPs over all ranks (the console's MFU): packed, each record
+        # attends only to itself, so the span comes from the step's own records.
+        flops_per_token = training_flops_per_token(
+            self.student_description,
+            self.teacher_description,
+            step_attention_span(self.feed.dataset, self.feed.sampler),
+            self.run.parallel.tensor_model_parallel_size,
+        )
+        positions = self.run.schedule.global_batch_size * self.run.data.seq_length
         metrics.update(
             lr=self.optimizer.param_groups[0]["lr"],
             grad_norm=grad_norm,
             step_time_s=elapsed,
             tokens_per_s=tokens / elapsed,
             supervised_tokens=tokens,
-            peak_memory_gb=peak_memory_gb(),
+            peak_memory_gb=peak_memory_gb(),  # this step's (GPU); the process's so far (CPU)
             skipped_steps=self.skipped_steps,
+            model_flops=positions * flops_per_token,
         )
         return metrics
 

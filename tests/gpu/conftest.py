@@ -10,6 +10,11 @@ import os
 import pytest
 import torch
 
+from hpd_megatron.parallel.initialize import use_one_cuda_connection
+
+# Before any test touches CUDA; spawned ranks and torchrun children inherit it.
+use_one_cuda_connection()
+
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     from hpd_megatron.parallel.device import visible_gpus
