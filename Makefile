@@ -17,7 +17,7 @@ SMOKE_RANKS ?= 4
 SMOKE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo smoke lint test test-fast test-gpu venv clean system-packages
+.PHONY: demo smoke lint test test-fast test-gpu gpu-check venv clean system-packages
 
 # The Slurm tests start a real single-node Slurm (Debian's slurm-wlm and munge) and check the
 # templates with shellcheck. As root on Debian they are installed when missing; elsewhere the
@@ -95,6 +95,15 @@ test-fast: $(STAMP) lint
 # lists what this node's GPU count skipped.
 test-gpu: $(COMPILED)
 	HPD_GPU_TESTS=1 $(BIN)/python -m pytest -rs tests/gpu $(PYTEST_ARGS)
+
+# The first GPU session's one command (bench/gpu_check.py): make test-gpu, the GPU bench, the
+# rollout bench at Qwen2.5-1.5B shape, the FP8 teacher against bf16 and the converter's bf16
+# --verify, in about 9 minutes on one GPU; bench/results/gpu_check.json and .md.
+# DRY_RUN=1 runs every step's code with tiny shapes on the CPU (make test does).
+DRY_RUN ?=
+GPU_CHECK_OUT ?= bench/results
+gpu-check: $(COMPILED)
+	$(BIN)/python bench/gpu_check.py --out $(GPU_CHECK_OUT) $(if $(DRY_RUN),--dry-run)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

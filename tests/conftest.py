@@ -77,6 +77,7 @@ MULTIRANK_MODULES = {
     "test_cpu_emulation",
     "test_device_placement",
     "test_generation",
+    "test_gpu_check",
     "test_gpu_conftest",
     "test_layout_equivalence",
     "test_losses_tp",
@@ -88,7 +89,7 @@ MULTIRANK_MODULES = {
     "test_training_tracking",
     "test_untrusted_checkpoints",
 }
-SLOW_MODULES = {"test_slurm", "test_tracking", "test_training_tracking"}
+SLOW_MODULES = {"test_gpu_check", "test_slurm", "test_tracking", "test_training_tracking"}
 
 
 def pytest_collection_modifyitems(config, items) -> None:
