@@ -272,12 +272,12 @@ def _fp8_teacher_casts(recipe: str, overrides: list[str], pair_forwards_flag: bo
         history = trainer.train()
         teacher = trainer.watched.pair.teacher
         linears = te_standin.standin_modules(teacher, te_standin.FirstMicrobatchCast)
-        flags_after_call = []
         for linear in linears:
             linear.is_first_microbatch = False
         trainer.watched.pair.set_is_first_microbatch()
         flags_after_call = [linear.is_first_microbatch for linear in linears]
         fp8 = teacher.config.fp8, teacher.config.fp8_recipe
+        startup = trainer._startup_line()
     finally:
         trainer.close()
     return {
@@ -285,6 +285,7 @@ def _fp8_teacher_casts(recipe: str, overrides: list[str], pair_forwards_flag: bo
         "fp8": fp8,
         "scales": [linear.cast_scales for linear in linears],
         "flags_after_call": flags_after_call,
+        "startup": startup,
     }
 
 
@@ -305,6 +306,8 @@ def test_fp8_teacher_recasts_its_weights_every_step(setup, recipe):
         overrides = overrides[:-1]  # the default
     result = run_on_ranks(_fp8_teacher_casts, 1, setup["recipe"], overrides, True)[0]
     assert result["fp8"] == ("e4m3", recipe)
+    assert "layer spec transformer_engine 2.10.0 (no apex)" in result["startup"]
+    assert f"teacher bf16 with fp8 linears ({recipe} scaling)" in result["startup"]
     assert result["scales"] and all(result["flags_after_call"])
     for scales in result["scales"]:
         if recipe == "delayed":

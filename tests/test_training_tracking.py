@@ -147,7 +147,7 @@ def test_an_unreachable_server_does_not_stop_training(setup):
     # One start-up line says what the run computes on; Megatron's fallback warnings are gone.
     assert result.stdout.splitlines()[0] == (
         "hpd-megatron: backend gloo, device cpu, layer spec local (no apex), student fp32, "
-        "teacher float32, layout TP=1 PP=1 CP=1 DP=1"
+        "teacher fp32, layout TP=1 PP=1 CP=1 DP=1"
     )
     assert "is not installed" not in result.stderr and "are not installed" not in result.stderr
     assert f"cannot reach the tracking server at {uri}" in result.stderr

@@ -241,8 +241,8 @@ class RolloutConfig:
     max_new_tokens: int = 64
     """Reply length limit; a reply also stops where prompt + reply fill data.seq_length + 1."""
     seed: int | None = None
-    """Row r's token at position t is drawn from sha256(seed/step/sample/t); None: the run's
-    seed."""
+    """Row r's uniform at position t is Philox keyed by a hash of (seed, step, sample) at
+    counter t (``eval.sampling.counter_uniforms``); None: the run's seed."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fraction <= 1.0:

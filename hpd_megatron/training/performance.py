@@ -66,6 +66,8 @@ class Performance:
     teacher: ModelSettings
     ddp: dict[str, Any]
     """DistributedDataParallelConfig fields (build_optimizer copies overlap_param_gather)."""
+    transformer_engine_version: str | None = None
+    """The TE both models use (None: the local spec)."""
 
 
 FP8_ALIGNMENT = 16
@@ -238,4 +240,5 @@ def resolve_performance(
             "overlap_grad_reduce": settings.overlap_grad_reduce,
             "overlap_param_gather": settings.overlap_param_gather,
         },
+        transformer_engine_version=kernels.te_version if te else None,
     )

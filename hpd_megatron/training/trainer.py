@@ -104,14 +104,17 @@ class DistillationTrainer:
     def _startup_line(self) -> str:
         """What this run computes on, in one line: the first thing to check on a new cluster."""
         student, teacher_settings = self.performance.student, self.performance.teacher
-        spec = "transformer_engine" if student.use_transformer_engine else "local"
+        spec = "local"
+        if student.use_transformer_engine:  # the version a site's container really has
+            spec = f"transformer_engine {self.performance.transformer_engine_version}"
         apex = "apex" if importlib.util.find_spec("apex") is not None else "no apex"
         if student.overrides["sequence_parallel"]:
             spec += ", sequence parallel"
         names = {dtype: name for name, dtype in DTYPES.items()}  # the recipes' spelling
         teacher = ""
         if self.teacher_description is not None:
-            fp8 = " with fp8 linears" if "fp8" in teacher_settings.overrides else ""
+            fp8 = teacher_settings.overrides.get("fp8_recipe")
+            fp8 = f" with fp8 linears ({fp8} scaling)" if fp8 else ""
             teacher = f", teacher {names[teacher_settings.params_dtype]}{fp8}"
         return (
             f"hpd-megatron: backend {self.context.backend}, device {self.context.device.type}, "
