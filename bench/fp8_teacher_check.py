@@ -22,47 +22,25 @@ import torch.nn.functional as F
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
+sys.path.insert(0, str(BENCH))
 
-# Llama-3.2-1B-shaped at 4096 tokens on a GPU (the gpu_bench student); tiny on the CPU.
-FULL = dict(
-    model=dict(
-        family="llama",
-        num_layers=16,
-        hidden_size=2048,
-        num_attention_heads=32,
-        num_query_groups=8,
-        ffn_hidden_size=8192,
-        vocab_size=128256,
-        tie_word_embeddings=True,
-    ),
-    seq_length=4096,
-    micro_batches=4,
-)
-TINY = dict(
-    model=dict(
-        family="llama",
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_query_groups=2,
-        ffn_hidden_size=128,
-        vocab_size=256,
-    ),
-    seq_length=64,
-    micro_batches=2,
-)
+import gpu_bench  # noqa: E402
+
+# gpu_bench's shapes: the Llama-3.2-1B student at 4096 tokens on a GPU; step_bench's on the CPU.
+FULL = dict(model=gpu_bench.STUDENT, seq_length=4096, micro_batches=4)
+TINY = dict(model=gpu_bench.TINY["student"], seq_length=64, micro_batches=2)
 MAX_RELATIVE_DIFFERENCE = 0.02
 """FP8 (E4M3) linears move a teacher's cross-entropy by well under 1 % at these shapes; 2 %
 flags a broken cast (for instance one stuck at scale 1) rather than FP8's rounding."""
 
 
 def _teacher(run, description, precision: str) -> torch.nn.Module:
-    from hpd_megatron.training.components import _build_model
+    from hpd_megatron.training.components import build_model
     from hpd_megatron.training.performance import resolve_performance
 
     run.performance.teacher_precision = precision
     settings = resolve_performance(run, 1).teacher
-    return _build_model(description, settings, packed=False).eval()
+    return build_model(description, settings, packed=False).eval()
 
 
 def _cross_entropy(model: torch.nn.Module, batches: list[torch.Tensor], vocab: int) -> float:

@@ -47,7 +47,7 @@ def _in_dtype(model: torch.nn.Module, config) -> torch.nn.Module:
     return model
 
 
-def _build_model(
+def build_model(
     description: ModelDescription, settings: ModelSettings, packed: bool, **overrides
 ) -> torch.nn.Module:
     """One model's stage with the performance section's settings, every parameter in dtype."""
@@ -75,14 +75,14 @@ def build_models(
     performance = resolve_performance(run, parallel_state.get_tensor_model_parallel_world_size())
     # The loss function returns (sum, num_tokens): the schedule then divides the
     # gradients by the global batch's token count, giving the global token mean.
-    student = _build_model(
+    student = build_model(
         student_description, performance.student, run.data.pack, calculate_per_token_loss=True
     )
     if run.checkpoint.load and not resuming:
         load_model_weights(student, run.checkpoint.load, run.performance.fully_parallel_load)
     teacher = None
     if teacher_description is not None:
-        teacher = _build_model(teacher_description, performance.teacher, run.data.pack)
+        teacher = build_model(teacher_description, performance.teacher, run.data.pack)
         if run.teacher is not None and run.teacher.checkpoint:
             load_model_weights(teacher, run.teacher.checkpoint, run.performance.fully_parallel_load)
     student_config = student.config

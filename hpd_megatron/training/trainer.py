@@ -227,14 +227,7 @@ class DistillationTrainer:
             self._warm_up_fp8_teacher(step, micro_batches)
         self.models.student.zero_grad_buffer()
         self.optimizer.zero_grad()
-        reports = run_schedule(
-            self.models.pair,
-            micro_batches,
-            partial(self.objective.forward_step, step),
-            seq_length=self.run.data.seq_length,
-            micro_batch_size=self.run.schedule.micro_batch_size,
-            adjust_tensor_shapes_fn=self.models.pair.adjust_tensor_shapes,
-        )
+        reports = self._run_pair(step, micro_batches)
         applied, grad_norm = self._apply_gradients()
         teacher_s = self.models.pair.teacher_timer.take_seconds()
         metrics = self._step_metrics(reports, grad_norm, time.perf_counter() - start)
@@ -252,16 +245,20 @@ class DistillationTrainer:
         and is 1 before any: the first step's teacher would compute with weights cast at
         scale 1 (TE's ``DelayedScaling``). This forward fills the history first.
         """
-        run_schedule(
+        self._run_pair(step, micro_batches, forward_only=True)
+        self.teacher_fp8_warm_up = False
+
+    def _run_pair(self, step: int, micro_batches: list, forward_only: bool = False) -> list:
+        """The step's micro-batches through the pair and the loss; the loss reports."""
+        return run_schedule(
             self.models.pair,
             micro_batches,
             partial(self.objective.forward_step, step),
             seq_length=self.run.data.seq_length,
             micro_batch_size=self.run.schedule.micro_batch_size,
             adjust_tensor_shapes_fn=self.models.pair.adjust_tensor_shapes,
-            forward_only=True,
+            forward_only=forward_only,
         )
-        self.teacher_fp8_warm_up = False
 
     def _roll_out(self, step: int, micro_batches: list) -> tuple[list, dict[str, float]]:
         """The student's replies in place of a share of the step's samples (rollout:)."""
