@@ -73,15 +73,16 @@ def hf_model(directory: Path, tiny: bool) -> Path:
 
 def plan_steps(out: Path, dry_run: bool) -> list[Step]:
     work = out / "gpu_check_work"
-    tiny = ["--tiny"] if dry_run else []
-    if dry_run:
+    if dry_run:  # tiny shapes, one timed round each: the code runs, nothing is measured
         test_gpu = [PYTHON, "-m", "pytest", "-q", "--collect-only", "tests/gpu"]
-        rollout = [PYTHON, "bench/rollout_bench.py"]
+        rollout = [PYTHON, "bench/rollout_bench.py", "--repeats", "1"]
+        bench, fp8 = ["--tiny", "--repeats", "1"], ["--tiny"]
     else:
         test_gpu = ["make", "test-gpu"]
         rollout = [PYTHON, "bench/rollout_bench.py", "--shape", "qwen2.5-1.5b"]
+        bench, fp8 = [], []
     gpu_bench = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1"]
-    gpu_bench += ["bench/gpu_bench.py", *tiny]
+    gpu_bench += ["bench/gpu_bench.py", *bench]
     convert = [PYTHON, "tools/convert_hf_to_megatron.py", "--hf-dir", str(work / "hf")]
     convert += ["--out", str(work / "megatron"), "--dtype", "bf16", "--verify", "--no-progress"]
     return [
@@ -90,7 +91,7 @@ def plan_steps(out: Path, dry_run: bool) -> list[Step]:
              work / "gpu_bench.json"),
         Step("rollout_bench", rollout + ["--output", str(work / "rollout.json")], 180,
              work / "rollout.json"),
-        Step("fp8_teacher", [PYTHON, "bench/fp8_teacher_check.py", *tiny, "--output",
+        Step("fp8_teacher", [PYTHON, "bench/fp8_teacher_check.py", *fp8, "--output",
              str(work / "fp8_teacher.json")], 180, work / "fp8_teacher.json"),
         Step("convert_verify_bf16", convert, 240, work / "megatron" / "verify.json"),
     ]  # fmt: skip
