@@ -477,3 +477,50 @@ def test_disk_full_while_saving_keeps_the_last_save(setup, tmp_path):
     ) in str(error.value)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["iter_0000001", TRACKER]
     assert (checkpoints / TRACKER).read_text() == "1\n"
+
+
+def _load_a_checkpoint_with_a_hostile_object(root: str) -> str:
+    """A real model checkpoint whose first linear_proj's extra state (which the local spec
+    loads too) is a payload; the load's error."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from hpd_megatron.checkpoint.dist_save import save_sharded
+    from hpd_megatron.checkpoint.weights import load_model_weights
+    from hpd_megatron.models.builder import build_gpt_model, transformer_config
+    from hpd_megatron.models.description import ModelDescription
+    from hpd_megatron.parallel.initialize import destroy_parallel, initialize_parallel
+    from hpd_megatron.parallel.layout import ParallelLayout
+    from tests.training_runs import STUDENT
+
+    initialize_parallel(ParallelLayout(1, 1), seed=1)
+    description = ModelDescription.from_dict(STUDENT)
+    model = build_gpt_model(description, transformer_config(description))
+    state = model.sharded_state_dict()
+    key = "decoder.layers.self_attention.linear_proj._extra_state"
+    payload = _Payload(Path(root) / "payload_ran")
+    layers = (description.num_layers,)
+    state["decoder.layers.0.self_attention.linear_proj._extra_state"] = ShardedObject(
+        key, payload, layers, (0,), replica_id=0
+    )
+    directory = Path(root) / "ckpt"
+    directory.mkdir()
+    save_sharded(state, directory)
+    try:
+        load_model_weights(model, directory)
+    except CheckpointError as error:
+        return str(error)
+    finally:
+        destroy_parallel()
+    return "loaded"
+
+
+def test_an_object_that_would_run_code_is_refused_before_the_load(tmp_path):
+    """DCP reads every object (extra states, RNG states) with unrestricted torch.load."""
+    from tests.multiprocess import run_on_ranks
+
+    message = run_on_ranks(_load_a_checkpoint_with_a_hostile_object, 1, str(tmp_path))[0]
+    assert not (tmp_path / "payload_ran").exists()
+    assert message.startswith(f"{tmp_path / 'ckpt'}/__0_0.distcp: refused: object ")
+    key = "decoder.layers.self_attention.linear_proj._extra_state/shard_0_2"
+    assert f"'{key}' is not plain data" in message
+    assert message.endswith("a tampered or foreign file; nothing was loaded)")

@@ -16,6 +16,7 @@ index.
 from __future__ import annotations
 
 import collections
+import io
 import os
 import pickle
 import zipfile
@@ -29,7 +30,11 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from torch.distributed.checkpoint import filesystem, planner
 from torch.distributed.checkpoint import metadata as dcp_metadata
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    Metadata,
+    TensorStorageMetadata,
+)
 
 from hpd_megatron.errors import CheckpointError
 
@@ -123,7 +128,33 @@ def read_index(directory: str | Path) -> Metadata:
         if actual < size:
             raise CheckpointError(f"{path}: truncated ({actual} bytes, the index needs {size})")
     _check_common_state(directory / "common.pt")
+    _check_objects(directory, index)
     return index
+
+
+def _check_objects(directory: Path, index: Metadata) -> None:
+    """Every pickled object the checkpoint holds is plain data (tensors, numbers, dicts).
+
+    ``torch.distributed.checkpoint`` reads each object (Megatron's ShardedObjects: extra
+    states, RNG states) with ``torch.load(weights_only=False)``, which runs whatever a
+    tampered one names; here each is first read with torch's weights-only unpickler.
+    """
+    for item_index, item in index.storage_data.items():
+        if not isinstance(index.state_dict_metadata.get(item_index.fqn), BytesStorageMetadata):
+            continue
+        with open(directory / item.relative_path, "rb") as file:
+            file.seek(item.offset)
+            data = file.read(item.length)
+        try:
+            torch.load(io.BytesIO(data), weights_only=True)
+        except Exception as error:  # noqa: BLE001 - whatever the refusal, nothing ran
+            reason = (
+                str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            )
+            raise CheckpointError(
+                f"{directory / item.relative_path}: refused: object {item_index.fqn!r} is not "
+                f"plain data ({reason[:200]}; a tampered or foreign file; nothing was loaded)"
+            ) from None
 
 
 def _check_common_state(path: Path) -> None:
