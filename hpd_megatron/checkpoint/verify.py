@@ -19,6 +19,7 @@ import collections
 import io
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -148,13 +149,18 @@ def _check_objects(directory: Path, index: Metadata) -> None:
         try:
             torch.load(io.BytesIO(data), weights_only=True)
         except Exception as error:  # noqa: BLE001 - whatever the refusal, nothing ran
-            reason = (
-                str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-            )
             raise CheckpointError(
-                f"{directory / item.relative_path}: refused: object {item_index.fqn!r} is not "
-                f"plain data ({reason[:200]}; a tampered or foreign file; nothing was loaded)"
+                f"{directory / item.relative_path}: refused: object {item_index.fqn!r} "
+                f"{_not_plain_data(error)} (a tampered or foreign file; nothing was loaded)"
             ) from None
+
+
+def _not_plain_data(error: Exception) -> str:
+    """What the weights-only unpickler refused, in a few words."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    if found:
+        return f"names {found[1]}, which a checkpoint's objects never hold"
+    return f"is not plain data ({type(error).__name__})"
 
 
 def _check_common_state(path: Path) -> None:
