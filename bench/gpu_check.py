@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -189,9 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
+    from hpd_megatron.parallel.initialize import use_one_cuda_connection
+
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("needs CUDA (a GPU node, in the container); --dry-run runs on the CPU")
-    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    use_one_cuda_connection()  # the steps inherit it
     work = args.out / "gpu_check_work"
     work.mkdir(parents=True, exist_ok=True)
     hf_model(work / "hf", tiny=args.dry_run)

@@ -201,7 +201,7 @@ def test_peak_bf16_flops_by_device_name(name, peak):
 
 
 def test_an_unknown_gpu_says_mfu_na_once(capsys):
-    console = ConsoleSink(from_dict(RunConfig, CONSOLE_RUN), 1, 1e9, device_name="NVIDIA L40S")
+    console = ConsoleSink(from_dict(RunConfig, CONSOLE_RUN), 1, device_name="NVIDIA L40S")
     console.log_metrics({"loss": 1.0, "step_time_s": 2.0}, 1)
     console.log_metrics({"loss": 1.0, "step_time_s": 2.0}, 2)
     first, second = capsys.readouterr().out.splitlines()
@@ -210,7 +210,7 @@ def test_an_unknown_gpu_says_mfu_na_once(capsys):
 
 
 def test_console_labels_and_mfu_on_an_h100_pcie(capsys):
-    console = ConsoleSink(from_dict(RunConfig, CONSOLE_RUN), 2, 1e9, device_name="NVIDIA H100 PCIe")
+    console = ConsoleSink(from_dict(RunConfig, CONSOLE_RUN), 2, device_name="NVIDIA H100 PCIe")
     # 756 TFLOP in 2 s on 2 GPUs: a quarter of the PCIe board's 756 TFLOP/s per GPU.
     metrics = {"tokens_per_s": 300.0, "step_time_s": 2.0, "model_flops": 756e12}
     console.log_metrics(metrics, 1)

@@ -34,7 +34,7 @@ class RecordingSink:
 
 def test_console_line_has_throughput_per_process_and_eta(capsys):
     run = from_dict(RunConfig, RUN)
-    console = ConsoleSink(run, world_size=4, flops_per_token=1e9)
+    console = ConsoleSink(run, world_size=4)
     console.log_metrics({"loss": 1.5, "step_time_s": 4.0}, 3)  # not a multiple of 2: silent
     assert capsys.readouterr().out == ""
     console.log_metrics({"loss": 1.25, "step_time_s": 2.0, "hpd/b_mean": 0.5}, 4)

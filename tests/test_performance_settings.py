@@ -14,11 +14,9 @@ from hpd_megatron.training.config import RunConfig
 from hpd_megatron.training.performance import Kernels, resolve_performance
 from tests.training_runs import STUDENT, TEACHER
 
-CPU = Kernels(cuda=False, transformer_engine=False, apex_weight_gradient=False)
-GPU = Kernels(cuda=True, transformer_engine=True, apex_weight_gradient=True, te_version="2.10.0")
-BARE_GPU = Kernels(
-    cuda=True, transformer_engine=False, apex_weight_gradient=False, te_problem="not installed"
-)
+CPU = Kernels(cuda=False, apex_weight_gradient=False)
+GPU = Kernels(cuda=True, apex_weight_gradient=True, te_version="2.10.0")
+BARE_GPU = Kernels(cuda=True, apex_weight_gradient=False, te_problem="not installed")
 
 
 def _run(**sections) -> RunConfig:
@@ -188,13 +186,9 @@ def test_a_broken_or_unsupported_transformer_engine_is_refused_by_name(tmp_path,
     finally:
         builder.transformer_engine_import.cache_clear()
     assert version is None and "broken (OSError: libtransformer_engine.so" in problem
-    node = Kernels(
-        cuda=True, transformer_engine=False, apex_weight_gradient=False, te_problem=problem
-    )
+    node = Kernels(cuda=True, apex_weight_gradient=False, te_problem=problem)
     with pytest.raises(ConfigError, match="Transformer Engine is installed but broken"):
         resolve_performance(_run(), 1, node)
-    newer = Kernels(
-        cuda=True, transformer_engine=True, apex_weight_gradient=False, te_version="2.12.0"
-    )
+    newer = Kernels(cuda=True, apex_weight_gradient=False, te_version="2.12.0")
     with pytest.raises(ConfigError, match=r"2\.12\.0 is outside the supported range >=2\.9,<2\.12"):
         resolve_performance(_run(), 1, newer)

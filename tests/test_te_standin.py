@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from tests.multiprocess import run_on_ranks
-from tests.training_runs import STUDENT, TEACHER, logged
+from tests.training_runs import STUDENT, TEACHER, logged, train_on_rank
 
 TP2_PP2 = ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"]
 QK_NORM = dict(TEACHER, family="qwen3", num_layers=2, qk_layernorm=True, kv_channels=24)
@@ -97,7 +97,6 @@ def _keys_asked_and_written(root: Path) -> dict:
 
 def _train_through_standin(recipe: str, overrides: list[str]) -> dict:
     from tests import te_standin
-    from tests.training_runs import train_on_rank
 
     te_standin.install()
     return train_on_rank(recipe, overrides)
@@ -191,14 +190,8 @@ def cpu_run(setup, sources) -> dict:
         "checkpoint.save_interval=2",
         f"checkpoint.export_dir={run_dir / 'export'}",
     ]
-    history = logged(run_on_ranks(_train_on_local, 4, setup["recipe"], overrides))
+    history = logged(run_on_ranks(train_on_rank, 4, setup["recipe"], overrides))
     return {"run_dir": run_dir, "overrides": overrides, "history": history}
-
-
-def _train_on_local(recipe: str, overrides: list[str]) -> dict:
-    from tests.training_runs import train_on_rank
-
-    return train_on_rank(recipe, overrides)
 
 
 def test_cpu_checkpoint_resumes_through_te_standin_at_tp2_pp2(setup, sources, cpu_run):
@@ -255,9 +248,7 @@ def _fp8_teacher_casts(recipe: str, overrides: list[str], pair_forwards_flag: bo
     from tests import te_standin
 
     te_standin.install()
-    node = performance.Kernels(
-        cuda=True, transformer_engine=True, apex_weight_gradient=False, te_version="2.10.0"
-    )
+    node = performance.Kernels(cuda=True, apex_weight_gradient=False, te_version="2.10.0")
     performance.Kernels.detect = classmethod(lambda cls: node)
     if not pair_forwards_flag:  # the pair as it was: the student's config decides for both
         del DistillationPair.set_is_first_microbatch

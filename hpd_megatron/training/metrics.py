@@ -112,14 +112,12 @@ class ConsoleSink:
         self,
         run: RunConfig,
         world_size: int,
-        flops_per_token: float,
         device_name: str | None = None,
     ) -> None:
         self.total = run.schedule.train_steps
         self.interval = run.logging.log_interval
         self.tokens_per_step = run.schedule.global_batch_size * run.data.seq_length
         self.world_size = world_size
-        self.flops_per_token = flops_per_token
         if device_name is None and torch.cuda.is_available():
             device_name = torch.cuda.get_device_name()
         self.device_name = device_name
@@ -155,15 +153,17 @@ class ConsoleSink:
         return parts + [f"eta {eta}"]
 
     def _mfu(self, metrics: Mapping[str, Any], step_time: float) -> list[str]:
-        """The step's model FLOPs (``model_flops``, else every position at the full
-        sequence's attention) per second and GPU over the GPU's peak; nothing on the CPU."""
+        """The step's model FLOPs (``model_flops``, which the trainer counts from the step's
+        own records) per second and GPU over the GPU's peak; nothing on the CPU."""
         if self.peak_flops is None:
             if self.device_name is None or self.unknown_device_shown:
                 return []
             self.unknown_device_shown = True
             return [f"mfu n/a (unknown GPU {self.device_name})"]
-        flops = metrics.get("model_flops", self.tokens_per_step * self.flops_per_token)
-        return [f"mfu {100 * flops / step_time / self.world_size / self.peak_flops:.1f}%"]
+        if "model_flops" not in metrics:
+            return []
+        mfu = metrics["model_flops"] / step_time / self.world_size / self.peak_flops
+        return [f"mfu {100 * mfu:.1f}%"]
 
     def finish(self, status: str) -> None:
         pass
@@ -202,7 +202,6 @@ class MetricsLogger:
         cls,
         run: RunConfig,
         context: ParallelContext,
-        flops_per_token: float,
         saved_tracking_run: Mapping[str, str | None],
     ) -> MetricsLogger:
         """Sinks on the logging rank (MLflow continues the run the checkpoint names)."""
@@ -219,7 +218,7 @@ class MetricsLogger:
         sbatch_script = os.environ.get("HPD_SBATCH_SCRIPT")
         if sbatch_script and Path(sbatch_script).is_file():
             tracker.log_artifact(sbatch_script, "slurm", redact_text=True)
-        console = ConsoleSink(run, context.world_size, flops_per_token)
+        console = ConsoleSink(run, context.world_size)
         sinks = [JsonlSink(Path(run.run_dir) / "metrics.jsonl"), console, tracker]
         return cls(sinks, tracker)
 

@@ -26,13 +26,17 @@ class Kernels:
     """What this process can run besides plain torch."""
 
     cuda: bool
-    transformer_engine: bool
     apex_weight_gradient: bool
     """apex's fused_weight_gradient_mlp_cuda, which Megatron's gradient-accumulation fusion
     needs in every ColumnParallelLinear (the output layer is one, also with the TE spec)."""
     te_version: str | None = None
+    """Transformer Engine's version when it imports (with CUDA); None: it cannot be used."""
     te_problem: str | None = None
     """Why Transformer Engine is unusable ("not installed", or the import's error)."""
+
+    @property
+    def transformer_engine(self) -> bool:
+        return self.te_version is not None
 
     @classmethod
     def detect(cls) -> Kernels:
@@ -40,7 +44,6 @@ class Kernels:
         version, problem = transformer_engine_import() if cuda else (None, "no CUDA")
         return cls(
             cuda=cuda,
-            transformer_engine=version is not None,
             apex_weight_gradient=cuda
             and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None,
             te_version=version,

@@ -131,17 +131,7 @@ class DistillationTrainer:
         self.checkpointer = Checkpointer.for_run(run)
         resume_step = self.checkpointer.latest_step()
         self.first_step = 1 if resume_step is None else resume_step + 1
-        self.metrics = MetricsLogger.for_run(
-            run,
-            context,
-            training_flops_per_token(
-                self.student_description,
-                self.teacher_description,
-                run.data.seq_length,
-                run.parallel.tensor_model_parallel_size,
-            ),
-            self.checkpointer.saved_tracking_run(),
-        )
+        self.metrics = MetricsLogger.for_run(run, context, self.checkpointer.saved_tracking_run())
         run.micro_batches_per_step(context.layout.data_parallel_size)  # must split evenly
         self._write_resolved_config()
         self.feed = TrainingFeed(
