@@ -68,11 +68,16 @@ class LossConfig:
     alone) or ``bound`` (B bounded below by ``hpd_b_floor``); docs/study.md says when."""
     hpd_b_floor: float = -1.0
     """The lower bound of B under ``hpd_b: bound`` (B is never positive)."""
-    chunk_size: int = 1024
-    """Tokens per chunk inside the loss kernel (bounds its temporaries)."""
+    chunk_size: int | None = None
+    """Tokens per chunk inside the loss kernel (bounds its temporaries); None: the path's
+    default (1,024 tokens unfused; fused, 16 Mi elements of the vocabulary shard)."""
+    fused_head: bool = False
+    """Fuse both models' output layers into the loss: no [tokens, vocab/TP] logits are
+    materialised (hpd_megatron/losses/fused_head.py, docs/losses.md)."""
 
     def __post_init__(self) -> None:
-        _at_least_one("loss.chunk_size", self.chunk_size)
+        if self.chunk_size is not None:
+            _at_least_one("loss.chunk_size", self.chunk_size)
         if self.hpd_b_floor > 0:
             raise ConfigError(
                 f"loss.hpd_b_floor: must be <= 0 (B is never positive), got {self.hpd_b_floor}"
