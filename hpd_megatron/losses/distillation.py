@@ -48,11 +48,19 @@ Shares and means are over this call's supervised tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from hpd_megatron.losses.fused_head import (
+    FusedHeadDistillation,
+    HeadInputs,
+    OutputHead,
+    fused_chunk_tokens,
+)
 from hpd_megatron.losses.kernel import (
     DEFAULT_CHUNK_ELEMENTS,
     ForwardRecord,
@@ -152,6 +160,43 @@ def _sample_source(
 
 
 def _plan(
+    method: FullVocabMethod | TokenMethod,
+    param: float,
+    labels: Tensor,
+    shards: tuple[tuple[str, int], tuple[str, int] | None],
+    *,
+    vocab_size: int,
+    tp_group: TPGroupArg,
+    chunk_tokens: Callable[[int], int],
+    sampling: SamplingOptions,
+) -> LossPlan:
+    """Resolve the TP group, each model's shard (from its ``(name, width)``), the chunk size
+    (``chunk_tokens(widest shard)``) and the sample source; checks the ids."""
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    _check_ids("labels", labels, labels != IGNORE_INDEX, vocab_size)
+    tp = resolve_tp_group(tp_group)
+    (s_name, s_width), teacher_shard = shards
+    student = vocab_shard(s_name, s_width, vocab_size, tp)
+    teacher = None if teacher_shard is None else vocab_shard(*teacher_shard, vocab_size, tp)
+    uniforms, gumbel_seed = _sample_source(method, sampling, labels, vocab_size, labels.device, tp)
+    widest = max(student.width, teacher.width if teacher is not None else 0)
+    return LossPlan(
+        method=method,
+        param=param,
+        vocab_size=vocab_size,
+        tp=tp,
+        student=student,
+        teacher=teacher,
+        chunk_size=chunk_tokens(widest),
+        ignore_index=IGNORE_INDEX,
+        sampler=sampling.sampler,
+        uniforms=uniforms,
+        gumbel_seed=gumbel_seed,
+    )
+
+
+def _logits_plan(
     student_logits: Tensor,
     teacher_logits: Tensor | None,
     labels: Tensor,
@@ -163,47 +208,37 @@ def _plan(
     chunk_size: int | None,
     sampling: SamplingOptions,
 ) -> LossPlan:
-    """Check the inputs; resolve the TP group, the shards, the chunk size and the sample source."""
-    if vocab_size < 1:
-        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    """Check materialised logits against the labels, then plan."""
     _check_logits("student_logits", student_logits, labels.shape)
     _check_device("labels", labels, student_logits)
-    _check_ids("labels", labels, labels != IGNORE_INDEX, vocab_size)
-    tp = resolve_tp_group(tp_group)
-    student = vocab_shard("student_logits", student_logits.shape[-1], vocab_size, tp)
     teacher = None
     if teacher_logits is not None:
         _check_logits("teacher_logits", teacher_logits, labels.shape)
         _check_device("teacher_logits", teacher_logits, student_logits)
-        teacher = vocab_shard("teacher_logits", teacher_logits.shape[-1], vocab_size, tp)
-    device = student_logits.device
-    uniforms, gumbel_seed = _sample_source(method, sampling, labels, vocab_size, device, tp)
-    widest = max(student.width, teacher.width if teacher is not None else 0)
-    return LossPlan(
-        method=method,
-        param=param,
+        teacher = ("teacher_logits", teacher_logits.shape[-1])
+    return _plan(
+        method,
+        param,
+        labels,
+        (("student_logits", student_logits.shape[-1]), teacher),
         vocab_size=vocab_size,
-        tp=tp,
-        student=student,
-        teacher=teacher,
-        chunk_size=_chunk_tokens(chunk_size, widest),
-        ignore_index=IGNORE_INDEX,
-        sampler=sampling.sampler,
-        uniforms=uniforms,
-        gumbel_seed=gumbel_seed,
+        tp_group=tp_group,
+        chunk_tokens=partial(_chunk_tokens, chunk_size),
+        sampling=sampling,
     )
 
 
 def _method(
     method: str,
     reduction: str,
-    teacher_logits: Tensor | None,
+    teacher: Tensor | OutputHead | None,
     alpha: float,
     beta: float,
     hpd_b: HpdB = "reference",
     hpd_b_floor: float = -1.0,
-) -> tuple[FullVocabMethod | TokenMethod, float, Tensor | None]:
-    """The method's spec, its coefficient and the (detached) teacher logits it reads."""
+    teacher_name: str = "teacher_logits",
+) -> tuple[FullVocabMethod | TokenMethod, float]:
+    """The method's spec and its coefficient; checks the teacher is there if needed."""
     spec = FULL_VOCAB_METHODS.get(method) or TOKEN_METHODS.get(method)
     if method == "hpd":
         spec = hpd_variant(hpd_b, hpd_b_floor)
@@ -211,12 +246,12 @@ def _method(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if spec.needs_teacher and teacher_logits is None:
-        raise ValueError(f"teacher_logits: method {method!r} needs the teacher's logits, got None")
+    if spec.needs_teacher and teacher is None:
+        raise ValueError(f"{teacher_name}: method {method!r} needs the teacher's logits, got None")
     param = {"alpha": alpha, "beta": beta}.get(getattr(spec, "param", None) or "", 0.0)
     if not 0.0 <= param <= 1.0:
         raise ValueError(f"{spec.param} must be in [0, 1], got {param}")
-    return spec, param, (teacher_logits.detach() if spec.needs_teacher else None)
+    return spec, param
 
 
 def _mean(x: Tensor, count: int) -> Tensor:
@@ -274,10 +309,9 @@ def distillation_loss(
         ``(loss, diagnostics)``: the loss (fp32, fp64 for fp64 logits) and the detached
         scalars listed in the module docstring.
     """
-    spec, param, teacher = _method(
-        method, reduction, teacher_logits, alpha, beta, hpd_b, hpd_b_floor
-    )
-    plan = _plan(
+    spec, param = _method(method, reduction, teacher_logits, alpha, beta, hpd_b, hpd_b_floor)
+    teacher = teacher_logits.detach() if spec.needs_teacher else None
+    plan = _logits_plan(
         student_logits,
         teacher,
         labels,
@@ -291,6 +325,93 @@ def distillation_loss(
     record = ForwardRecord()
     loss_sum = VocabParallelDistillation.apply(
         student_logits, teacher, labels, sampling.sampled_tokens, plan, record
+    )
+    loss = loss_sum if reduction == "sum" else loss_sum / max(int(record.rows.numel()), 1)
+    return loss, _diagnostics(loss_sum, record, plan.dense)
+
+
+def _check_head(name: str, head: OutputHead, labels: Tensor, tp_size: int) -> None:
+    """The hidden states [s, b, h] (s/TP with sequence parallelism) against the labels
+    [b, s], and the weight [V/TP, h] against them."""
+    hidden, weight = head.hidden, head.weight
+    seq = hidden.shape[0] * (tp_size if head.sequence_parallel else 1) if hidden.dim() == 3 else -1
+    if (
+        hidden.dim() != 3
+        or labels.dim() != 2
+        or (seq, hidden.shape[1]) != tuple(labels.shape[::-1])
+    ):
+        raise ValueError(
+            f"{name}.hidden: shape {tuple(hidden.shape)} is not [s, b, h] for labels [b, s] = "
+            f"{tuple(labels.shape)}"
+            + (" (s/TP per rank: sequence parallel)" if head.sequence_parallel else "")
+        )
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(
+            f"{name}.weight: shape {tuple(weight.shape)} is not [vocab/TP, {hidden.shape[2]}]"
+        )
+    for part, tensor in (("hidden", hidden), ("weight", weight)):
+        _check_device(f"{name}.{part}", tensor, labels)
+
+
+def fused_distillation_loss(
+    student: OutputHead,
+    teacher: OutputHead | None,
+    labels: Tensor,
+    method: MethodName = "hpd",
+    *,
+    vocab_size: int,
+    alpha: float = 0.1,
+    beta: float = 0.5,
+    hpd_b: HpdB = "reference",
+    hpd_b_floor: float = -1.0,
+    reduction: Reduction = "mean",
+    tp_group: TPGroupArg = FROM_PARALLEL_STATE,
+    chunk_size: int | None = None,
+    sampling: SamplingOptions = SamplingOptions(),
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``distillation_loss`` with each model's output layer fused in (``fused_head.py``).
+
+    Takes each model's final hidden states and output-layer shard instead of its logits;
+    labels are batch-first [b, s] as Megatron's batch, the hidden states sequence-first as
+    its decoder's output. The teacher's shard must be on the student's layout
+    (``align_teacher_weight``) for the full-vocabulary methods. Gradients reach the
+    student's hidden states and weight (DDP's ``main_grad`` when it has one). Same values,
+    samples and diagnostics as ``distillation_loss`` on the materialised logits, up to the
+    GEMM's rounding.
+    """
+    spec, param = _method(
+        method, reduction, teacher, alpha, beta, hpd_b, hpd_b_floor, teacher_name="teacher"
+    )
+    teacher = teacher if spec.needs_teacher else None
+    t_shard = None if teacher is None else ("teacher.weight", teacher.weight.shape[0])
+    plan = _plan(
+        spec,
+        param,
+        labels,
+        (("student.weight", student.weight.shape[0]), t_shard),
+        vocab_size=vocab_size,
+        tp_group=tp_group,
+        chunk_tokens=partial(fused_chunk_tokens, chunk_size),
+        sampling=sampling,
+    )
+    for name, head in (("student", student), ("teacher", teacher)):
+        if head is not None:
+            _check_head(name, head, labels, plan.tp.size)
+    if plan.realign:
+        raise ValueError(
+            f"teacher.weight: padded width {teacher.weight.shape[0]} differs from the "
+            f"student's {student.weight.shape[0]}; move it onto the student's layout once "
+            "with fused_head.align_teacher_weight"
+        )
+    record = ForwardRecord()
+    loss_sum = FusedHeadDistillation.apply(
+        student.hidden,
+        student.weight,
+        None if teacher is None else teacher.hidden.detach(),
+        None if teacher is None else teacher.weight.detach(),
+        labels,
+        sampling.sampled_tokens,
+        HeadInputs(plan, student.sequence_parallel, record),
     )
     loss = loss_sum if reduction == "sum" else loss_sum / max(int(record.rows.numel()), 1)
     return loss, _diagnostics(loss_sum, record, plan.dense)
@@ -322,7 +443,7 @@ def sample_student_tokens(
     """
     if sampling.sampled_tokens is not None:
         raise ValueError("sampling.sampled_tokens: sample_student_tokens draws the tokens itself")
-    plan = _plan(
+    plan = _logits_plan(
         student_logits,
         None,
         labels,

@@ -32,7 +32,7 @@ exists that could multiply gradients by the TP size.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -176,9 +176,28 @@ def _chunk_rows(source: Tensor, chunk: _Chunk, buffers: _Buffers, name: str) -> 
     return torch.index_select(source, 0, chunk.rows, out=out)
 
 
-def _teacher_rows(plan: LossPlan, t_real: Tensor, chunk: _Chunk, buffers: _Buffers) -> Tensor:
+class LogitSource(Protocol):
+    """Where a model's logits of a chunk come from: a materialised tensor, or (fused head,
+    ``fused_head.HeadLogits``) the chunk's hidden states times the output-layer shard."""
+
+    def rows(self, chunk: _Chunk, buffers: _Buffers, name: str) -> Tensor:
+        """[chunk.n, real columns]: the chunk's logits (read only; ``name`` names the buffer)."""
+        ...
+
+
+@dataclass
+class MaterialisedLogits:
+    """Logits the output layer already produced, as [tokens, real columns]."""
+
+    real: Tensor
+
+    def rows(self, chunk: _Chunk, buffers: _Buffers, name: str) -> Tensor:
+        return _chunk_rows(self.real, chunk, buffers, name)
+
+
+def _teacher_rows(plan: LossPlan, teacher: LogitSource, chunk: _Chunk, buffers: _Buffers) -> Tensor:
     """The chunk's teacher logits, moved onto the student's layout when full-vocab needs it."""
-    source = _chunk_rows(t_real, chunk, buffers, "teacher_in")
+    source = teacher.rows(chunk, buffers, "teacher_in")
     if plan.realign:
         return realign_columns(
             source, plan.teacher.width, plan.student.width, plan.vocab_size, plan.tp
@@ -204,8 +223,8 @@ class _Call:
     """One forward's logits as [tokens, real columns], its ids, and what it computes."""
 
     plan: LossPlan
-    student: Tensor
-    teacher: Tensor | None
+    student: LogitSource
+    teacher: LogitSource | None
     labels: Tensor
     """[tokens]: the flattened labels."""
     rows: Tensor
@@ -226,11 +245,26 @@ def _prepare(
     dtype = _compute_dtype(student.dtype)
     labels = labels.reshape(-1)
     rows = (labels != plan.ignore_index).nonzero().squeeze(1)
-    t_real = None
+    t_source = None
     if teacher is not None and plan.teacher is not None:
-        t_real = _real_columns(teacher, plan.teacher)
-    buffers = _Buffers(min(plan.chunk_size, max(rows.numel(), 1)), student.device, dtype)
-    call = _Call(plan, _real_columns(student, plan.student), t_real, labels, rows, dtype, buffers)
+        t_source = MaterialisedLogits(_real_columns(teacher, plan.teacher))
+    s_source = MaterialisedLogits(_real_columns(student, plan.student))
+    return call_of(plan, s_source, t_source, labels, rows, sampled, dtype, student.device)
+
+
+def call_of(
+    plan: LossPlan,
+    student: LogitSource,
+    teacher: LogitSource | None,
+    labels: Tensor,
+    rows: Tensor,
+    sampled: Tensor | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> _Call:
+    """A call over the given logit sources; the sample is given or drawn (and how)."""
+    buffers = _Buffers(min(plan.chunk_size, max(rows.numel(), 1)), device, dtype)
+    call = _Call(plan, student, teacher, labels, rows, dtype, buffers)
     if plan.needs_sample and sampled is not None:
         call.given = sampled.reshape(-1)
     elif plan.needs_sample:
@@ -324,18 +358,20 @@ def _exp_below_max(logits: Tensor, work: Tensor, dtype: torch.dtype) -> tuple[Te
     return row_max, torch.sub(logits, row_max.unsqueeze(1), out=work).exp_()
 
 
-def _owned_value(source: Tensor, rows: Tensor, ids: Tensor, shard: VocabShard) -> Tensor:
-    """float64 logit at each global id where this rank owns it, else 0 (for a SUM)."""
+def _owned_value(logits: Tensor, ids: Tensor, shard: VocabShard) -> Tensor:
+    """float64 logit of each chunk row at its global id where this rank owns it, else 0
+    (for a SUM); ``logits`` are the chunk's [n, real columns]."""
     if shard.real_width == 0:
         return torch.zeros(ids.shape, dtype=torch.float64, device=ids.device)
-    values = source[rows, shard.local(ids)].double()
+    n = torch.arange(logits.shape[0], device=logits.device)
+    values = logits[n, shard.local(ids)].double()
     return torch.where(shard.owns(ids), values, 0.0)
 
 
 def _student_local(call: _Call, chunk: _Chunk) -> _Local:
     """The student chunk's statistics; its logits are only read, never written."""
-    shard, rows = call.plan.student, chunk.rows
-    logits = _chunk_rows(call.student, chunk, call.buffers, "student_in")
+    shard = call.plan.student
+    logits = call.student.rows(chunk, call.buffers, "student_in")
     work = call.buffers.get("work", chunk.n, shard.real_width)
     gumbel = None
     if call.draw == "gumbel":
@@ -346,16 +382,16 @@ def _student_local(call: _Call, chunk: _Chunk) -> _Local:
     # The inverse-CDF draw needs the running sums, whose last column is the row's total.
     running = exps if call.draw == "inverse_cdf" else None
     exp_sum = running_mass_(exps) if running is not None else exps.sum(dim=-1)
-    at_y = _owned_value(call.student, rows, chunk.y, shard)
+    at_y = _owned_value(logits, chunk.y, shard)
     at_sample = None
     if chunk.given is not None:
-        at_sample = _owned_value(call.student, rows, chunk.given, shard)
+        at_sample = _owned_value(logits, chunk.given, shard)
     return _Local(logits, row_max, exp_sum, at_y, at_sample, running, gumbel)
 
 
 def _teacher_local(call: _Call, chunk: _Chunk) -> _Local:
     """The teacher chunk's statistics (on the student's layout for the full-vocab methods)."""
-    plan, rows = call.plan, chunk.rows
+    plan = call.plan
     logits = _teacher_rows(plan, call.teacher, chunk, call.buffers)
     # The student's running sums must survive until the sample is drawn; the full-vocab
     # methods draw none, so they reuse the student's scratch buffer.
@@ -363,9 +399,9 @@ def _teacher_local(call: _Call, chunk: _Chunk) -> _Local:
     row_max, exps = _exp_below_max(logits, work, call.dtype)
     local = _Local(logits, row_max, exps.sum(dim=-1))
     if not plan.dense:
-        local.at_y = _owned_value(call.teacher, rows, chunk.y, plan.teacher)
+        local.at_y = _owned_value(logits, chunk.y, plan.teacher)
         if chunk.given is not None:
-            local.at_sample = _owned_value(call.teacher, rows, chunk.given, plan.teacher)
+            local.at_sample = _owned_value(logits, chunk.given, plan.teacher)
     return local
 
 
@@ -487,23 +523,25 @@ def _draw_sample(call: _Call, chunk: _Chunk, student: _Local, totals: _Totals) -
     return all_reduce_(candidate.unsqueeze(0), dist.ReduceOp.MIN, tp)[0].round().long()
 
 
-def _sample_logits(call: _Call, chunk: _Chunk, ids: Tensor) -> tuple[Tensor, Tensor | None]:
+def _sample_logits(
+    call: _Call, ids: Tensor, student: _Local, teacher: _Local | None
+) -> tuple[Tensor, Tensor | None]:
     """Round 4: all-reduce SUM of both models' logits at the drawn ids (non-owners add 0)."""
-    point = [_owned_value(call.student, chunk.rows, ids, call.plan.student)]
-    if call.teacher is not None:
-        point.append(_owned_value(call.teacher, chunk.rows, ids, call.plan.teacher))
+    point = [_owned_value(student.logits, ids, call.plan.student)]
+    if teacher is not None:
+        point.append(_owned_value(teacher.logits, ids, call.plan.teacher))
     point = all_reduce_(torch.stack(point), dist.ReduceOp.SUM, call.plan.tp)
-    return point[0], (point[1] if call.teacher is not None else None)
+    return point[0], (point[1] if teacher is not None else None)
 
 
 def _sample(
-    call: _Call, chunk: _Chunk, student: _Local, totals: _Totals
+    call: _Call, chunk: _Chunk, student: _Local, teacher: _Local | None, totals: _Totals
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """yh and both models' float64 logits at it: given (reduced in round 2) or drawn."""
     if chunk.given is not None:
         return (chunk.given, *totals.at_given)
     ids = _draw_sample(call, chunk, student, totals)
-    return (ids, *_sample_logits(call, chunk, ids))
+    return (ids, *_sample_logits(call, ids, student, teacher))
 
 
 # ---------------------------------------------------------------- token weights
@@ -538,8 +576,13 @@ def forward_pass(
     plan: LossPlan,
 ) -> tuple[Tensor, dict[str, Tensor], ForwardRecord]:
     """Loss sum over supervised tokens, the state the backward needs, and the record."""
-    call = _prepare(student, teacher, labels, sampled_tokens, plan)
-    out = _PerToken.zeros(call.rows.numel(), call.dtype, student.device)
+    return forward_chunks(_prepare(student, teacher, labels, sampled_tokens, plan))
+
+
+def forward_chunks(call: _Call) -> tuple[Tensor, dict[str, Tensor], ForwardRecord]:
+    """The forward of a prepared call, chunk by chunk (the rounds in the module doc)."""
+    plan = call.plan
+    out = _PerToken.zeros(call.rows.numel(), call.dtype, call.rows.device)
     for chunk in _chunks(call.rows, plan.chunk_size, call.labels, call.given):
         s_local = _student_local(call, chunk)
         t_local = _teacher_local(call, chunk) if call.teacher is not None else None
@@ -550,7 +593,7 @@ def forward_pass(
             _dense_terms(call, chunk, s_local, t_local, out)  # round 3
             continue
         # A drawn sample takes rounds 3 and 4; a given one came with round 2.
-        sample = _sample(call, chunk, s_local, totals) if plan.needs_sample else None
+        sample = _sample(call, chunk, s_local, t_local, totals) if plan.needs_sample else None
         _token_weights(call, chunk, totals, sample, out)
     return out.finish(call)
 
@@ -581,42 +624,63 @@ def _subtract_point_weights(
         out.scatter_add_(1, shard.local(ids).unsqueeze(1), weight.unsqueeze(1))
 
 
-def _store_rows(grad_real: Tensor, out: Tensor, chunk: _Chunk) -> None:
-    """Copy a chunk computed in the scratch buffer into the gradient's rows."""
-    if chunk.span is not None:
-        grad_real[chunk.span[0] : chunk.span[1]].copy_(out)
-    else:
-        rows = out if out.dtype == grad_real.dtype else out.to(grad_real.dtype)
-        grad_real.index_copy_(0, chunk.rows, rows)
+class GradientSink(Protocol):
+    """Where the backward puts each chunk's gradient with respect to the student's logits."""
+
+    def destination(self, chunk: _Chunk, buffers: _Buffers) -> Tensor:
+        """[chunk.n, real columns] to compute the chunk's gradient into."""
+        ...
+
+    def store(self, out: Tensor, chunk: _Chunk, buffers: _Buffers) -> None:
+        """Take the chunk's gradient (``destination``'s tensor, filled)."""
+        ...
+
+
+class LogitsGradient:
+    """The gradient of materialised logits: a [tokens, width] tensor, 0 where no chunk writes."""
+
+    def __init__(self, student: Tensor, shard: VocabShard, n_sup: int, dtype: torch.dtype):
+        self.grad = _empty_gradient(student.reshape(-1, student.shape[-1]), shard, n_sup)
+        self.real = self.grad[:, : shard.real_width]
+        self.dtype = dtype
+
+    def destination(self, chunk: _Chunk, buffers: _Buffers) -> Tensor:
+        # Straight into the gradient when its rows are consecutive and in the compute dtype.
+        if chunk.span is not None and self.grad.dtype == self.dtype:
+            return self.real[chunk.span[0] : chunk.span[1]]
+        return buffers.get("grad", chunk.n, self.real.shape[1])
+
+    def store(self, out: Tensor, chunk: _Chunk, buffers: _Buffers) -> None:
+        if chunk.span is not None:
+            target = self.real[chunk.span[0] : chunk.span[1]]
+            if target.data_ptr() != out.data_ptr():
+                target.copy_(out)
+        else:
+            rows = out if out.dtype == self.real.dtype else out.to(self.real.dtype)
+            self.real.index_copy_(0, chunk.rows, rows)
 
 
 def backward_pass(
     grad_scale: float,
-    student: Tensor,
-    teacher: Tensor | None,
+    student: LogitSource,
+    teacher: LogitSource | None,
     saved: dict[str, Tensor],
     plan: LossPlan,
-) -> Tensor:
-    """d(loss_sum)/d(student logits) * grad_scale, shard-local: grad_j = sum_w q_j - w_j."""
-    shard, rows_all, dtype = plan.student, saved["rows"], _compute_dtype(student.dtype)
-    z_real = _real_columns(student, shard)
-    grad = _empty_gradient(student.reshape(-1, student.shape[-1]), shard, rows_all.numel())
-    grad_real = grad[:, : shard.real_width]
-    t_real = _real_columns(teacher, plan.teacher) if plan.dense and teacher is not None else None
-    buffers = _Buffers(min(plan.chunk_size, max(rows_all.numel(), 1)), student.device, dtype)
+    sink: GradientSink,
+    dtype: torch.dtype,
+) -> None:
+    """d(loss_sum)/d(student logits) * grad_scale, shard-local, chunk by chunk into ``sink``:
+    grad_j = sum_w q_j - w_j."""
+    shard, rows_all = plan.student, saved["rows"]
+    buffers = _Buffers(min(plan.chunk_size, max(rows_all.numel(), 1)), rows_all.device, dtype)
     labels = None if plan.dense else saved["labels"]
     for chunk in _chunks(rows_all, plan.chunk_size, labels):
-        logits = _chunk_rows(z_real, chunk, buffers, "student_in")
+        logits = student.rows(chunk, buffers, "student_in")
         lse_q = saved["lse_q"][chunk.part]
         scaled_sum = (saved["sum_w"][chunk.part] * grad_scale).unsqueeze(1)
-        # Write straight into the gradient when its rows are consecutive and in the compute dtype.
-        direct = chunk.span is not None and grad.dtype == dtype
-        if direct:
-            out = grad_real[chunk.span[0] : chunk.span[1]]
-        else:
-            out = buffers.get("grad", chunk.n, shard.real_width)
+        out = sink.destination(chunk, buffers)
         if plan.dense:
-            teacher_rows = _teacher_rows(plan, t_real, chunk, buffers)
+            teacher_rows = _teacher_rows(plan, teacher, chunk, buffers)
             lse_p = saved["lse_p"][chunk.part]
             logq, logp = _log_softmaxes(buffers, logits, teacher_rows, lse_q, lse_p)
             w, _ = plan.method.terms(logq, logp, plan.param, False)
@@ -625,9 +689,7 @@ def backward_pass(
         else:
             torch.sub(logits, lse_q.unsqueeze(1), out=out).exp_().mul_(scaled_sum)
             _subtract_point_weights(out, chunk, saved, shard, grad_scale)
-        if not direct:
-            _store_rows(grad_real, out, chunk)
-    return grad.view_as(student)
+        sink.store(out, chunk, buffers)
 
 
 class VocabParallelDistillation(torch.autograd.Function):
@@ -655,6 +717,12 @@ class VocabParallelDistillation(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_output: Tensor):
         student, teacher, *rest = ctx.saved_tensors
-        saved = dict(zip(ctx.names, rest))
-        grad = backward_pass(float(grad_output), student, teacher, saved, ctx.plan)
-        return grad, None, None, None, None, None
+        saved, plan = dict(zip(ctx.names, rest)), ctx.plan
+        dtype = _compute_dtype(student.dtype)
+        sink = LogitsGradient(student, plan.student, saved["rows"].numel(), dtype)
+        s_source = MaterialisedLogits(_real_columns(student, plan.student))
+        t_source = None
+        if plan.dense and teacher is not None:
+            t_source = MaterialisedLogits(_real_columns(teacher, plan.teacher))
+        backward_pass(float(grad_output), s_source, t_source, saved, plan, sink, dtype)
+        return sink.grad.view_as(student), None, None, None, None, None

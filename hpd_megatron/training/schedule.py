@@ -39,6 +39,31 @@ def causal_lm_forward(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return model(input_ids=batch["tokens"], position_ids=batch["position_ids"], **attention)
 
 
+def causal_lm_hidden_states(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """The last stage's final hidden states [s, b, h] (after the final norm; [s/TP, b, h]
+    under sequence parallelism), the output layer left to a fused head and loss.
+
+    GPTModel's ``_postprocess`` returns the decoder's output before the output layer when
+    ``post_process`` is off; the decoder's own flag, which applies the final norm, is
+    separate and stays on.
+    """
+    gpt = unwrap_model(model)
+    gpt.post_process = False
+    try:
+        return causal_lm_forward(model, batch)
+    finally:
+        gpt.post_process = True
+
+
+def output_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The last stage's output-layer shard [V/TP, h] (the shared embedding when tied), the
+    parameter itself, so that its gradient reaches DDP's hooks."""
+    gpt = unwrap_model(model)
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
+
+
 def attention_inputs(model: torch.nn.Module, batch: Batch) -> dict[str, Any]:
     """The forward arguments that confine each position to its own record.
 

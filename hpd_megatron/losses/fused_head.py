@@ -1,0 +1,341 @@
+"""The output layers fused into the loss: no [tokens, vocab/TP] logits for either model.
+
+Each model hands the loss its final hidden states (after the final norm, Megatron's
+``[s, b, h]``, or ``[s/TP, b, h]`` under sequence parallelism) and its output-layer
+shard ``[V/TP, h]`` (the shared embedding when tied). The kernel (``kernel.py``) then
+reads each chunk's logits as ``hidden rows @ shard^T``, computed into one reused
+buffer per model, and runs the same rounds as on materialised logits, so losses and
+samples equal that path up to the GEMM's rounding.
+
+The backward recomputes each student chunk, forms its logit gradient and turns it into
+the two gradients Megatron's ``ColumnParallelLinear`` would produce
+(``LinearWithGradAccumulationAndAsyncCommunication.backward`` in
+megatron/core/tensor_parallel/layers.py):
+
+* the hidden states': ``grad @ shard``, summed over TP ranks by one all-reduce (a
+  reduce-scatter along the sequence under sequence parallelism, whose forward
+  all-gathered the hidden states);
+* the weight's: ``grad^T @ hidden rows``, accumulated into Megatron DDP's fp32
+  ``main_grad`` when the weight has one (returning a dummy gradient so that DDP's hook
+  fires, with ``zero_out_wgrad`` for a tied embedding whose lookup also adds a gradient),
+  else returned as an ordinary gradient.
+
+The teacher's shard is moved onto the student's vocabulary layout once
+(``align_teacher_weight``), so both models' chunks have the same columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from hpd_megatron.losses.kernel import (
+    ForwardRecord,
+    LossPlan,
+    _Buffers,
+    _Chunk,
+    _compute_dtype,
+    backward_pass,
+    call_of,
+    forward_chunks,
+)
+from hpd_megatron.losses.vocab_parallel import TPGroup, realign_columns, shard_of_rank
+
+FUSED_CHUNK_ELEMENTS = 2**24
+"""Default fused chunk: this many elements of the vocabulary shard (16 Mi: 64 MiB per fp32
+buffer, e.g. 220 tokens of a 76,032-entry shard: rows enough for an efficient GEMM)."""
+
+FUSED_BUFFERS = {"token": 4, "dense": 7}
+"""fp32 [chunk, V/TP] buffers the fused path holds at its peak: token methods the student's
+logits and scratch and the teacher's (forward), full-vocabulary methods both models'
+logits, the scratch, log q, log p and the method's two temporaries; the backward holds
+fewer. Each model dtype narrower than fp32 adds one [chunk, V/TP] GEMM output."""
+
+PER_TOKEN_BYTES = 72
+"""The O(tokens) state per position: 7 fp32 vectors, the sample id, the label, the row,
+the inverse-CDF uniform (8 bytes each where long or float64)."""
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """One model's input to the fused head: hidden states and its output-layer shard."""
+
+    hidden: Tensor
+    """[s, b, h] final hidden states ([s/TP, b, h] with sequence_parallel)."""
+    weight: Tensor
+    """[V/TP, h]: this rank's rows of the (padded) output layer."""
+    sequence_parallel: bool = False
+
+
+def fused_chunk_tokens(chunk_size: int | None, width: int) -> int:
+    """Tokens per fused chunk: ``chunk_size``, or 16 Mi elements of a ``width`` shard."""
+    if chunk_size is not None:
+        return int(chunk_size)
+    return max(1, FUSED_CHUNK_ELEMENTS // max(width, 1))
+
+
+def fused_head_bytes(
+    tokens: int,
+    vocab_per_rank: int,
+    student_hidden: int,
+    teacher_hidden: int,
+    *,
+    dense: bool,
+    chunk_size: int | None,
+    element_bytes: int = 2,
+    sequence_parallel_tp: int = 1,
+) -> int:
+    """Peak bytes of the fused head and loss on the last stage beyond the hidden states
+    the model keeps anyway (what the planner's ``logits_and_loss`` counts):
+
+    * the chunk workspace: ``FUSED_BUFFERS`` fp32 [chunk, V/TP] buffers, plus one in the
+      model dtype for the GEMM's output when that is narrower than fp32;
+    * ``PER_TOKEN_BYTES`` per position (the forward's O(tokens) state);
+    * the hidden states' gradient [tokens, h_student] in the model dtype;
+    * the dummy weight gradient handed to DDP's hook, [V/TP, h_student] in the model dtype;
+    * for full-vocabulary methods, the teacher's hidden states saved for the backward;
+    * under sequence parallelism, the all-gathered hidden states of both models.
+    """
+    chunk = min(fused_chunk_tokens(chunk_size, vocab_per_rank), tokens)
+    fp32_buffers = FUSED_BUFFERS["dense" if dense else "token"]
+    gemm_output = element_bytes if element_bytes < 4 else 0
+    workspace = chunk * vocab_per_rank * (4 * fp32_buffers + gemm_output)
+    total = workspace + tokens * PER_TOKEN_BYTES
+    total += tokens * student_hidden * element_bytes  # the hidden states' gradient
+    total += vocab_per_rank * student_hidden * element_bytes  # DDP's dummy weight gradient
+    if dense:
+        total += tokens * teacher_hidden * element_bytes // sequence_parallel_tp
+    if sequence_parallel_tp > 1:
+        total += tokens * (student_hidden + teacher_hidden) * element_bytes
+    return total
+
+
+# ---------------------------------------------------------------- the teacher's layout
+
+
+def align_teacher_weight(
+    weight: Tensor, student_width: int, vocab_size: int, tp: TPGroup
+) -> Tensor:
+    """The teacher's output-layer shard on the student's vocabulary layout: [student
+    width, h], rows of the same ids as the student's shard, padding rows 0. Done once
+    (the teacher is frozen); without a difference in padded width, the weight itself."""
+    if weight.shape[0] == student_width:
+        return weight.detach()
+    source = shard_of_rank(weight.shape[0], vocab_size, tp.rank)
+    target = shard_of_rank(student_width, vocab_size, tp.rank)
+    with torch.no_grad():
+        columns = weight.detach()[: source.real_width].t()
+        moved = realign_columns(columns, weight.shape[0], student_width, vocab_size, tp)
+        aligned = weight.new_zeros(student_width, weight.shape[1])
+        aligned[: target.real_width] = moved.t()
+    return aligned
+
+
+# ---------------------------------------------------------------- sequence parallelism
+
+
+def gather_sequence(hidden: Tensor, tp: TPGroup) -> Tensor:
+    """All-gather [s/TP, b, h] along the sequence (the forward of upstream's
+    ``gather_from_sequence_parallel_region``)."""
+    if not tp.active:
+        return hidden
+    out = hidden.new_empty(hidden.shape[0] * tp.size, *hidden.shape[1:])
+    dist.all_gather_into_tensor(out, hidden.contiguous(), group=tp.group)
+    return out
+
+
+def reduce_hidden_gradient(grad: Tensor, tp: TPGroup, sequence_parallel: bool) -> Tensor:
+    """Sum the ranks' partial hidden gradients: an all-reduce, or with sequence parallelism
+    a reduce-scatter back to [s/TP, b, h] (upstream's ``ColumnParallelLinear`` backward)."""
+    if not tp.active:
+        return grad
+    if not sequence_parallel:
+        dist.all_reduce(grad, group=tp.group)
+        return grad
+    out = grad.new_empty(grad.shape[0] // tp.size, *grad.shape[1:])
+    dist.reduce_scatter_tensor(out, grad.contiguous(), group=tp.group)
+    return out
+
+
+# ---------------------------------------------------------------- chunks from a head
+
+
+class HeadLogits:
+    """A model's chunk logits computed from its hidden states and output-layer shard.
+
+    ``hidden`` is [s, b, h] (gathered); the loss's rows are positions of the batch-first
+    labels [b, s], so row r = b_i * s + s_i reads hidden row s_i * b + b_i.
+    """
+
+    def __init__(self, hidden: Tensor, weight: Tensor, real_width: int, rows: Tensor) -> None:
+        seq, batch = hidden.shape[0], hidden.shape[1]
+        self.hidden = hidden.reshape(seq * batch, hidden.shape[2])
+        self.weight = weight[:real_width]
+        self.hidden_rows = (rows % seq) * batch + torch.div(rows, seq, rounding_mode="floor")
+        self.last_hidden: Tensor | None = None
+        """The last chunk's hidden rows (the backward's weight gradient reads them)."""
+
+    def chunk_hidden_rows(self, chunk: _Chunk) -> Tensor:
+        return self.hidden_rows[chunk.part]
+
+    def rows(self, chunk: _Chunk, buffers: _Buffers, name: str) -> Tensor:
+        hidden = buffers.get(f"{name}_hidden", chunk.n, self.hidden.shape[1], self.hidden.dtype)
+        torch.index_select(self.hidden, 0, self.chunk_hidden_rows(chunk), out=hidden)
+        self.last_hidden = hidden
+        logits = buffers.get(name, chunk.n, self.weight.shape[0])
+        if self.weight.dtype == logits.dtype and hidden.dtype == logits.dtype:
+            return torch.mm(hidden, self.weight.t(), out=logits)
+        # Narrower models: the GEMM in the model's dtype, as the output layer computes it.
+        product = buffers.get("gemm", chunk.n, self.weight.shape[0], self.weight.dtype)
+        torch.mm(hidden.to(self.weight.dtype), self.weight.t(), out=product)
+        return logits.copy_(product)
+
+
+# ---------------------------------------------------------------- the weight's gradient
+
+
+@cache
+def _apex_weight_gradient() -> Any:
+    """Apex's fused fp32 weight-gradient accumulation, or None (the CPU has none)."""
+    try:
+        import fused_weight_gradient_mlp_cuda
+    except ImportError:
+        return None
+    return fused_weight_gradient_mlp_cuda
+
+
+_DUMMY_GRADIENTS: dict[tuple, Tensor] = {}
+
+
+def _dummy_gradient(
+    shape: torch.Size, dtype: torch.dtype, device: torch.device, zero: bool
+) -> Tensor:
+    """One reused placeholder per shape, as TE's ``get_dummy_wgrad``: DDP's hook discards it
+    (or, zeroed, adds it to a tied embedding's lookup gradient)."""
+    key = (tuple(shape), dtype, device)
+    dummy = _DUMMY_GRADIENTS.get(key)
+    if dummy is None:
+        dummy = _DUMMY_GRADIENTS[key] = torch.empty(shape, dtype=dtype, device=device)
+    return dummy.zero_() if zero else dummy
+
+
+class HeadGradients:
+    """The gradient sink of the fused head: the hidden states' and the weight's gradients."""
+
+    def __init__(self, source: HeadLogits, weight: Tensor, real_width: int, dtype: torch.dtype):
+        self.source, self.parameter, self.dtype = source, weight, dtype
+        self.hidden = torch.zeros_like(source.hidden)
+        self.into_main_grad = hasattr(weight, "main_grad") and hasattr(
+            weight, "grad_added_to_main_grad"
+        )
+        if self.into_main_grad:
+            self.weight = weight.main_grad[:real_width]
+        else:
+            self.full_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+            self.weight = self.full_weight[:real_width]
+
+    def destination(self, chunk: _Chunk, buffers: _Buffers) -> Tensor:
+        return buffers.get("grad", chunk.n, self.weight.shape[0])
+
+    def store(self, out: Tensor, chunk: _Chunk, buffers: _Buffers) -> None:
+        shard, hidden = self.source.weight, self.source.last_hidden
+        grad = out
+        if shard.dtype != out.dtype:
+            grad = buffers.get("grad_cast", chunk.n, out.shape[1], shard.dtype).copy_(out)
+        rows = torch.mm(grad, shard)
+        self.hidden.index_copy_(0, self.source.chunk_hidden_rows(chunk), rows.to(self.hidden.dtype))
+        self._accumulate_weight(out, grad, hidden)
+
+    def _accumulate_weight(self, out: Tensor, grad: Tensor, hidden: Tensor) -> None:
+        """weight gradient += grad^T @ hidden rows, accumulated in fp32."""
+        if grad.dtype == self.weight.dtype and hidden.dtype == self.weight.dtype:
+            self.weight.addmm_(grad.t(), hidden)
+            return
+        apex = _apex_weight_gradient()
+        if apex is not None and self.weight.dtype == torch.float32 and self.weight.is_cuda:
+            apex.wgrad_gemm_accum_fp32(hidden.contiguous(), grad.contiguous(), self.weight)
+            return
+        self.weight.addmm_(out.t().to(self.weight.dtype), hidden.to(self.weight.dtype))
+
+    def weight_gradient(self) -> Tensor:
+        """What autograd gets for the weight (upstream's dummy when DDP's main_grad has it)."""
+        if not self.into_main_grad:
+            return self.full_weight.to(self.parameter.dtype)
+        zero = getattr(self.parameter, "zero_out_wgrad", False)
+        self.parameter.grad_added_to_main_grad = True
+        return _dummy_gradient(
+            self.parameter.shape, self.parameter.dtype, self.parameter.device, zero
+        )
+
+
+# ---------------------------------------------------------------- the autograd function
+
+
+@dataclass
+class HeadInputs:
+    """What the fused function needs besides the tensors (the same on all TP ranks)."""
+
+    plan: LossPlan
+    sequence_parallel: bool
+    record: ForwardRecord
+
+
+class FusedHeadDistillation(torch.autograd.Function):
+    """loss_sum from both models' hidden states and output shards; gradients to the
+    student's hidden states and output weight only."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        teacher_hidden: Tensor | None,
+        teacher_weight: Tensor | None,
+        labels: Tensor,
+        sampled_tokens: Tensor | None,
+        inputs: HeadInputs,
+    ) -> Tensor:
+        plan, sp = inputs.plan, inputs.sequence_parallel
+        dtype = _compute_dtype(hidden.dtype)
+        flat = labels.reshape(-1)
+        rows = (flat != plan.ignore_index).nonzero().squeeze(1)
+        student = HeadLogits(
+            gather_sequence(hidden, plan.tp) if sp else hidden,
+            weight,
+            plan.student.real_width,
+            rows,
+        )
+        teacher = None
+        if teacher_hidden is not None:
+            full = gather_sequence(teacher_hidden, plan.tp) if sp else teacher_hidden
+            teacher = HeadLogits(full, teacher_weight, plan.teacher.real_width, rows)
+        sampled = None if sampled_tokens is None else sampled_tokens
+        call = call_of(plan, student, teacher, flat, rows, sampled, dtype, hidden.device)
+        loss_sum, saved, filled = forward_chunks(call)
+        inputs.record.__dict__.update(filled.__dict__)
+        ctx.inputs, ctx.names = inputs, list(saved)
+        keep = (teacher_hidden, teacher_weight) if plan.dense else (None, None)
+        ctx.save_for_backward(hidden, weight, *keep, *saved.values())
+        return loss_sum
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_output: Tensor):
+        hidden, weight, teacher_hidden, teacher_weight, *rest = ctx.saved_tensors
+        saved, plan, sp = dict(zip(ctx.names, rest)), ctx.inputs.plan, ctx.inputs.sequence_parallel
+        rows, dtype = saved["rows"], _compute_dtype(hidden.dtype)
+        full = gather_sequence(hidden, plan.tp) if sp else hidden
+        student = HeadLogits(full, weight, plan.student.real_width, rows)
+        teacher = None
+        if teacher_hidden is not None:
+            t_full = gather_sequence(teacher_hidden, plan.tp) if sp else teacher_hidden
+            teacher = HeadLogits(t_full, teacher_weight, plan.teacher.real_width, rows)
+        sink = HeadGradients(student, weight, plan.student.real_width, dtype)
+        backward_pass(float(grad_output), student, teacher, saved, plan, sink, dtype)
+        grad_hidden = reduce_hidden_gradient(sink.hidden.view(full.shape), plan.tp, sp)
+        return grad_hidden, sink.weight_gradient(), None, None, None, None, None
