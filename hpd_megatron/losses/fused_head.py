@@ -145,7 +145,9 @@ def gather_sequence(hidden: Tensor, tp: TPGroup) -> Tensor:
     if not tp.active:
         return hidden
     out = hidden.new_empty(hidden.shape[0] * tp.size, *hidden.shape[1:])
-    dist.all_gather_into_tensor(out, hidden.contiguous(), group=tp.group)
+    # torch >= 2.10 names them *_single; older releases (and upstream Megatron) the others.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, hidden.contiguous(), group=tp.group)
     return out
 
 
@@ -158,7 +160,8 @@ def reduce_hidden_gradient(grad: Tensor, tp: TPGroup, sequence_parallel: bool) -
         dist.all_reduce(grad, group=tp.group)
         return grad
     out = grad.new_empty(grad.shape[0] // tp.size, *grad.shape[1:])
-    dist.reduce_scatter_tensor(out, grad.contiguous(), group=tp.group)
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    scatter(out, grad.contiguous(), group=tp.group)
     return out
 
 
@@ -314,8 +317,7 @@ class FusedHeadDistillation(torch.autograd.Function):
         if teacher_hidden is not None:
             full = gather_sequence(teacher_hidden, plan.tp) if sp else teacher_hidden
             teacher = HeadLogits(full, teacher_weight, plan.teacher.real_width, rows)
-        sampled = None if sampled_tokens is None else sampled_tokens
-        call = call_of(plan, student, teacher, flat, rows, sampled, dtype, hidden.device)
+        call = call_of(plan, student, teacher, flat, rows, sampled_tokens, dtype, hidden.device)
         loss_sum, saved, filled = forward_chunks(call)
         inputs.record.__dict__.update(filled.__dict__)
         ctx.inputs, ctx.names = inputs, list(saved)
