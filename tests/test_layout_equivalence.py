@@ -191,3 +191,90 @@ def test_gradients_equal_at_tp2_pp2(layouts, name):
             rtol=1e-4,
             msg=lambda m, key=key: f"{key}: {m}",
         )
+
+
+def _ddp_main_grads(tp: int, pp: int) -> dict:
+    """The tied Qwen2-like model in Megatron DDP (overlapped gradient reduction, as the
+    trainer builds it), an SFT loss through the schedule unfused and fused: each
+    parameter's main_grad after finalize_model_grads (which sums the tied embedding's two
+    copies when PP > 1), per rank."""
+    from functools import partial
+
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    from hpd_megatron.losses import distillation_loss
+    from hpd_megatron.losses.distillation import fused_distillation_loss
+    from hpd_megatron.losses.fused_head import OutputHead
+    from hpd_megatron.models.builder import build_gpt_model, transformer_config
+    from hpd_megatron.models.description import ModelDescription
+    from hpd_megatron.parallel.initialize import destroy_parallel, initialize_parallel
+    from hpd_megatron.parallel.layout import ParallelLayout
+    from hpd_megatron.training.schedule import (
+        causal_lm_forward,
+        causal_lm_hidden_states,
+        output_weight,
+        run_schedule,
+    )
+
+    description = ModelDescription.from_dict(MODELS["qwen2_bias"])
+    initialize_parallel(ParallelLayout(tp, pp), seed=5, models=[("qwen2_bias", description)])
+    config = transformer_config(description)
+    model = build_gpt_model(description, config)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=True)
+    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    config.no_sync_func, config.grad_sync_func = ddp.no_sync, ddp.start_grad_sync
+    config.finalize_model_grads_func = partial(lambda chunks, *a, **k: finalize_model_grads([ddp]))
+    tokens, positions, _ = _inputs()
+    labels = torch.roll(tokens, -1, dims=1)
+    labels[:, :3] = -100
+
+    def step(fused: bool, stage, batch):
+        last = model.post_process
+        output = (causal_lm_hidden_states if fused and last else causal_lm_forward)(stage, batch)
+
+        def loss_func(out):
+            kwargs = dict(vocab_size=VOCAB, reduction="sum", tp_group="parallel_state")
+            if fused:
+                head = OutputHead(out, output_weight(stage))
+                loss, diag = fused_distillation_loss(head, None, labels, "sft", **kwargs)
+            else:
+                loss, diag = distillation_loss(out, None, labels, "sft", **kwargs)
+            return loss, diag["num_tokens"].int(), {"loss": loss.detach().clone()}
+
+        return output, loss_func
+
+    grads = {}
+    for fused in (False, True):
+        ddp.zero_grad_buffer()
+        reports = run_schedule(
+            ddp,
+            [{"tokens": tokens, "position_ids": positions}],
+            partial(step, fused),
+            seq_length=SEQ,
+            micro_batch_size=BATCH,
+        )
+        grads[fused] = {
+            "main_grad": {n: p.main_grad.clone() for n, p in model.named_parameters()},
+            "loss": [r["loss"] for r in reports],
+        }
+    destroy_parallel()
+    return grads
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
+def test_fused_head_gradients_reach_ddp_main_grad_with_tied_embeddings(tp, pp):
+    """loss.fused_head's weight gradient lands in DDP's main_grad exactly as the output
+    layer's does: with PP = 1 added to the embedding lookup's (zero_out_wgrad), with PP = 2
+    summed over the tied copies; every other gradient is unchanged too."""
+    for rank, grads in enumerate(run_on_ranks(_ddp_main_grads, tp * pp, tp, pp)):
+        unfused, fused = grads[False], grads[True]
+        for a, b in zip(fused["loss"], unfused["loss"]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+        assert set(fused["main_grad"]) == set(unfused["main_grad"])
+        for name, reference in unfused["main_grad"].items():
+            got = fused["main_grad"][name]
+            scale = float(reference.norm())
+            assert scale > 0, f"rank {rank} {name}: zero gradient proves nothing"
+            error = float((got - reference).norm())
+            assert error <= 1e-6 * scale, f"rank {rank} {name}: relative error {error / scale:.3g}"

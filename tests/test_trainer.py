@@ -18,6 +18,14 @@ LAYOUTS = {
         4,
         ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"],
     ),
+    "TP2 PP2 fused head": (
+        4,
+        [
+            "parallel.tensor_model_parallel_size=2",
+            "parallel.pipeline_model_parallel_size=2",
+            "loss.fused_head=true",
+        ],
+    ),
     "DP2": (2, []),
     "DP2 distributed optimizer": (2, ["optimizer.use_distributed_optimizer=true"]),
     "micro-batch 1": (1, ["schedule.micro_batch_size=1"]),
@@ -47,6 +55,15 @@ def test_first_steps_agree_across_layouts(histories, layout):
                 key,
             )
         assert got["supervised_tokens"] == ref["supervised_tokens"]
+
+
+def test_fused_head_trains_as_the_output_layers_do(histories):
+    """loss.fused_head at TP2 x PP2: the same 3 steps as the materialised logits (1e-6)."""
+    reference, fused = histories["TP2 PP2"], histories["TP2 PP2 fused head"]
+    assert len(fused) == len(reference) == STEPS
+    for ref, got in zip(reference, fused):
+        for key in ("loss", "cross_entropy", "grad_norm", "hpd/sample_differs"):
+            assert got[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-9), (ref["step"], key)
 
 
 def test_metrics_file_and_resolved_config(setup, histories):

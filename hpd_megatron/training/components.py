@@ -100,6 +100,8 @@ def build_models(
         teacher,
         student_description.hidden_size,
         teacher_description.hidden_size if teacher_description is not None else 0,
+        fused_head=run.loss.fused_head,
+        vocab_size=student_description.vocab_size,
     )
     _install_schedule_hooks(student_config, ddp)
     return Models(pair, ddp, student_description, teacher_description, performance)

@@ -56,6 +56,10 @@ class DataConfig:
             raise ConfigError(f"data.seq_length: must be >= 2, got {self.seq_length}")
 
 
+UNFUSED_CHUNK_TOKENS = 1024
+"""``loss.chunk_size`` unset, on materialised logits: tokens per chunk of the loss kernel."""
+
+
 @dataclass
 class LossConfig:
     method: MethodName = "hpd"

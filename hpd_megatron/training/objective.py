@@ -3,7 +3,8 @@
 As in Megatron's ``pretrain_gpt.py``, ``forward_step`` runs the model on a micro-batch
 and returns its output with a loss function into which ``functools.partial`` has bound
 everything else the loss needs: here the micro-batch and the teacher's logits, which
-the pair returns beside the student's on the last stage.
+the pair returns beside the student's on the last stage. With ``loss.fused_head`` both
+are hidden states with their output layers (``OutputHead``), and the loss is the fused one.
 """
 
 from __future__ import annotations
@@ -14,13 +15,17 @@ from functools import partial
 import torch
 
 from hpd_megatron.losses import SamplingOptions, distillation_loss
+from hpd_megatron.losses.distillation import fused_distillation_loss
+from hpd_megatron.losses.fused_head import OutputHead
 from hpd_megatron.parallel.placement import to_device
 from hpd_megatron.training.components import sample_seed
-from hpd_megatron.training.config import RunConfig
+from hpd_megatron.training.config import UNFUSED_CHUNK_TOKENS, RunConfig
 from hpd_megatron.training.pair import DistillationPair
 from hpd_megatron.training.schedule import Batch
 
 LossOutput = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+Model = torch.Tensor | OutputHead | None
+"""A model's output for the loss: logits, or hidden states with the output layer (fused)."""
 
 
 class DistillationObjective:
@@ -34,15 +39,22 @@ class DistillationObjective:
         self, step: int, pair: DistillationPair, batch: Batch
     ) -> tuple[torch.Tensor, Callable[[torch.Tensor], LossOutput]]:
         """For the schedule (bind ``step`` first): the stage's output and its loss function."""
-        output, teacher_logits = pair(batch)
-        return output, partial(self.loss_func, step, batch, teacher_logits)
+        output, teacher_out = pair(batch)
+        student_head = pair.student_head if self.run.loss.fused_head else None
+        return output, partial(self.loss_func, step, batch, teacher_out, student_head)
 
     def loss_func(
-        self, step: int, batch: Batch, teacher_logits: torch.Tensor | None, logits: torch.Tensor
+        self,
+        step: int,
+        batch: Batch,
+        teacher_out: Model,
+        student_head: Callable[[torch.Tensor], OutputHead] | None,
+        output: torch.Tensor,
     ) -> LossOutput:
         """(loss sum, token count, report of sums) as the schedule expects with
         ``calculate_per_token_loss``; sums, so that the loop forms exact global means."""
-        loss_sum, diagnostics = self.compute_loss(step, batch, teacher_logits, logits)
+        student_out = output if student_head is None else student_head(output)
+        loss_sum, diagnostics = self.compute_loss(step, batch, teacher_out, student_out)
         num_tokens = diagnostics["num_tokens"].to(torch.int)
         skipped = ("loss_sum", "num_tokens", "loss")
         report = {
@@ -55,9 +67,10 @@ class DistillationObjective:
         return loss_sum, num_tokens, report
 
     def compute_loss(
-        self, step: int, batch: Batch, teacher_logits: torch.Tensor | None, logits: torch.Tensor
+        self, step: int, batch: Batch, teacher_out: Model, student_out: Model
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The summed distillation loss of a micro-batch, and its diagnostics."""
+        """The summed distillation loss of a micro-batch, and its diagnostics; each model's
+        output is its logits, or with ``loss.fused_head`` its ``OutputHead``."""
         loss = self.run.loss
         uniforms = None
         if loss.method == "hpd":
@@ -67,9 +80,11 @@ class DistillationObjective:
             uniforms = to_device(
                 self.hpd_uniforms(step, batch["sample_index"], labels.shape[1]), labels.device
             )
-        return distillation_loss(
-            logits,
-            teacher_logits,
+        fused = isinstance(student_out, OutputHead)
+        loss_function = fused_distillation_loss if fused else distillation_loss
+        return loss_function(
+            student_out,
+            teacher_out,
             batch["labels"],
             loss.method,
             vocab_size=self.vocab_size,
@@ -78,7 +93,7 @@ class DistillationObjective:
             hpd_b=loss.hpd_b,
             hpd_b_floor=loss.hpd_b_floor,
             reduction="sum",
-            chunk_size=loss.chunk_size,
+            chunk_size=loss.chunk_size or (None if fused else UNFUSED_CHUNK_TOKENS),
             sampling=SamplingOptions(uniforms=uniforms),
         )
 

@@ -6,6 +6,11 @@ the teacher's after it along the hidden dimension, so Megatron-Core's schedule n
 only to be told the wider shape (``adjust_tensor_shapes_fn``). The teacher runs under
 ``no_grad``: its half of the activation carries no graph, and the gradient the
 schedule sends back for it is ignored.
+
+With ``fused_head`` the last stage runs neither output layer: it returns both models'
+final hidden states, and the loss computes the logits chunk by chunk
+(hpd_megatron/losses/fused_head.py). The teacher's output shard is moved onto the
+student's vocabulary layout once, here, when their padded widths differ.
 """
 
 from __future__ import annotations
@@ -15,7 +20,15 @@ from typing import Any
 import torch
 from megatron.core.transformer.module import MegatronModule
 
-from hpd_megatron.training.schedule import Batch, causal_lm_forward, unwrap_model
+from hpd_megatron.losses.fused_head import OutputHead, align_teacher_weight
+from hpd_megatron.losses.vocab_parallel import resolve_tp_group
+from hpd_megatron.training.schedule import (
+    Batch,
+    causal_lm_forward,
+    causal_lm_hidden_states,
+    output_weight,
+    unwrap_model,
+)
 from hpd_megatron.training.timing import RegionTimer
 
 
@@ -24,7 +37,9 @@ class DistillationPair(MegatronModule):
 
     ``student`` may be wrapped in Megatron's DistributedDataParallel; ``teacher`` is a
     bare GPTModel stage, frozen here. ``forward`` returns the stage's output and, on the
-    last stage, the teacher's logits for the loss (None elsewhere, or without a teacher).
+    last stage, the teacher's logits for the loss (None elsewhere, or without a teacher);
+    with ``fused_head``, the last stage's output is the student's final hidden states and
+    the teacher's is its ``OutputHead``.
     """
 
     def __init__(
@@ -33,6 +48,8 @@ class DistillationPair(MegatronModule):
         teacher: torch.nn.Module | None,
         student_hidden: int,
         teacher_hidden: int,
+        fused_head: bool = False,
+        vocab_size: int | None = None,
     ) -> None:
         super().__init__(config=unwrap_model(student).config)
         self.student = student
@@ -49,6 +66,15 @@ class DistillationPair(MegatronModule):
             teacher.eval()
             for parameter in teacher.parameters():
                 parameter.requires_grad_(False)
+        self.fused_head = fused_head and self.post_process
+        self.teacher_output_weight = None
+        if self.fused_head and teacher is not None:
+            self.teacher_output_weight = align_teacher_weight(
+                output_weight(teacher),
+                output_weight(student).shape[0],
+                vocab_size,
+                resolve_tp_group(),
+            )
 
     def set_input_tensor(self, input_tensor: Any) -> None:
         if isinstance(input_tensor, (list, tuple)):
@@ -65,15 +91,27 @@ class DistillationPair(MegatronModule):
         # The activation travels in the student's dtype; the teacher may compute in bf16.
         self.teacher.set_input_tensor(teacher_part.detach().to(self.teacher_dtype))
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        student_out = causal_lm_forward(self.student, batch)
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | OutputHead | None]:
+        run_stage = causal_lm_hidden_states if self.fused_head else causal_lm_forward
+        student_out = run_stage(self.student, batch)
         if self.teacher is None:
             return student_out, None
         with torch.no_grad(), self.teacher_timer.region():
-            teacher_out = causal_lm_forward(self.teacher, batch)
-        if unwrap_model(self.student).post_process:
+            teacher_out = run_stage(self.teacher, batch)
+        if self.fused_head:
+            sequence_parallel = self.teacher.config.sequence_parallel
+            return student_out, OutputHead(
+                teacher_out, self.teacher_output_weight, sequence_parallel
+            )
+        if self.post_process:
             return student_out, teacher_out
         return torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1), None
+
+    def student_head(self, hidden: torch.Tensor) -> OutputHead:
+        """The student's input to the fused head: its last stage's hidden states and output
+        shard (the parameter, so its gradient reaches DDP's main_grad)."""
+        sequence_parallel = unwrap_model(self.student).config.sequence_parallel
+        return OutputHead(hidden, output_weight(self.student), sequence_parallel)
 
     def set_is_first_microbatch(self) -> None:
         """Each model recasts its FP8 weights by its own config (the schedule calls this on
