@@ -6,10 +6,14 @@ loss or the collective, each replaced by a spy that records the devices it was h
 The product's own paths run: the trainer's feed, the schedule's step function, the
 objective's forward step and loss; the divergence evaluation; the converters' verify.
 Where a path cannot go on with data-less tensors, the spy stops it once it has recorded.
+
+The same process (they take long to start) first runs the divergence evaluation for real on
+the CPU and checks its numbers against a dense computation from the models' full logits.
 """
 
 from __future__ import annotations
 
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -120,15 +124,86 @@ def test_moving_to_the_cpu_returns_the_same_tensor():
     assert batch_to_device(batch, META)["sample_index"] is batch["sample_index"]
 
 
-def _divergence_inputs(directory: str, heldout: str, tokenizer: str) -> dict[str, str]:
-    """On a rank: the devices of the first batch the divergence evaluation's models see."""
-    from hpd_megatron.eval import divergence
-    from hpd_megatron.models.description import ModelDescription
-
+def _teacher_export(directory: str, tokenizer: str) -> Path:
+    """On a rank: the initial weights, the teacher's as an export the evaluation reads."""
     save_initial_weights(directory)
     teacher = Path(directory) / "teacher"
     (teacher / "model.yaml").write_text(yaml.safe_dump(TEACHER))
     (teacher / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
+    return teacher
+
+
+def _sharper_student(directory: str) -> Path:
+    """On a rank: the initial student with its output layer scaled up (peaked
+    distributions), saved as a second checkpoint."""
+    from hpd_megatron.checkpoint.weights import save_model_weights
+    from hpd_megatron.eval.divergence import load_model
+    from hpd_megatron.models.description import ModelDescription
+    from hpd_megatron.parallel.initialize import destroy_parallel, initialize_parallel
+    from hpd_megatron.parallel.layout import ParallelLayout
+    from hpd_megatron.training.schedule import output_weight
+
+    initialize_parallel(ParallelLayout(1, 1))
+    model = load_model(Path(directory) / "student", ModelDescription.from_dict(STUDENT))
+    with torch.no_grad():
+        output_weight(model).mul_(12.0)
+    save_model_weights(model, Path(directory) / "sharper")
+    destroy_parallel()
+    return Path(directory) / "sharper"
+
+
+REAL_VOCAB = 120
+"""The divergence evaluation's real vocabulary: below the output layers' 128 rows, whose
+padding rows (random weights here) must take no probability."""
+
+
+def _divergence_values(directory: str, heldout: str, teacher: Path) -> dict[str, dict]:
+    """On a rank: the divergence evaluation's numbers (streamed through the fused head, in
+    small chunks over several batches) and the same from the models' full logits, a float64
+    log_softmax over the real vocabulary of the held-out set in one batch."""
+    from hpd_megatron.eval.divergence import compare_with_teacher, load_model, sequence_batches
+    from hpd_megatron.losses import IGNORE_INDEX
+    from hpd_megatron.models.description import ModelDescription
+    from hpd_megatron.parallel.initialize import destroy_parallel, initialize_parallel
+    from hpd_megatron.parallel.layout import ParallelLayout
+    from hpd_megatron.training.schedule import causal_lm_forward
+
+    checkpoints = [Path(directory) / "student", _sharper_student(directory)]
+    teacher = Path(shutil.copytree(teacher, Path(directory) / "teacher_real_vocab"))
+    (teacher / "model.yaml").write_text(yaml.safe_dump({**TEACHER, "vocab_size": REAL_VOCAB}))
+    student = ModelDescription.from_dict({**STUDENT, "vocab_size": REAL_VOCAB})
+    streamed = compare_with_teacher(
+        teacher, student, checkpoints, heldout, SEQ, batch_size=6, chunk_tokens=37
+    )
+    initialize_parallel(ParallelLayout(1, 1))
+    with torch.no_grad():
+        [batch] = sequence_batches(heldout, SEQ, batch_size=10**6)
+        mask = batch["labels"] != IGNORE_INDEX
+
+        def dense_log_probs(checkpoint, description) -> torch.Tensor:
+            logits = causal_lm_forward(load_model(checkpoint, description), batch)
+            assert logits.shape[-1] > REAL_VOCAB
+            return torch.log_softmax(logits[..., :REAL_VOCAB].double(), dim=-1)[mask]
+
+        lp = dense_log_probs(
+            teacher, ModelDescription.from_dict({**TEACHER, "vocab_size": REAL_VOCAB})
+        )
+        dense = {"teacher_entropy": float(-(lp.exp() * lp).sum() / mask.sum()), "students": []}
+        for checkpoint in checkpoints:
+            lq = dense_log_probs(checkpoint, student)
+            kl = float((lp.exp() * (lp - lq)).sum() / mask.sum())
+            entropy = float(-(lq.exp() * lq).sum() / mask.sum())
+            dense["students"].append({"kl_to_teacher": kl, "entropy": entropy})
+        dense["tokens"] = int(mask.sum())
+    destroy_parallel()
+    return {"streamed": streamed, "dense": dense}
+
+
+def _divergence_inputs(heldout: str, teacher: Path) -> dict[str, str]:
+    """On a rank: the devices of the first batch the divergence evaluation's models see."""
+    from hpd_megatron.eval import divergence
+    from hpd_megatron.models.description import ModelDescription
+
     seen: dict[str, str] = {}
 
     def model_forward(model, batch):
@@ -136,7 +211,7 @@ def _divergence_inputs(directory: str, heldout: str, tokenizer: str) -> dict[str
         raise Recorded
 
     place_on_meta()
-    divergence.causal_lm_forward = model_forward
+    divergence.causal_lm_hidden_states = model_forward
     student = ModelDescription.from_dict(STUDENT)
     with pytest.raises(Recorded):
         divergence.compare_with_teacher(teacher, student, [teacher], heldout, SEQ, batch_size=4)
@@ -207,8 +282,10 @@ def _any_rank_input() -> str:
 
 def _on_a_rank(directory: str, heldout: str, tokenizer: str) -> dict:
     """One process (they take long to start) for the paths that need process groups."""
-    return {
-        "divergence": _divergence_inputs(directory, heldout, tokenizer),
+    teacher = _teacher_export(directory, tokenizer)
+    return {  # the values first: the others put the process on the meta device
+        "divergence_values": _divergence_values(directory, heldout, teacher),
+        "divergence": _divergence_inputs(heldout, teacher),
         "verify": _verify_inputs(),
         "any_rank": _any_rank_input(),
     }
@@ -229,6 +306,20 @@ def test_divergence_evaluation_feeds_its_models_on_their_device(seen_on_a_rank):
         "loss_mask": "meta",
         "position_ids": "meta",
     }
+
+
+def test_divergence_evaluation_streamed_equals_dense_log_softmax(seen_on_a_rank):
+    """KL(teacher || student) and both entropies from the fused head's chunks (37 tokens,
+    batches of 6) equal a float64 log_softmax of the models' full logits over the real
+    vocabulary (below the padded one), for two checkpoints loaded into one student (the
+    second one's distributions peaked)."""
+    streamed, dense = seen_on_a_rank["divergence_values"].values()
+    assert streamed["tokens"] == dense["tokens"] > 0
+    assert streamed["teacher_entropy"] == pytest.approx(dense["teacher_entropy"], rel=1e-6)
+    assert len(streamed["students"]) == 2
+    for got, want in zip(streamed["students"], dense["students"], strict=True):
+        assert got == pytest.approx(want, rel=1e-6)
+    assert streamed["students"][1]["entropy"] < streamed["students"][0]["entropy"] - 0.5
 
 
 def test_converter_verify_feeds_model_and_collectives_on_the_device(seen_on_a_rank):

@@ -473,6 +473,29 @@ def test_errors_name_the_tensor():
         )
 
 
+def test_fused_head_errors_name_the_tensor():
+    from hpd_megatron.losses.distillation import fused_distillation_loss
+    from hpd_megatron.losses.fused_head import OutputHead
+
+    hidden, weight = torch.randn(5, 2, 8), torch.randn(STUDENT_WIDTH, 8)
+    labels = torch.randint(0, VOCAB, (2, 5))
+
+    def run_heads(student, teacher, labels, method="hpd"):
+        return fused_distillation_loss(
+            student, teacher, labels, method, vocab_size=VOCAB, tp_group=None
+        )
+
+    student, teacher = OutputHead(hidden, weight), OutputHead(hidden, weight)
+    with pytest.raises(ValueError, match=r"student.hidden: shape \(5, 2, 8\) is not \[s, b, h\]"):
+        run_heads(student, teacher, labels.t())
+    with pytest.raises(
+        ValueError, match=r"teacher.weight: shape \(\d+, 4\) is not \[vocab/TP, 8\]"
+    ):
+        run_heads(student, OutputHead(hidden, weight[:, :4]), labels)
+    with pytest.raises(ValueError, match="teacher: method 'fkl' needs the teacher"):
+        run_heads(student, None, labels, "fkl")
+
+
 def test_literal_types_name_every_choice():
     assert sorted(get_args(MethodName)) == sorted(METHODS)
     assert get_args(Sampler) == SAMPLERS

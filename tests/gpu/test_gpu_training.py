@@ -42,6 +42,10 @@ LAYOUTS = {
     "TP1": (1, ["checkpoint.save_interval=3"]),  # also saves with the plain bf16 optimizer
     "TP2": (2, ["parallel.tensor_model_parallel_size=2"]),
     "PP2": (2, ["parallel.pipeline_model_parallel_size=2"]),
+    # The fused head in bf16 (the GEMM in bf16, apex's fp32 weight-gradient accumulation
+    # when apex has it) and, at TP2, with sequence parallelism (TE's default there).
+    "TP1 fused head": (1, ["loss.fused_head=true"]),
+    "TP2 fused head": (2, ["parallel.tensor_model_parallel_size=2", "loss.fused_head=true"]),
 }
 # The same weights and data in bf16: the layouts sum in different orders, so the first
 # losses agree to bf16's precision, not bit for bit. HPD's loss is a small difference of
@@ -74,7 +78,7 @@ def runs(setup) -> dict[str, dict]:
     for name, (gpus, overrides) in LAYOUTS.items():
         if gpus > GPUS:
             continue
-        run_dir = setup["root"] / f"gpu_{name}"
+        run_dir = setup["root"] / f"gpu_{name.replace(' ', '_')}"
         stdout = _torchrun_train(
             setup["recipe"], gpus, BF16_CUDA + overrides + [f"run_dir={run_dir}"]
         )
@@ -96,8 +100,8 @@ def test_hpd_runs_with_transformer_engine_in_bf16_on_one_gpu(runs):
     assert tracker.read_text() == f"{STEPS}\n"
 
 
-@pytest.mark.parametrize("layout", ["TP2", "PP2"])
-def test_first_step_at_tp2_and_pp2_matches_tp1(runs, layout):
+@pytest.mark.parametrize("layout", ["TP2", "PP2", "TP1 fused head", "TP2 fused head"])
+def test_first_step_of_each_layout_matches_tp1(runs, layout):
     if layout not in runs:
         pytest.skip(f"{layout} needs {LAYOUTS[layout][0]} GPUs; this machine has {GPUS}")
     reference, other = runs["TP1"]["metrics"], runs[layout]["metrics"]
