@@ -35,13 +35,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hpd_megatron.losses.kernel import (
+    Chunk,
+    ChunkBuffers,
     ForwardRecord,
     LossPlan,
-    _Buffers,
-    _Chunk,
-    _compute_dtype,
     backward_pass,
     call_of,
+    compute_dtype,
     forward_chunks,
 )
 from hpd_megatron.losses.vocab_parallel import TPGroup, realign_columns, shard_of_rank
@@ -183,10 +183,10 @@ class HeadLogits:
         self.last_hidden: Tensor | None = None
         """The last chunk's hidden rows (the backward's weight gradient reads them)."""
 
-    def chunk_hidden_rows(self, chunk: _Chunk) -> Tensor:
+    def chunk_hidden_rows(self, chunk: Chunk) -> Tensor:
         return self.hidden_rows[chunk.part]
 
-    def rows(self, chunk: _Chunk, buffers: _Buffers, name: str) -> Tensor:
+    def rows(self, chunk: Chunk, buffers: ChunkBuffers, name: str) -> Tensor:
         hidden = buffers.get(f"{name}_hidden", chunk.n, self.hidden.shape[1], self.hidden.dtype)
         torch.index_select(self.hidden, 0, self.chunk_hidden_rows(chunk), out=hidden)
         self.last_hidden = hidden
@@ -242,10 +242,10 @@ class HeadGradients:
             self.full_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
             self.weight = self.full_weight[:real_width]
 
-    def destination(self, chunk: _Chunk, buffers: _Buffers) -> Tensor:
+    def destination(self, chunk: Chunk, buffers: ChunkBuffers) -> Tensor:
         return buffers.get("grad", chunk.n, self.weight.shape[0])
 
-    def store(self, out: Tensor, chunk: _Chunk, buffers: _Buffers) -> None:
+    def store(self, out: Tensor, chunk: Chunk, buffers: ChunkBuffers) -> None:
         shard, hidden = self.source.weight, self.source.last_hidden
         grad = out
         if shard.dtype != out.dtype:
@@ -304,7 +304,7 @@ class FusedHeadDistillation(torch.autograd.Function):
         inputs: HeadInputs,
     ) -> Tensor:
         plan, sp = inputs.plan, inputs.sequence_parallel
-        dtype = _compute_dtype(hidden.dtype)
+        dtype = compute_dtype(hidden.dtype)
         flat = labels.reshape(-1)
         rows = (flat != plan.ignore_index).nonzero().squeeze(1)
         student = HeadLogits(
@@ -330,7 +330,7 @@ class FusedHeadDistillation(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor):
         hidden, weight, teacher_hidden, teacher_weight, *rest = ctx.saved_tensors
         saved, plan, sp = dict(zip(ctx.names, rest)), ctx.inputs.plan, ctx.inputs.sequence_parallel
-        rows, dtype = saved["rows"], _compute_dtype(hidden.dtype)
+        rows, dtype = saved["rows"], compute_dtype(hidden.dtype)
         full = gather_sequence(hidden, plan.tp) if sp else hidden
         student = HeadLogits(full, weight, plan.student.real_width, rows)
         teacher = None

@@ -100,7 +100,7 @@ class ForwardRecord:
     """[supervised tokens] long: the sample yh of each supervised position, when drawn."""
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -113,7 +113,7 @@ def _real_columns(logits: Tensor, shard: VocabShard) -> Tensor:
 
 
 @dataclass(slots=True)
-class _Chunk:
+class Chunk:
     """Consecutive supervised tokens processed together, and their ids."""
 
     index: int
@@ -131,7 +131,7 @@ class _Chunk:
 
 def _chunks(
     rows_all: Tensor, chunk_size: int, labels: Tensor | None, given: Tensor | None = None
-) -> list[_Chunk]:
+) -> list[Chunk]:
     """The chunks of the supervised rows, each with its row span when consecutive.
 
     Consecutive rows (the usual case: a response is one run of supervised positions) are
@@ -148,11 +148,11 @@ def _chunks(
         rows = rows_all[start : start + n]
         y = None if labels is None else labels[rows]
         ids = None if given is None else given[rows]
-        out.append(_Chunk(index, slice(start, start + n), n, span, rows, y, ids))
+        out.append(Chunk(index, slice(start, start + n), n, span, rows, y, ids))
     return out
 
 
-class _Buffers:
+class ChunkBuffers:
     """Per-call [chunk, width] buffers, allocated on first use and reused by every chunk."""
 
     def __init__(self, rows: int, device: torch.device, dtype: torch.dtype):
@@ -168,7 +168,7 @@ class _Buffers:
         return buffer[:n]
 
 
-def _chunk_rows(source: Tensor, chunk: _Chunk, buffers: _Buffers, name: str) -> Tensor:
+def _chunk_rows(source: Tensor, chunk: Chunk, buffers: ChunkBuffers, name: str) -> Tensor:
     """The chunk's rows of ``source``: a view when consecutive, else gathered (native dtype)."""
     if chunk.span is not None:
         return source[chunk.span[0] : chunk.span[1]]
@@ -180,7 +180,7 @@ class LogitSource(Protocol):
     """Where a model's logits of a chunk come from: a materialised tensor, or (fused head,
     ``fused_head.HeadLogits``) the chunk's hidden states times the output-layer shard."""
 
-    def rows(self, chunk: _Chunk, buffers: _Buffers, name: str) -> Tensor:
+    def rows(self, chunk: Chunk, buffers: ChunkBuffers, name: str) -> Tensor:
         """[chunk.n, real columns]: the chunk's logits (read only; ``name`` names the buffer)."""
         ...
 
@@ -191,11 +191,13 @@ class MaterialisedLogits:
 
     real: Tensor
 
-    def rows(self, chunk: _Chunk, buffers: _Buffers, name: str) -> Tensor:
+    def rows(self, chunk: Chunk, buffers: ChunkBuffers, name: str) -> Tensor:
         return _chunk_rows(self.real, chunk, buffers, name)
 
 
-def _teacher_rows(plan: LossPlan, teacher: LogitSource, chunk: _Chunk, buffers: _Buffers) -> Tensor:
+def _teacher_rows(
+    plan: LossPlan, teacher: LogitSource, chunk: Chunk, buffers: ChunkBuffers
+) -> Tensor:
     """The chunk's teacher logits, moved onto the student's layout when full-vocab needs it."""
     source = teacher.rows(chunk, buffers, "teacher_in")
     if plan.realign:
@@ -206,7 +208,7 @@ def _teacher_rows(plan: LossPlan, teacher: LogitSource, chunk: _Chunk, buffers: 
 
 
 def _log_softmaxes(
-    buffers: _Buffers, student_rows: Tensor, teacher_rows: Tensor, lse_q: Tensor, lse_p: Tensor
+    buffers: ChunkBuffers, student_rows: Tensor, teacher_rows: Tensor, lse_q: Tensor, lse_p: Tensor
 ) -> tuple[Tensor, Tensor]:
     """log q and log p of a chunk on the student's layout, in the reused logq/logp buffers."""
     n, width = student_rows.shape
@@ -231,7 +233,7 @@ class _Call:
     """The rows of the supervised tokens."""
     dtype: torch.dtype
     """The compute dtype: fp32, fp64 for fp64 logits."""
-    buffers: _Buffers
+    buffers: ChunkBuffers
     given: Tensor | None = None
     """[tokens] the caller's samples, when the method uses a sample."""
     draw: str | None = None
@@ -242,7 +244,7 @@ def _prepare(
     student: Tensor, teacher: Tensor | None, labels: Tensor, sampled: Tensor | None, plan: LossPlan
 ) -> _Call:
     """The call's flattened inputs, and whether its sample is given or drawn (and how)."""
-    dtype = _compute_dtype(student.dtype)
+    dtype = compute_dtype(student.dtype)
     labels = labels.reshape(-1)
     rows = (labels != plan.ignore_index).nonzero().squeeze(1)
     t_source = None
@@ -263,7 +265,7 @@ def call_of(
     device: torch.device,
 ) -> _Call:
     """A call over the given logit sources; the sample is given or drawn (and how)."""
-    buffers = _Buffers(min(plan.chunk_size, max(rows.numel(), 1)), device, dtype)
+    buffers = ChunkBuffers(min(plan.chunk_size, max(rows.numel(), 1)), device, dtype)
     call = _Call(plan, student, teacher, labels, rows, dtype, buffers)
     if plan.needs_sample and sampled is not None:
         call.given = sampled.reshape(-1)
@@ -368,7 +370,7 @@ def _owned_value(logits: Tensor, ids: Tensor, shard: VocabShard) -> Tensor:
     return torch.where(shard.owns(ids), values, 0.0)
 
 
-def _student_local(call: _Call, chunk: _Chunk) -> _Local:
+def _student_local(call: _Call, chunk: Chunk) -> _Local:
     """The student chunk's statistics; its logits are only read, never written."""
     shard = call.plan.student
     logits = call.student.rows(chunk, call.buffers, "student_in")
@@ -389,7 +391,7 @@ def _student_local(call: _Call, chunk: _Chunk) -> _Local:
     return _Local(logits, row_max, exp_sum, at_y, at_sample, running, gumbel)
 
 
-def _teacher_local(call: _Call, chunk: _Chunk) -> _Local:
+def _teacher_local(call: _Call, chunk: Chunk) -> _Local:
     """The teacher chunk's statistics (on the student's layout for the full-vocab methods)."""
     plan = call.plan
     logits = _teacher_rows(plan, call.teacher, chunk, call.buffers)
@@ -489,7 +491,7 @@ def _put_normalisers(out: _PerToken, part: slice, totals: _Totals, dtype: torch.
 
 
 def _dense_terms(
-    call: _Call, chunk: _Chunk, student: _Local, teacher: _Local, out: _PerToken
+    call: _Call, chunk: Chunk, student: _Local, teacher: _Local, out: _PerToken
 ) -> None:
     """Round 3 of the full-vocab methods: all-reduce SUM of the per-token sums of w(v)
     and of the divergence terms over each shard."""
@@ -506,7 +508,7 @@ def _dense_terms(
 # ---------------------------------------------------------------- rounds 3 and 4: the sample
 
 
-def _draw_sample(call: _Call, chunk: _Chunk, student: _Local, totals: _Totals) -> Tensor:
+def _draw_sample(call: _Call, chunk: Chunk, student: _Local, totals: _Totals) -> Tensor:
     """Round 3 of HPD drawing its own sample: the sample's global id, on every rank."""
     plan, tp, shard = call.plan, call.plan.tp, call.plan.student
     if call.draw == "inverse_cdf":
@@ -535,7 +537,7 @@ def _sample_logits(
 
 
 def _sample(
-    call: _Call, chunk: _Chunk, student: _Local, teacher: _Local | None, totals: _Totals
+    call: _Call, chunk: Chunk, student: _Local, teacher: _Local | None, totals: _Totals
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """yh and both models' float64 logits at it: given (reduced in round 2) or drawn."""
     if chunk.given is not None:
@@ -549,7 +551,7 @@ def _sample(
 
 def _token_weights(
     call: _Call,
-    chunk: _Chunk,
+    chunk: Chunk,
     totals: _Totals,
     sample: tuple[Tensor, Tensor, Tensor | None] | None,
     out: _PerToken,
@@ -611,7 +613,7 @@ def _empty_gradient(z2d: Tensor, shard: VocabShard, n_sup: int) -> Tensor:
 
 
 def _subtract_point_weights(
-    out: Tensor, chunk: _Chunk, saved: dict[str, Tensor], shard: VocabShard, grad_scale: float
+    out: Tensor, chunk: Chunk, saved: dict[str, Tensor], shard: VocabShard, grad_scale: float
 ) -> None:
     """Token methods: subtract the weights of y and yh at their columns on this shard."""
     if not shard.real_width:
@@ -627,11 +629,11 @@ def _subtract_point_weights(
 class GradientSink(Protocol):
     """Where the backward puts each chunk's gradient with respect to the student's logits."""
 
-    def destination(self, chunk: _Chunk, buffers: _Buffers) -> Tensor:
+    def destination(self, chunk: Chunk, buffers: ChunkBuffers) -> Tensor:
         """[chunk.n, real columns] to compute the chunk's gradient into."""
         ...
 
-    def store(self, out: Tensor, chunk: _Chunk, buffers: _Buffers) -> None:
+    def store(self, out: Tensor, chunk: Chunk, buffers: ChunkBuffers) -> None:
         """Take the chunk's gradient (``destination``'s tensor, filled)."""
         ...
 
@@ -644,13 +646,13 @@ class LogitsGradient:
         self.real = self.grad[:, : shard.real_width]
         self.dtype = dtype
 
-    def destination(self, chunk: _Chunk, buffers: _Buffers) -> Tensor:
+    def destination(self, chunk: Chunk, buffers: ChunkBuffers) -> Tensor:
         # Straight into the gradient when its rows are consecutive and in the compute dtype.
         if chunk.span is not None and self.grad.dtype == self.dtype:
             return self.real[chunk.span[0] : chunk.span[1]]
         return buffers.get("grad", chunk.n, self.real.shape[1])
 
-    def store(self, out: Tensor, chunk: _Chunk, buffers: _Buffers) -> None:
+    def store(self, out: Tensor, chunk: Chunk, buffers: ChunkBuffers) -> None:
         if chunk.span is not None:
             target = self.real[chunk.span[0] : chunk.span[1]]
             if target.data_ptr() != out.data_ptr():
@@ -672,7 +674,7 @@ def backward_pass(
     """d(loss_sum)/d(student logits) * grad_scale, shard-local, chunk by chunk into ``sink``:
     grad_j = sum_w q_j - w_j."""
     shard, rows_all = plan.student, saved["rows"]
-    buffers = _Buffers(min(plan.chunk_size, max(rows_all.numel(), 1)), rows_all.device, dtype)
+    buffers = ChunkBuffers(min(plan.chunk_size, max(rows_all.numel(), 1)), rows_all.device, dtype)
     labels = None if plan.dense else saved["labels"]
     for chunk in _chunks(rows_all, plan.chunk_size, labels):
         logits = student.rows(chunk, buffers, "student_in")
@@ -718,7 +720,7 @@ class VocabParallelDistillation(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor):
         student, teacher, *rest = ctx.saved_tensors
         saved, plan = dict(zip(ctx.names, rest)), ctx.plan
-        dtype = _compute_dtype(student.dtype)
+        dtype = compute_dtype(student.dtype)
         sink = LogitsGradient(student, plan.student, saved["rows"].numel(), dtype)
         s_source = MaterialisedLogits(_real_columns(student, plan.student))
         t_source = None
