@@ -41,6 +41,8 @@ RECIPES = [
 # parallelism: the memory arithmetic below is written for it.
 TP8_PP2 = ["parallel.tensor_model_parallel_size=8", "parallel.pipeline_model_parallel_size=2"]
 NO_SP = ["performance.sequence_parallel=false"]
+UNFUSED = ["loss.fused_head=false"]
+MATH = "recipes/qwen2.5_7b_to_1.5b_math_hpd.yaml"
 VARIABLES = {
     "HPD_TEACHER_CKPT": "/ckpt/teacher",
     "HPD_STUDENT_CKPT": "/ckpt/student",
@@ -81,7 +83,7 @@ def test_qwen_counts_include_qkv_bias_and_tied_embedding():
 
 
 def test_memory_components_of_the_70b_to_8b_recipe(site_env):
-    run = load_run_config(RECIPE_70B, TP8_PP2 + NO_SP)
+    run = load_run_config(RECIPE_70B, TP8_PP2 + NO_SP + UNFUSED)
     plan = make_plan(run, nodes=4, gpus_per_node=8, gpu_mem_gib=80)
     assert plan.layout == {"TP": 8, "PP": 2, "DP": 2} and plan.padded_vocab == 129024
     assert not plan.sequence_parallel
@@ -251,12 +253,14 @@ def test_cli_plans_without_site_paths_prints_ranking_writes_json(tmp_path):
     )
     assert ok.returncode == 0, ok.stderr
     assert "note: HPD_TEACHER_CKPT, HPD_DATA, HPD_STUDENT_CKPT not set" in ok.stdout
-    assert "teacher_weights" in ok.stdout and "worst stage 0: 63.08 GiB of 80.00 GiB" in ok.stdout
+    assert "teacher_weights" in ok.stdout and "worst stage 0: 60.18 GiB of 80.00 GiB" in ok.stdout
     assert "at least 17.9 s per step from compute alone (lower bound)" in ok.stdout
     assert "the 5 fastest of 13 layouts that fit" in ok.stdout
     assert re.search(r"^\* TP4 PP1 DP8 SP +19\.93 +17\.89 +1\.62 ", ok.stdout, re.M), ok.stdout
+    assert "loss head: fused (loss.fused_head: true)" in ok.stdout
     data = json.loads(out.read_text())
     assert data["fits"] and data["layout"] == {"TP": 4, "PP": 1, "DP": 8}
+    assert data["loss_head"] == "fused"
     assert data["student_parameters"] == 8_030_261_248
     assert data["step_seconds_lower_bound"] == data["step"]["compute"]
     assert data["step_seconds_estimate"] == pytest.approx(19.93, abs=0.005)
@@ -278,9 +282,89 @@ def test_cli_refuses_a_layout_that_does_not_fit(site_env, capsys):
     )
     assert code == 1
     assert (
-        "does not fit: 318.77 GiB needed on the worst stage (stage 0), 80.00 GiB available"
+        "does not fit: 305.42 GiB needed on the worst stage (stage 0), 80.00 GiB available"
         in capsys.readouterr().err
     )
+
+
+# ---- the loss head: loss.fused_head (issue 28) ---------------------------------------------
+# The math recipe on 1 node x 8 GPUs at TP2 (DP4, sequence parallel, bf16): Qwen2.5-1.5B
+# student (h 1536, vocab 151,665 padded to 151,808: 75,904 per TP rank), Qwen2.5-7B teacher
+# (h 3584), 1 x 10,240 tokens per micro-batch, loss.method hpd (a token method).
+MATH_SHARD, MATH_TOKENS = 151_808 // 2, 10240
+
+
+def test_fused_head_keeps_the_math_recipes_loss_under_one_gib(site_env):
+    plan = make_plan(load_run_config(MATH), nodes=1, gpus_per_node=8, gpu_mem_gib=80)
+    assert plan.layout == {"TP": 2, "PP": 1, "DP": 4} and plan.sequence_parallel
+    assert plan.loss_head == "fused" and plan.padded_vocab == 151_808
+    shard, tokens = MATH_SHARD, MATH_TOKENS
+    chunk = 2**24 // shard  # loss.chunk_size unset: 16 Mi elements of the shard
+    assert chunk == 221
+    fused = (
+        chunk * shard * (4 * 4 + 2)  # four fp32 [chunk, V/TP] buffers + the bf16 GEMM output
+        + tokens * 72  # per-token state
+        + tokens * 1536 * 2  # the student hidden states' gradient
+        + shard * 1536 * 2  # the dummy weight gradient DDP's hook receives
+        + tokens * (1536 + 3584) * 2  # SP: both models' all-gathered hidden states
+    )
+    assert fused == 672_175_360
+    assert plan.stages[0].logits_and_loss * GIB == fused
+    assert plan.stages[0].logits_and_loss < 1  # GiB
+    assert plan.stages[0].logits_and_loss == pytest.approx(0.626, abs=0.001)
+
+
+def test_materialised_logits_of_the_math_recipe_without_the_fused_head(site_env):
+    fused = make_plan(load_run_config(MATH), nodes=1, gpus_per_node=8, gpu_mem_gib=80)
+    plan = make_plan(load_run_config(MATH, UNFUSED), nodes=1, gpus_per_node=8, gpu_mem_gib=80)
+    assert plan.layout == fused.layout and plan.loss_head == "materialised"
+    shard, tokens = MATH_SHARD, MATH_TOKENS
+    # Student logits, their gradient and the teacher's logits in fp32, plus the loss kernel's
+    # six fp32 buffers of loss.chunk_size unset: 1,024 tokens.
+    materialised = 3 * tokens * shard * 4 + 6 * 1024 * shard * 4
+    assert materialised == 11_192_500_224
+    assert plan.stages[0].logits_and_loss * GIB == materialised
+    assert plan.stages[0].logits_and_loss == pytest.approx(10.42, abs=0.005)
+    # Nothing else changes: the difference is the loss head's alone.
+    assert plan.worst_gib - fused.worst_gib == pytest.approx((materialised - 672_175_360) / GIB)
+    assert plan.step_seconds == fused.step_seconds
+    chunked = make_plan(
+        load_run_config(MATH, UNFUSED + ["loss.chunk_size=512"]),
+        nodes=1,
+        gpus_per_node=8,
+        gpu_mem_gib=80,
+    )
+    assert chunked.stages[0].logits_and_loss * GIB == materialised - 6 * 512 * shard * 4
+
+
+def test_fused_head_of_a_full_vocabulary_method_in_fp32(site_env):
+    """The tiny recipe (fp32, TP1, no SP; 4 x 96 = 384 tokens, vocab 128, student h 96,
+    teacher h 192) with fkl and 100-token chunks: seven fp32 buffers and no narrower GEMM
+    output, and the teacher's hidden states kept for the backward."""
+    run = load_run_config(TINY, ["loss.fused_head=true", "loss.method=fkl", "loss.chunk_size=100"])
+    plan = make_plan(run, nodes=1, gpus_per_node=2, gpu_mem_gib=80)
+    assert plan.layout == {"TP": 1, "PP": 2, "DP": 1} and not plan.sequence_parallel
+    fused = 100 * 128 * 7 * 4 + 384 * 72 + 384 * 96 * 4 + 128 * 96 * 4 + 384 * 192 * 4
+    assert fused == 877_568
+    assert [m.logits_and_loss * GIB for m in plan.stages] == [0, fused]
+
+
+def test_the_table_and_the_json_name_the_loss_head(site_env, tmp_path, capsys):
+    def plan(overrides: list[str]) -> tuple[str, dict]:
+        out = tmp_path / "plan.json"
+        args = ["--config", MATH, *overrides, "--nodes", "1", "--json", str(out)]
+        assert plan_main(args) == 0
+        return capsys.readouterr().out, json.loads(out.read_text())
+
+    text, data = plan([])
+    assert re.search(r"^loss head: fused \(loss\.fused_head: true\)", text, re.M)
+    assert re.search(r"^logits_and_loss +0\.63$", text, re.M)
+    assert data["loss_head"] == "fused"
+    assert data["stages"][0]["logits_and_loss"] == pytest.approx(672_175_360 / GIB)
+    text, data = plan(UNFUSED)
+    assert re.search(r"^loss head: materialised logits \(loss\.fused_head: false\)", text, re.M)
+    assert re.search(r"^logits_and_loss +10\.42$", text, re.M)
+    assert data["loss_head"] == "materialised"
 
 
 def test_only_check_inputs_needs_the_site_variables(site_env, monkeypatch, capsys):
@@ -440,7 +524,7 @@ def test_fraction_zero_is_todays_plan(site_env):
     assert zero.rollout is None and zero.step.rollout == 0 and zero.rollout_share == 0
     assert all(m.kv_cache == 0 for m in zero.stages)
     # The figures of docs/performance.md and the recipe's header.
-    assert zero.worst_gib == pytest.approx(63.08, abs=0.005)
+    assert zero.worst_gib == pytest.approx(60.18, abs=0.005)
     assert zero.step_seconds == pytest.approx(19.93, abs=0.005)
     text = format_table(zero) + format_ranking([zero], zero, 1)
     assert text == format_table(today) + format_ranking([today], today, 1)

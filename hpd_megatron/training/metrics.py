@@ -301,7 +301,8 @@ def segment_lengths(dataset: DistillationDataset, index: int) -> list[int]:
 
 def attention_span(samples: Iterable[Sequence[int]]) -> float:
     """How many positions a position attends to on average, counting every key of its
-    segment (no causal saving, as plan.py counts): sum(len^2) / sum(len) over the segments."""
+    segment (no causal saving, as hpd_megatron/plan/counts.py counts): sum(len^2) / sum(len)
+    over the segments."""
     lengths = [length for segments in samples for length in segments]
     return sum(length * length for length in lengths) / sum(lengths)
 
