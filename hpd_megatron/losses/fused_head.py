@@ -17,8 +17,8 @@ megatron/core/tensor_parallel/layers.py):
   all-gathered the hidden states);
 * the weight's: ``grad^T @ hidden rows``, accumulated into Megatron DDP's fp32
   ``main_grad`` when the weight has one (returning a dummy gradient so that DDP's hook
-  fires, with ``zero_out_wgrad`` for a tied embedding whose lookup also adds a gradient),
-  else returned as an ordinary gradient.
+  fires, zeroed under ``zero_out_wgrad`` for a tied embedding whose lookup also adds a
+  gradient), else returned as an ordinary gradient.
 
 The teacher's shard is moved onto the student's vocabulary layout once
 (``align_teacher_weight``), so both models' chunks have the same columns.
@@ -212,21 +212,6 @@ def _apex_weight_gradient() -> Any:
     return fused_weight_gradient_mlp_cuda
 
 
-_DUMMY_GRADIENTS: dict[tuple, Tensor] = {}
-
-
-def _dummy_gradient(
-    shape: torch.Size, dtype: torch.dtype, device: torch.device, zero: bool
-) -> Tensor:
-    """One reused placeholder per shape, as TE's ``get_dummy_wgrad``: DDP's hook discards it
-    (or, zeroed, adds it to a tied embedding's lookup gradient)."""
-    key = (tuple(shape), dtype, device)
-    dummy = _DUMMY_GRADIENTS.get(key)
-    if dummy is None:
-        dummy = _DUMMY_GRADIENTS[key] = torch.empty(shape, dtype=dtype, device=device)
-    return dummy.zero_() if zero else dummy
-
-
 class HeadGradients:
     """The gradient sink of the fused head: the hidden states' and the weight's gradients."""
 
@@ -269,11 +254,12 @@ class HeadGradients:
         """What autograd gets for the weight (upstream's dummy when DDP's main_grad has it)."""
         if not self.into_main_grad:
             return self.full_weight.to(self.parameter.dtype)
+        # Fresh, so that autograd takes it as .grad without a copy; zeroed for a tied
+        # embedding, whose lookup gradient autograd adds to it before DDP's hook reads it.
         zero = getattr(self.parameter, "zero_out_wgrad", False)
         self.parameter.grad_added_to_main_grad = True
-        return _dummy_gradient(
-            self.parameter.shape, self.parameter.dtype, self.parameter.device, zero
-        )
+        make = torch.zeros if zero else torch.empty
+        return make(self.parameter.shape, dtype=self.parameter.dtype, device=self.parameter.device)
 
 
 # ---------------------------------------------------------------- the autograd function
