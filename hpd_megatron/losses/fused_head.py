@@ -39,12 +39,18 @@ from hpd_megatron.losses.kernel import (
     ChunkBuffers,
     ForwardRecord,
     LossPlan,
-    backward_pass,
     call_of,
     compute_dtype,
     forward_chunks,
+    logit_gradient_,
+    subtract_point_weights_,
 )
-from hpd_megatron.losses.vocab_parallel import TPGroup, realign_columns, shard_of_rank
+from hpd_megatron.losses.vocab_parallel import (
+    TPGroup,
+    VocabShard,
+    realign_columns,
+    shard_of_rank,
+)
 
 FUSED_CHUNK_ELEMENTS = 2**24
 """Default fused chunk: this many elements of the vocabulary shard (16 Mi: 64 MiB per fp32
@@ -180,8 +186,6 @@ class HeadLogits:
         self.hidden = hidden.reshape(seq * batch, hidden.shape[2])
         self.weight = weight[:real_width]
         self.hidden_rows = (rows % seq) * batch + torch.div(rows, seq, rounding_mode="floor")
-        self.last_hidden: Tensor | None = None
-        """The last chunk's hidden rows (the backward's weight gradient reads them)."""
 
     def chunk_hidden_rows(self, chunk: Chunk) -> Tensor:
         return self.hidden_rows[chunk.part]
@@ -189,7 +193,6 @@ class HeadLogits:
     def rows(self, chunk: Chunk, buffers: ChunkBuffers, name: str) -> Tensor:
         hidden = buffers.get(f"{name}_hidden", chunk.n, self.hidden.shape[1], self.hidden.dtype)
         torch.index_select(self.hidden, 0, self.chunk_hidden_rows(chunk), out=hidden)
-        self.last_hidden = hidden
         logits = buffers.get(name, chunk.n, self.weight.shape[0])
         if self.weight.dtype == logits.dtype and hidden.dtype == logits.dtype:
             return torch.mm(hidden, self.weight.t(), out=logits)
@@ -212,54 +215,111 @@ def _apex_weight_gradient() -> Any:
     return fused_weight_gradient_mlp_cuda
 
 
-class HeadGradients:
-    """The gradient sink of the fused head: the hidden states' and the weight's gradients."""
+class WeightGradient:
+    """Where the student's output-layer gradient accumulates, in fp32: Megatron DDP's
+    ``main_grad`` when the weight has one (upstream's gradient-accumulation fusion), else a
+    buffer handed to autograd."""
 
-    def __init__(self, source: HeadLogits, weight: Tensor, real_width: int, dtype: torch.dtype):
-        self.source, self.parameter, self.dtype = source, weight, dtype
-        self.hidden = torch.zeros_like(source.hidden)
+    def __init__(self, weight: Tensor, real_width: int, dtype: torch.dtype) -> None:
+        self.parameter = weight
         self.into_main_grad = hasattr(weight, "main_grad") and hasattr(
             weight, "grad_added_to_main_grad"
         )
         if self.into_main_grad:
-            self.weight = weight.main_grad[:real_width]
+            self.real = weight.main_grad[:real_width]
         else:
-            self.full_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
-            self.weight = self.full_weight[:real_width]
+            self.full = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+            self.real = self.full[:real_width]
 
-    def destination(self, chunk: Chunk, buffers: ChunkBuffers) -> Tensor:
-        return buffers.get("grad", chunk.n, self.weight.shape[0])
-
-    def store(self, out: Tensor, chunk: Chunk, buffers: ChunkBuffers) -> None:
-        shard, hidden = self.source.weight, self.source.last_hidden
-        grad = out
-        if shard.dtype != out.dtype:
-            grad = buffers.get("grad_cast", chunk.n, out.shape[1], shard.dtype).copy_(out)
-        rows = torch.mm(grad, shard)
-        self.hidden.index_copy_(0, self.source.chunk_hidden_rows(chunk), rows.to(self.hidden.dtype))
-        self._accumulate_weight(out, grad, hidden)
-
-    def _accumulate_weight(self, out: Tensor, grad: Tensor, hidden: Tensor) -> None:
-        """weight gradient += grad^T @ hidden rows, accumulated in fp32."""
-        if grad.dtype == self.weight.dtype and hidden.dtype == self.weight.dtype:
-            self.weight.addmm_(grad.t(), hidden)
+    def accumulate(self, columns: slice, grad: Tensor, exact: Tensor, hidden: Tensor) -> None:
+        """rows ``columns`` += grad^T @ hidden (``exact``: the same gradient in fp32)."""
+        target = self.real[columns]
+        if grad.dtype == target.dtype and hidden.dtype == target.dtype:
+            target.addmm_(grad.t(), hidden)
             return
         apex = _apex_weight_gradient()
-        if apex is not None and self.weight.dtype == torch.float32 and self.weight.is_cuda:
-            apex.wgrad_gemm_accum_fp32(hidden.contiguous(), grad.contiguous(), self.weight)
+        if apex is not None and target.dtype == torch.float32 and target.is_cuda:
+            apex.wgrad_gemm_accum_fp32(hidden.contiguous(), grad.contiguous(), target)
             return
-        self.weight.addmm_(out.t().to(self.weight.dtype), hidden.to(self.weight.dtype))
+        target.addmm_(exact.t().to(target.dtype), hidden.to(target.dtype))
 
-    def weight_gradient(self) -> Tensor:
+    def for_autograd(self) -> Tensor:
         """What autograd gets for the weight (upstream's dummy when DDP's main_grad has it)."""
         if not self.into_main_grad:
-            return self.full_weight.to(self.parameter.dtype)
+            return self.full.to(self.parameter.dtype)
         # Fresh, so that autograd takes it as .grad without a copy; zeroed for a tied
         # embedding, whose lookup gradient autograd adds to it before DDP's hook reads it.
         zero = getattr(self.parameter, "zero_out_wgrad", False)
         self.parameter.grad_added_to_main_grad = True
         make = torch.zeros if zero else torch.empty
         return make(self.parameter.shape, dtype=self.parameter.dtype, device=self.parameter.device)
+
+
+MIN_BLOCK_COLUMNS = 128
+"""The backward's narrowest vocabulary block: the GEMMs stay in their wide-matrix kernels."""
+
+
+def _block_columns(real_width: int, rows: int, elements: int) -> list[slice]:
+    """Vocabulary blocks of the backward: as many elements as a forward chunk, over all rows
+    (at least ``MIN_BLOCK_COLUMNS`` columns)."""
+    width = max(MIN_BLOCK_COLUMNS, elements // max(rows, 1))
+    return [slice(c, min(c + width, real_width)) for c in range(0, real_width, width)]
+
+
+def _block_logits(hidden: Tensor, weight: Tensor, out: Tensor, buffers: ChunkBuffers) -> Tensor:
+    """``hidden @ weight^T`` into ``out`` (the compute dtype), the GEMM in the weight's dtype."""
+    if weight.dtype == out.dtype and hidden.dtype == out.dtype:
+        return torch.mm(hidden, weight.t(), out=out)
+    product = buffers.get("gemm", out.shape[0], out.shape[1], weight.dtype)
+    return out.copy_(torch.mm(hidden.to(weight.dtype), weight.t(), out=product))
+
+
+def fused_backward(
+    grad_scale: float,
+    student: HeadLogits,
+    teacher: HeadLogits | None,
+    saved: dict[str, Tensor],
+    plan: LossPlan,
+    weight_grad: WeightGradient,
+    dtype: torch.dtype,
+) -> Tensor:
+    """The student's hidden-state gradient at the supervised rows [rows, h]; the weight's
+    accumulates in ``weight_grad``.
+
+    Blocked by vocabulary, not by tokens: each block recomputes [all supervised rows, block]
+    logits, so its two gradient GEMMs contract over every row at once and each block of
+    the weight's gradient is written once (token chunks would read and write the whole
+    [V/TP, h] gradient per chunk).
+    """
+    rows, shard = saved["rows"], plan.student
+    hidden = student.hidden[student.hidden_rows]
+    t_hidden = teacher.hidden[teacher.hidden_rows] if plan.dense else None
+    # Summed over vocabulary blocks in float64: the blocks' partial products cancel (HPD's
+    # weights reach tens), and a float32 sum would add their rounding to the GEMM's.
+    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float64, device=hidden.device)
+    buffers = ChunkBuffers(max(rows.numel(), 1), rows.device, dtype)
+    every = slice(0, rows.numel())
+    points = []
+    if not plan.dense:
+        points = [(saved["labels"][rows], saved["coef_y"]), (saved["samples"], saved["coef_s"])]
+    elements = plan.chunk_size * shard.width
+    for columns in _block_columns(shard.real_width, rows.numel(), elements):
+        width, weight = columns.stop - columns.start, student.weight[columns]
+        logits = _block_logits(hidden, weight, buffers.get("z", rows.numel(), width), buffers)
+        t_logits = None
+        if plan.dense:
+            t_out = buffers.get("t", rows.numel(), width)
+            t_logits = _block_logits(t_hidden, teacher.weight[columns], t_out, buffers)
+        out = buffers.get("grad", rows.numel(), width)
+        logit_gradient_(out, logits, t_logits, every, saved, plan, grad_scale, buffers)
+        block = VocabShard(shard.start + columns.start, width, width)
+        subtract_point_weights_(out, points, block, grad_scale)
+        grad = out
+        if weight.dtype != out.dtype:  # the GEMMs in the model's dtype, as the output layer's
+            grad = buffers.get("grad_cast", rows.numel(), width, weight.dtype).copy_(out)
+        grad_hidden += torch.mm(grad, weight)
+        weight_grad.accumulate(columns, grad, out, hidden)
+    return grad_hidden
 
 
 # ---------------------------------------------------------------- the autograd function
@@ -323,7 +383,11 @@ class FusedHeadDistillation(torch.autograd.Function):
         if teacher_hidden is not None:
             t_full = gather_sequence(teacher_hidden, plan.tp) if sp else teacher_hidden
             teacher = HeadLogits(t_full, teacher_weight, plan.teacher.real_width, rows)
-        sink = HeadGradients(student, weight, plan.student.real_width, dtype)
-        backward_pass(float(grad_output), student, teacher, saved, plan, sink, dtype)
-        grad_hidden = reduce_hidden_gradient(sink.hidden.view(full.shape), plan.tp, sp)
-        return grad_hidden, sink.weight_gradient(), None, None, None, None, None
+        weight_grad = WeightGradient(weight, plan.student.real_width, dtype)
+        at_rows = fused_backward(
+            float(grad_output), student, teacher, saved, plan, weight_grad, dtype
+        )
+        grad_full = torch.zeros_like(student.hidden)
+        grad_full.index_copy_(0, student.hidden_rows, at_rows.to(grad_full.dtype))
+        grad_hidden = reduce_hidden_gradient(grad_full.view(full.shape), plan.tp, sp)
+        return grad_hidden, weight_grad.for_autograd(), None, None, None, None, None

@@ -612,86 +612,83 @@ def _empty_gradient(z2d: Tensor, shard: VocabShard, n_sup: int) -> Tensor:
     return torch.zeros_like(z2d)
 
 
-def _subtract_point_weights(
-    out: Tensor, chunk: Chunk, saved: dict[str, Tensor], shard: VocabShard, grad_scale: float
+def subtract_point_weights_(
+    out: Tensor, points: list[tuple[Tensor, Tensor]], shard: VocabShard, grad_scale: float
 ) -> None:
-    """Token methods: subtract the weights of y and yh at their columns on this shard."""
+    """Token methods: subtract each (ids, weights) pair's weights at its columns in ``shard``
+    (the columns ``out`` holds)."""
     if not shard.real_width:
         return
-    for ids, coef in (
-        (chunk.y, saved["coef_y"]),
-        (saved["samples"][chunk.part], saved["coef_s"]),
-    ):
-        weight = torch.where(shard.owns(ids), -grad_scale * coef[chunk.part], 0.0)
+    for ids, coef in points:
+        weight = torch.where(shard.owns(ids), -grad_scale * coef, 0.0)
         out.scatter_add_(1, shard.local(ids).unsqueeze(1), weight.unsqueeze(1))
 
 
-class GradientSink(Protocol):
-    """Where the backward puts each chunk's gradient with respect to the student's logits."""
+def logit_gradient_(
+    out: Tensor,
+    logits: Tensor,
+    teacher: Tensor | None,
+    rows: slice,
+    saved: dict[str, Tensor],
+    plan: LossPlan,
+    grad_scale: float,
+    buffers: ChunkBuffers,
+) -> Tensor:
+    """grad_scale * (sum_w q_j - w_j) of a block of logits (the supervised rows ``rows``,
+    any columns) into ``out``; token methods' point weights are subtracted by the caller."""
+    lse_q = saved["lse_q"][rows].unsqueeze(1)
+    scaled_sum = (saved["sum_w"][rows] * grad_scale).unsqueeze(1)
+    if not plan.dense:
+        return torch.sub(logits, lse_q, out=out).exp_().mul_(scaled_sum)
+    lse_p = saved["lse_p"][rows]
+    logq, logp = _log_softmaxes(buffers, logits, teacher, lse_q.squeeze(1), lse_p)
+    w, _ = plan.method.terms(logq, logp, plan.param, False)
+    return torch.exp(logq, out=out).mul_(scaled_sum).sub_(w, alpha=grad_scale)
 
-    def destination(self, chunk: Chunk, buffers: ChunkBuffers) -> Tensor:
-        """[chunk.n, real columns] to compute the chunk's gradient into."""
-        ...
 
-    def store(self, out: Tensor, chunk: Chunk, buffers: ChunkBuffers) -> None:
-        """Take the chunk's gradient (``destination``'s tensor, filled)."""
-        ...
-
-
-class LogitsGradient:
-    """The gradient of materialised logits: a [tokens, width] tensor, 0 where no chunk writes."""
-
-    def __init__(self, student: Tensor, shard: VocabShard, n_sup: int, dtype: torch.dtype):
-        self.grad = _empty_gradient(student.reshape(-1, student.shape[-1]), shard, n_sup)
-        self.real = self.grad[:, : shard.real_width]
-        self.dtype = dtype
-
-    def destination(self, chunk: Chunk, buffers: ChunkBuffers) -> Tensor:
-        # Straight into the gradient when its rows are consecutive and in the compute dtype.
-        if chunk.span is not None and self.grad.dtype == self.dtype:
-            return self.real[chunk.span[0] : chunk.span[1]]
-        return buffers.get("grad", chunk.n, self.real.shape[1])
-
-    def store(self, out: Tensor, chunk: Chunk, buffers: ChunkBuffers) -> None:
-        if chunk.span is not None:
-            target = self.real[chunk.span[0] : chunk.span[1]]
-            if target.data_ptr() != out.data_ptr():
-                target.copy_(out)
-        else:
-            rows = out if out.dtype == self.real.dtype else out.to(self.real.dtype)
-            self.real.index_copy_(0, chunk.rows, rows)
+def _store_rows(grad_real: Tensor, out: Tensor, chunk: Chunk) -> None:
+    """Copy a chunk computed in the scratch buffer into the gradient's rows."""
+    if chunk.span is not None:
+        grad_real[chunk.span[0] : chunk.span[1]].copy_(out)
+    else:
+        rows = out if out.dtype == grad_real.dtype else out.to(grad_real.dtype)
+        grad_real.index_copy_(0, chunk.rows, rows)
 
 
 def backward_pass(
     grad_scale: float,
-    student: LogitSource,
-    teacher: LogitSource | None,
+    student: Tensor,
+    teacher: Tensor | None,
     saved: dict[str, Tensor],
     plan: LossPlan,
-    sink: GradientSink,
-    dtype: torch.dtype,
-) -> None:
-    """d(loss_sum)/d(student logits) * grad_scale, shard-local, chunk by chunk into ``sink``:
-    grad_j = sum_w q_j - w_j."""
-    shard, rows_all = plan.student, saved["rows"]
-    buffers = ChunkBuffers(min(plan.chunk_size, max(rows_all.numel(), 1)), rows_all.device, dtype)
+) -> Tensor:
+    """d(loss_sum)/d(student logits) * grad_scale, shard-local: grad_j = sum_w q_j - w_j."""
+    shard, rows_all, dtype = plan.student, saved["rows"], compute_dtype(student.dtype)
+    z_real = MaterialisedLogits(_real_columns(student, shard))
+    grad = _empty_gradient(student.reshape(-1, student.shape[-1]), shard, rows_all.numel())
+    grad_real = grad[:, : shard.real_width]
+    t_real = None
+    if plan.dense and teacher is not None:
+        t_real = MaterialisedLogits(_real_columns(teacher, plan.teacher))
+    buffers = ChunkBuffers(min(plan.chunk_size, max(rows_all.numel(), 1)), student.device, dtype)
     labels = None if plan.dense else saved["labels"]
     for chunk in _chunks(rows_all, plan.chunk_size, labels):
-        logits = student.rows(chunk, buffers, "student_in")
-        lse_q = saved["lse_q"][chunk.part]
-        scaled_sum = (saved["sum_w"][chunk.part] * grad_scale).unsqueeze(1)
-        out = sink.destination(chunk, buffers)
-        if plan.dense:
-            teacher_rows = _teacher_rows(plan, teacher, chunk, buffers)
-            lse_p = saved["lse_p"][chunk.part]
-            logq, logp = _log_softmaxes(buffers, logits, teacher_rows, lse_q, lse_p)
-            w, _ = plan.method.terms(logq, logp, plan.param, False)
-            torch.exp(logq, out=out).mul_(scaled_sum).sub_(w, alpha=grad_scale)
-            del w
+        logits = z_real.rows(chunk, buffers, "student_in")
+        teacher_rows = _teacher_rows(plan, t_real, chunk, buffers) if plan.dense else None
+        # Write straight into the gradient when its rows are consecutive and in the compute dtype.
+        direct = chunk.span is not None and grad.dtype == dtype
+        if direct:
+            out = grad_real[chunk.span[0] : chunk.span[1]]
         else:
-            torch.sub(logits, lse_q.unsqueeze(1), out=out).exp_().mul_(scaled_sum)
-            _subtract_point_weights(out, chunk, saved, shard, grad_scale)
-        sink.store(out, chunk, buffers)
+            out = buffers.get("grad", chunk.n, shard.real_width)
+        logit_gradient_(out, logits, teacher_rows, chunk.part, saved, plan, grad_scale, buffers)
+        if not plan.dense:
+            points = [(chunk.y, saved["coef_y"][chunk.part])]
+            points.append((saved["samples"][chunk.part], saved["coef_s"][chunk.part]))
+            subtract_point_weights_(out, points, shard, grad_scale)
+        if not direct:
+            _store_rows(grad_real, out, chunk)
+    return grad.view_as(student)
 
 
 class VocabParallelDistillation(torch.autograd.Function):
@@ -719,12 +716,6 @@ class VocabParallelDistillation(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_output: Tensor):
         student, teacher, *rest = ctx.saved_tensors
-        saved, plan = dict(zip(ctx.names, rest)), ctx.plan
-        dtype = compute_dtype(student.dtype)
-        sink = LogitsGradient(student, plan.student, saved["rows"].numel(), dtype)
-        s_source = MaterialisedLogits(_real_columns(student, plan.student))
-        t_source = None
-        if plan.dense and teacher is not None:
-            t_source = MaterialisedLogits(_real_columns(teacher, plan.teacher))
-        backward_pass(float(grad_output), s_source, t_source, saved, plan, sink, dtype)
-        return sink.grad.view_as(student), None, None, None, None, None
+        saved = dict(zip(ctx.names, rest))
+        grad = backward_pass(float(grad_output), student, teacher, saved, ctx.plan)
+        return grad, None, None, None, None, None
