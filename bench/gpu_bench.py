@@ -10,15 +10,17 @@ DistillationObjective, run_schedule). Timed interleaved in one process, medians 
 rounds after a warm-up round (bench/step_bench.py's time_variants):
 
   hpd      a full HPD step (teacher + student forward, loss, backward, optimizer step)
+  hpd_fused  the same with loss.fused_head (no logits materialised; the same batches)
   sft      an SFT step of the student alone (same batch, same optimizer)
   teacher  a forward of the teacher alone under no_grad
 
 For each: tokens/s per GPU, MFU (the planner's training_flops_per_token over the GPU's dense
 bf16 peak; the teacher's FLOPs are the HPD step's minus the SFT step's) and peak allocated
 memory (torch.cuda.max_memory_allocated, with every model and the optimizer state
-resident). Then the ratio median(hpd) / (median(sft) + median(teacher)), and the loss
-kernel alone: distillation_loss (HPD) against Megatron-Core's vocab_parallel_cross_entropy
-on the same logits of one micro-batch (bench/loss_bench.py's variants, forward + backward).
+resident). Then the ratio median(hpd) / (median(sft) + median(teacher)), and the last
+stage's head and loss alone on one micro-batch at the models' hidden sizes: HPD fused and
+unfused against the floor, Megatron-Core's vocab_parallel_cross_entropy with the student's
+head and the teacher's logits (bench/loss_bench.py's variants, forward + backward).
 Token ids are step_bench's seeded random batches (ids below 8000; the cost does not depend
 on which ids they are).
 """
@@ -74,7 +76,7 @@ TINY = dict(
     micro_batches=2,
     repeats=2,
 )
-VARIANTS = ("hpd", "sft", "teacher")
+VARIANTS = ("hpd", "hpd_fused", "sft", "teacher")
 
 
 def run_configs(shapes: dict, micro_batches: int, params_dtype: str):
@@ -95,6 +97,7 @@ def run_configs(shapes: dict, micro_batches: int, params_dtype: str):
     }
     return (
         from_dict(RunConfig, dict(base, loss={"method": "hpd"})),
+        from_dict(RunConfig, dict(base, loss={"method": "hpd", "fused_head": True})),
         from_dict(RunConfig, dict(base, loss={"method": "sft"})),
     )
 
@@ -115,15 +118,21 @@ def initialize(shapes: dict):
     )
 
 
-def step_variants(hpd_run, sft_run, models, optimizer, batches, peaks: dict) -> dict:
+def step_variants(runs, models, optimizer, batches, peaks: dict) -> dict:
     """name -> callable(step) for step_bench.time_variants; each records its peak memory."""
     from hpd_megatron.training.objective import DistillationObjective
     from hpd_megatron.training.pair import DistillationPair
     from hpd_megatron.training.schedule import batch_to_device, causal_lm_forward, run_schedule
 
+    hpd_run, fused_run, sft_run = runs
     seq, mbs = hpd_run.data.seq_length, hpd_run.schedule.micro_batch_size
     vocab = models.student_description.vocab_size
-    sft_pair = DistillationPair(models.student, None, models.student_description.hidden_size, 0)
+    hidden = models.student_description.hidden_size
+    sft_pair = DistillationPair(models.student, None, hidden, 0)
+    teacher_hidden = models.teacher_description.hidden_size
+    fused_pair = DistillationPair(
+        models.student, models.pair.teacher, hidden, teacher_hidden, True, vocab
+    )
 
     def train_step(run, pair, step):
         # As DistillationTrainer.train_step, without the metrics and the LR schedule.
@@ -151,6 +160,7 @@ def step_variants(hpd_run, sft_run, models, optimizer, batches, peaks: dict) -> 
 
     return {
         "hpd": measured("hpd", lambda step: train_step(hpd_run, models.pair, step)),
+        "hpd_fused": measured("hpd_fused", lambda step: train_step(fused_run, fused_pair, step)),
         "sft": measured("sft", lambda step: train_step(sft_run, sft_pair, step)),
         "teacher": measured("teacher", teacher_forward),
     }
@@ -162,7 +172,7 @@ def flops_per_token(student, teacher, seq: int) -> dict[str, float]:
 
     hpd = training_flops_per_token(student, teacher, seq)
     sft = training_flops_per_token(student, None, seq)
-    return {"hpd": hpd, "sft": sft, "teacher": hpd - sft}
+    return {"hpd": hpd, "hpd_fused": hpd, "sft": sft, "teacher": hpd - sft}
 
 
 def step_results(times: dict, peaks: dict, flops: dict, tokens_per_rank: int) -> dict:
@@ -183,28 +193,29 @@ def step_results(times: dict, peaks: dict, flops: dict, tokens_per_rank: int) ->
         else None,
         "peak_memory_gib": {name: peaks[name] / 2**30 for name in VARIANTS} if peaks else None,
         "ratio_hpd_over_sft_plus_teacher": medians["hpd"] / (medians["sft"] + medians["teacher"]),
+        "ratio_fused_over_hpd": medians["hpd_fused"] / medians["hpd"],
     }
 
 
-def loss_kernel(tokens: int, vocab: int, dtype: torch.dtype, device, reps: int) -> dict:
-    """distillation_loss (HPD) against vocab_parallel_cross_entropy on the same logits."""
-    table = {
-        name: entry
-        for name, entry in loss_bench.variants(["hpd"], ["inverse_cdf"], None).items()
-        if not name.startswith("dense")  # the dense reference is loss_bench's business
-    }
-    inputs = loss_bench.make_inputs(tokens, vocab, dtype, device)
+def loss_kernel(shapes: dict, vocab: int, dtype: torch.dtype, device, reps: int) -> dict:
+    """The last stage's head and HPD loss of one micro-batch at the bench's hidden sizes,
+    fused and unfused, against the floor (bench/loss_bench.py's variants)."""
+    tokens = shapes["seq_length"] * shapes["micro_batch_size"]
+    hidden = shapes["student"]["hidden_size"], shapes["teacher"]["hidden_size"]
+    table = loss_bench.variants(["hpd"], None)
+    inputs = loss_bench.make_inputs(tokens, vocab, *hidden, dtype, device)
     samples = loss_bench.run_timings(inputs, device, table, reps)
     del inputs
     medians = {name: statistics.median(s["seconds"]) for name, s in samples.items()}
-    ours = "hpd_megatron:hpd:inverse_cdf"
     return {
         "tokens": tokens,
         "vocab": vocab,
+        "hidden": list(hidden),
         "dtype": str(dtype).removeprefix("torch."),
         "median_s": medians,
         "seconds": {name: s["seconds"] for name, s in samples.items()},
-        "ratio_over_megatron_ce": medians[ours] / medians["megatron_ce"],
+        "fused_over_unfused": medians["fused:hpd"] / medians["unfused:hpd"],
+        "fused_over_floor": medians["fused:hpd"] / medians["floor"],
         # On the CPU loss_bench measures memory in a child process; here only on the GPU.
         "extra_MiB": {
             name: statistics.median(s["extra_bytes"]) / 2**20 for name, s in samples.items()
@@ -241,9 +252,10 @@ def summary(results: dict) -> str:
         )
     kernel = results["loss_kernel"]
     lines.append(
-        f"hpd / (sft + teacher) = {steps['ratio_hpd_over_sft_plus_teacher']:.3f}; loss kernel "
-        f"{kernel['tokens']}x{kernel['vocab']} {kernel['dtype']}: distillation_loss x"
-        f"{kernel['ratio_over_megatron_ce']:.2f} vocab_parallel_cross_entropy"
+        f"hpd / (sft + teacher) = {steps['ratio_hpd_over_sft_plus_teacher']:.3f}; "
+        f"hpd_fused / hpd = {steps['ratio_fused_over_hpd']:.3f}; head and loss "
+        f"{kernel['tokens']}x{kernel['vocab']} {kernel['dtype']}: fused / unfused "
+        f"{kernel['fused_over_unfused']:.2f}, fused / floor {kernel['fused_over_floor']:.2f}"
     )
     return "\n".join(lines)
 
@@ -261,14 +273,15 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     # bf16 is what the GPU runs; fp32 keeps the CPU check quick.
     params_dtype = "bf16" if cuda else "fp32"
     seq, mbs = shapes["seq_length"], shapes["micro_batch_size"]
-    hpd_run, sft_run = run_configs(shapes, args.micro_batches, params_dtype)
+    runs = run_configs(shapes, args.micro_batches, params_dtype)
+    hpd_run = runs[0]
     models = build_models(hpd_run, student, teacher)
     optimizer, _ = build_optimizer(hpd_run, models.student)
     models.pair.train()
     # On the host, as the trainer's feed gives them: run_schedule moves each micro-batch.
     batches = step_bench.random_batches(seq, mbs, args.micro_batches)
     peaks: dict[str, int] = {}
-    variants = step_variants(hpd_run, sft_run, models, optimizer, batches, peaks)
+    variants = step_variants(runs, models, optimizer, batches, peaks)
     times = step_bench.time_variants(variants, args.repeats)
     flops = flops_per_token(student, teacher, seq)
     vocab = padded_vocab_size(student.vocab_size, 1)
@@ -292,7 +305,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "teacher_dtype": str(models.performance.teacher.params_dtype).removeprefix("torch."),
         },
         "steps": step_results(times, peaks, flops, seq * mbs * args.micro_batches),
-        "loss_kernel": loss_kernel(seq * mbs, vocab, logits_dtype, device, args.repeats),
+        "loss_kernel": loss_kernel(shapes, vocab, logits_dtype, device, args.repeats),
     }
 
 
