@@ -59,7 +59,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hpd_megatron.losses import SamplingOptions, distillation_loss  # noqa: E402
+from hpd_megatron.losses import (  # noqa: E402
+    FULL_VOCAB_METHODS,
+    SamplingOptions,
+    distillation_loss,
+)
 from hpd_megatron.losses.distillation import fused_distillation_loss  # noqa: E402
 from hpd_megatron.losses.fused_head import OutputHead, fused_chunk_tokens  # noqa: E402
 
@@ -223,46 +227,48 @@ def variants(methods: list[str], chunk_size: int | None) -> dict:
     return out
 
 
-def gemm_flops(tokens: int, vocab: int, student_hidden: int, teacher_hidden: int) -> dict:
+def gemm_flops(table: dict, tokens: int, vocab: int, student_hidden: int, teacher_hidden: int):
     """FLOPs of the output-layer GEMMs per variant: the student's forward, its two backward
-    GEMMs (hidden and weight gradients) and the teacher's forward; fused adds the backward's
-    recomputation of the student's logits."""
+    GEMMs (hidden and weight gradients) and the teacher's forward; the fused backward also
+    recomputes the student's logits, and for the full-vocabulary methods the teacher's."""
     unit = 2 * tokens * vocab
-    materialised = unit * (3 * student_hidden + teacher_hidden)
-    return {
-        "unfused": materialised,
-        "floor": materialised,
-        "fused": materialised + unit * student_hidden,
-    }
+    out = {}
+    for name, (method, _) in table.items():
+        h = 3 * student_hidden + teacher_hidden
+        if name.startswith("fused"):
+            h += student_hidden + (teacher_hidden if method in FULL_VOCAB_METHODS else 0)
+        out[name] = unit * h
+    return out
 
 
 # ---------------------------------------------------------------- measurement
 
 
-def measure(step, inputs: Inputs, device: torch.device) -> tuple[float, int]:
-    """(seconds, extra peak bytes) of one forward + backward."""
+def measure(step, inputs: Inputs, device: torch.device) -> tuple[float, float, int]:
+    """(wall seconds, this process's CPU seconds, extra peak bytes) of one forward + backward."""
     with PeakMemory(device) as memory:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         step(inputs)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-    return seconds, memory.extra
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return seconds, cpu, memory.extra
 
 
 def run_timings(inputs: Inputs, device, table: dict, reps: int) -> dict:
     """Interleaved repetitions (the order rotates every round) after one warm-up each."""
     names = list(table)
-    samples = {name: {"seconds": [], "extra_bytes": []} for name in names}
+    keys = ("seconds", "cpu_seconds", "extra_bytes", "load_average")
+    samples = {name: {key: [] for key in keys} for name in names}
     for name in names:  # warm-up: code paths, allocator, page tables
         measure(table[name][1], inputs, device)
     for rep in range(reps):
         order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
-            seconds, extra = measure(table[name][1], inputs, device)
-            samples[name]["seconds"].append(seconds)
-            samples[name]["extra_bytes"].append(extra)
-            print(f"  rep {rep} {name:<12} {seconds:7.2f} s", file=sys.stderr, flush=True)
+            sample = (*measure(table[name][1], inputs, device), os.getloadavg()[0])
+            for key, value in zip(keys, sample):
+                samples[name][key].append(value)
+            print(f"  rep {rep} {name:<12} {sample[0]:7.2f} s", file=sys.stderr, flush=True)
     return samples
 
 
@@ -286,7 +292,7 @@ def memory_child(inputs: Inputs, device, table: dict) -> None:
     out = {}
     for name, (_, step) in table.items():
         calls = 2 if name.startswith("fused") else 1
-        out[name] = [measure(step, inputs, device)[1] for _ in range(calls)]
+        out[name] = [measure(step, inputs, device)[2] for _ in range(calls)]
     print(json.dumps(out))
 
 
@@ -301,6 +307,9 @@ def variant_results(table: dict, samples: dict, memory: dict | None) -> dict:
             "method": method,
             "median_seconds": statistics.median(samples[name]["seconds"]),
             "seconds": samples[name]["seconds"],
+            "median_cpu_seconds": statistics.median(samples[name]["cpu_seconds"]),
+            "cpu_seconds": samples[name]["cpu_seconds"],
+            "load_average": samples[name]["load_average"],
             "extra_bytes": int(extra[-1] if memory is not None else statistics.median(extra)),
             "extra_bytes_all": extra,
         }
@@ -338,9 +347,16 @@ def summarise(shape_result: dict, methods: list[str]) -> list[dict]:
     return rows
 
 
+_LABELS = {
+    "fused_over_unfused_memory": "extra memory fused/unfused",
+    "fused_over_unfused_time": "time fused/unfused",
+    "fused_over_floor_time": "time fused/floor",
+}
+
+
 def print_row(spec: str, row: dict) -> None:
     verdicts = "  ".join(
-        f"{k.removeprefix('fused_over_')} {t['ratio']:.3f}"
+        f"{_LABELS[k]} {t['ratio']:.3f}"
         + ("" if t["limit"] is None else f" (<= {t['limit']}: {'met' if t['met'] else 'FAILED'})")
         for k, t in row["targets"].items()
     )
@@ -394,7 +410,9 @@ WHAT = (
     "fp32 main_grad through a DDP-style post-accumulate hook). unfused: logits materialised, "
     "distillation_loss; fused: fused_distillation_loss; floor: the student's head + "
     "Megatron's vocab_parallel_cross_entropy + the teacher head's forward. seconds: wall "
-    "time of each interleaved repetition after one warm-up; median_seconds their median. "
+    "time of each interleaved repetition after one warm-up; median_seconds their median; "
+    "cpu_seconds: this process's CPU time (all threads) in each; load_average: the 1-minute "
+    "load average after each (other jobs on the machine). "
     "extra_bytes: peak memory beyond the resident inputs (CPU: a child process with glibc "
     "forced to mmap/trim, VmHWM (reset via /proc/self/clear_refs) minus VmRSS before the "
     "call; fused: the second call, extra_bytes_all holds both; GPU: "
@@ -459,7 +477,7 @@ def run_shape(spec: str, args, device, table: dict) -> dict | None:
         "logits_fp32_bytes": tokens * vocab * 4,
         "fused_chunk_tokens": min(fused_chunk_tokens(args.chunk_size, vocab), tokens),
         "unfused_chunk_tokens": min(max(1, DEFAULT_CHUNK_ELEMENTS // vocab), tokens),
-        "gemm_flops": gemm_flops(tokens, vocab, hs, ht),
+        "gemm_flops": gemm_flops(table, tokens, vocab, hs, ht),
         "variants": variant_results(table, samples, memory),
     }
 
