@@ -187,19 +187,42 @@ class HeadLogits:
         self.weight = weight[:real_width]
         self.hidden_rows = (rows % seq) * batch + torch.div(rows, seq, rounding_mode="floor")
 
-    def chunk_hidden_rows(self, chunk: Chunk) -> Tensor:
-        return self.hidden_rows[chunk.part]
-
     def rows(self, chunk: Chunk, buffers: ChunkBuffers, name: str) -> Tensor:
         hidden = buffers.get(f"{name}_hidden", chunk.n, self.hidden.shape[1], self.hidden.dtype)
-        torch.index_select(self.hidden, 0, self.chunk_hidden_rows(chunk), out=hidden)
+        torch.index_select(self.hidden, 0, self.hidden_rows[chunk.part], out=hidden)
         logits = buffers.get(name, chunk.n, self.weight.shape[0])
-        if self.weight.dtype == logits.dtype and hidden.dtype == logits.dtype:
-            return torch.mm(hidden, self.weight.t(), out=logits)
-        # Narrower models: the GEMM in the model's dtype, as the output layer computes it.
-        product = buffers.get("gemm", chunk.n, self.weight.shape[0], self.weight.dtype)
-        torch.mm(hidden.to(self.weight.dtype), self.weight.t(), out=product)
-        return logits.copy_(product)
+        return _block_logits(hidden, self.weight, logits, buffers)
+
+
+def _head_logits(
+    hidden: Tensor,
+    weight: Tensor,
+    teacher_hidden: Tensor | None,
+    teacher_weight: Tensor | None,
+    plan: LossPlan,
+    rows: Tensor,
+    sequence_parallel: bool,
+) -> tuple[HeadLogits, HeadLogits | None]:
+    """Both models' ``HeadLogits`` (the teacher's when given), their hidden states first
+    gathered along the sequence under sequence parallelism."""
+
+    def head(hidden: Tensor, weight: Tensor, real_width: int) -> HeadLogits:
+        full = gather_sequence(hidden, plan.tp) if sequence_parallel else hidden
+        return HeadLogits(full, weight, real_width, rows)
+
+    student = head(hidden, weight, plan.student.real_width)
+    if teacher_hidden is None:
+        return student, None
+    return student, head(teacher_hidden, teacher_weight, plan.teacher.real_width)
+
+
+def _block_logits(hidden: Tensor, weight: Tensor, out: Tensor, buffers: ChunkBuffers) -> Tensor:
+    """``hidden @ weight^T`` into ``out`` (the compute dtype); for models narrower than it,
+    the GEMM in the model's dtype, as the output layer computes it."""
+    if weight.dtype == out.dtype and hidden.dtype == out.dtype:
+        return torch.mm(hidden, weight.t(), out=out)
+    product = buffers.get("gemm", out.shape[0], out.shape[1], weight.dtype)
+    return out.copy_(torch.mm(hidden.to(weight.dtype), weight.t(), out=product))
 
 
 # ---------------------------------------------------------------- the weight's gradient
@@ -264,14 +287,6 @@ def _block_columns(real_width: int, rows: int, elements: int) -> list[slice]:
     (at least ``MIN_BLOCK_COLUMNS`` columns)."""
     width = max(MIN_BLOCK_COLUMNS, elements // max(rows, 1))
     return [slice(c, min(c + width, real_width)) for c in range(0, real_width, width)]
-
-
-def _block_logits(hidden: Tensor, weight: Tensor, out: Tensor, buffers: ChunkBuffers) -> Tensor:
-    """``hidden @ weight^T`` into ``out`` (the compute dtype), the GEMM in the weight's dtype."""
-    if weight.dtype == out.dtype and hidden.dtype == out.dtype:
-        return torch.mm(hidden, weight.t(), out=out)
-    product = buffers.get("gemm", out.shape[0], out.shape[1], weight.dtype)
-    return out.copy_(torch.mm(hidden.to(weight.dtype), weight.t(), out=product))
 
 
 def fused_backward(
@@ -353,16 +368,9 @@ class FusedHeadDistillation(torch.autograd.Function):
         dtype = compute_dtype(hidden.dtype)
         flat = labels.reshape(-1)
         rows = (flat != plan.ignore_index).nonzero().squeeze(1)
-        student = HeadLogits(
-            gather_sequence(hidden, plan.tp) if sp else hidden,
-            weight,
-            plan.student.real_width,
-            rows,
+        student, teacher = _head_logits(
+            hidden, weight, teacher_hidden, teacher_weight, plan, rows, sp
         )
-        teacher = None
-        if teacher_hidden is not None:
-            full = gather_sequence(teacher_hidden, plan.tp) if sp else teacher_hidden
-            teacher = HeadLogits(full, teacher_weight, plan.teacher.real_width, rows)
         call = call_of(plan, student, teacher, flat, rows, sampled_tokens, dtype, hidden.device)
         loss_sum, saved, filled = forward_chunks(call)
         inputs.record.__dict__.update(filled.__dict__)
@@ -377,17 +385,15 @@ class FusedHeadDistillation(torch.autograd.Function):
         hidden, weight, teacher_hidden, teacher_weight, *rest = ctx.saved_tensors
         saved, plan, sp = dict(zip(ctx.names, rest)), ctx.inputs.plan, ctx.inputs.sequence_parallel
         rows, dtype = saved["rows"], compute_dtype(hidden.dtype)
-        full = gather_sequence(hidden, plan.tp) if sp else hidden
-        student = HeadLogits(full, weight, plan.student.real_width, rows)
-        teacher = None
-        if teacher_hidden is not None:
-            t_full = gather_sequence(teacher_hidden, plan.tp) if sp else teacher_hidden
-            teacher = HeadLogits(t_full, teacher_weight, plan.teacher.real_width, rows)
+        student, teacher = _head_logits(
+            hidden, weight, teacher_hidden, teacher_weight, plan, rows, sp
+        )
         weight_grad = WeightGradient(weight, plan.student.real_width, dtype)
         at_rows = fused_backward(
             float(grad_output), student, teacher, saved, plan, weight_grad, dtype
         )
         grad_full = torch.zeros_like(student.hidden)
         grad_full.index_copy_(0, student.hidden_rows, at_rows.to(grad_full.dtype))
-        grad_hidden = reduce_hidden_gradient(grad_full.view(full.shape), plan.tp, sp)
+        gathered = (hidden.shape[0] * (plan.tp.size if sp else 1), *hidden.shape[1:])
+        grad_hidden = reduce_hidden_gradient(grad_full.view(gathered), plan.tp, sp)
         return grad_hidden, weight_grad.for_autograd(), None, None, None, None, None
